@@ -1,0 +1,236 @@
+//! Source kinds by name, and the config helpers every source crate shares.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::{RegistryError, RuntimeId, RuntimeSource};
+
+/// What a factory gets to build one runtime's source.
+#[derive(Clone)]
+pub struct SourceConfig {
+    /// The runtime's id (its `name` in the config).
+    pub runtime_id: RuntimeId,
+    /// The runtime's table with `name` and `source` taken out.
+    pub table: toml::Table,
+    /// A directory this runtime may keep state in (created on demand by the source).
+    pub state_dir: PathBuf,
+}
+
+impl SourceConfig {
+    /// Parses the table into the source's own config type (which should use
+    /// `#[serde(deny_unknown_fields)]`). The error names the offending key.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::Value::Table(self.table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError {
+                runtime: self.runtime_id.to_string(),
+                message: e.message().trim().to_string(),
+            })
+    }
+}
+
+impl fmt::Debug for SourceConfig {
+    // Redacting: the table may hold URLs and paths.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("runtime_id", &self.runtime_id)
+            .field("keys", &self.table.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A config error of one runtime. Meant for the operator, so it may name keys.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("runtime {runtime:?}: {message}")]
+pub struct ConfigError {
+    /// The runtime whose table is at fault.
+    pub runtime: String,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+/// Builds a source from its config.
+pub type SourceFactory =
+    Arc<dyn Fn(SourceConfig) -> Result<Arc<dyn RuntimeSource>, ConfigError> + Send + Sync>;
+
+/// Source kinds by name. Each source crate adds its own with its `register` function.
+#[derive(Default, Clone)]
+pub struct SourceFactories {
+    kinds: BTreeMap<String, SourceFactory>,
+}
+
+impl SourceFactories {
+    /// No kinds.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a kind. A kind registered twice is refused, so two crates can't silently
+    /// shadow each other.
+    pub fn register<F>(&mut self, kind: &str, factory: F) -> Result<(), RegistryError>
+    where
+        F: Fn(SourceConfig) -> Result<Arc<dyn RuntimeSource>, ConfigError> + Send + Sync + 'static,
+    {
+        if self.kinds.contains_key(kind) {
+            return Err(RegistryError::Conflict(format!(
+                "source kind {kind:?} is registered twice"
+            )));
+        }
+        self.kinds.insert(kind.to_string(), Arc::new(factory));
+        Ok(())
+    }
+
+    /// The known kinds, sorted.
+    pub fn kinds(&self) -> Vec<&str> {
+        self.kinds.keys().map(String::as_str).collect()
+    }
+
+    /// Builds a source of `kind`. An unknown kind names the known ones.
+    pub fn build(
+        &self,
+        kind: &str,
+        config: SourceConfig,
+    ) -> Result<Arc<dyn RuntimeSource>, ConfigError> {
+        match self.kinds.get(kind) {
+            Some(factory) => factory(config),
+            None => Err(ConfigError {
+                runtime: config.runtime_id.to_string(),
+                message: format!(
+                    "unknown source kind {kind:?}; known kinds: {}",
+                    self.kinds().join(", ")
+                ),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for SourceFactories {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceFactories")
+            .field("kinds", &self.kinds())
+            .finish()
+    }
+}
+
+/// Serde helpers for config values.
+pub mod de {
+    use super::*;
+
+    /// A duration written as `"10s"`, `"500ms"`, `"1h"` (humantime syntax).
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write e.g. \"10s\", \"500ms\", \"1h\""
+            ))
+        })
+    }
+
+    /// An optional duration, as [`duration`].
+    pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(Some)
+    }
+
+    /// A size in bytes: an integer, or a string such as `"1MiB"`, `"512KiB"`, `"64kB"`.
+    pub fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(n),
+            Raw::Text(t) => parse_byte_size(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a size; write bytes as a number, or e.g. \"1MiB\", \"512KiB\""
+                ))
+            }),
+        }
+    }
+
+    /// An optional size, as [`byte_size`].
+    pub fn opt_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        byte_size(d).map(Some)
+    }
+
+    /// Parses `"1MiB"`-style sizes (B, kB, KiB, MB, MiB, GB, GiB; case-insensitive).
+    pub fn parse_byte_size(text: &str) -> Option<u64> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "kib" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(mult)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::de::*;
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Demo {
+        #[serde(deserialize_with = "duration")]
+        grace: Duration,
+        #[serde(deserialize_with = "byte_size")]
+        retention: u64,
+    }
+
+    fn cfg(text: &str) -> SourceConfig {
+        SourceConfig {
+            runtime_id: RuntimeId::new("demo").unwrap(),
+            table: text.parse().unwrap(),
+            state_dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn parse_reads_durations_and_sizes() {
+        let d: Demo = cfg("grace = \"1500ms\"\nretention = \"2MiB\"").parse().unwrap();
+        assert_eq!(d.grace, Duration::from_millis(1500));
+        assert_eq!(d.retention, 2 << 20);
+        let d: Demo = cfg("grace = \"1h\"\nretention = 4096").parse().unwrap();
+        assert_eq!(d.grace, Duration::from_secs(3600));
+        assert_eq!(d.retention, 4096);
+    }
+
+    #[test]
+    fn parse_errors_name_the_key() {
+        let err = cfg("grace = \"1s\"\nretention = 1\nretension = 2")
+            .parse::<Demo>()
+            .unwrap_err();
+        assert!(err.message.contains("retension"), "{err}");
+        assert!(err.to_string().contains("demo"), "{err}");
+        let err = cfg("grace = \"soon\"\nretention = 1").parse::<Demo>().unwrap_err();
+        assert!(err.message.contains("not a duration"), "{err}");
+    }
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(parse_byte_size("10"), Some(10));
+        assert_eq!(parse_byte_size("64kB"), Some(64_000));
+        assert_eq!(parse_byte_size("1 MiB"), Some(1 << 20));
+        assert_eq!(parse_byte_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_byte_size("1.5MiB"), None);
+        assert_eq!(parse_byte_size("MiB"), None);
+        assert_eq!(parse_byte_size("99999999999999GiB"), None);
+    }
+}

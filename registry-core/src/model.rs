@@ -1,0 +1,548 @@
+//! Workers, runtimes and their public views.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{RegistryError, RuntimeId, SourceKey, WorkerId};
+
+/// A worker's state (SPEC §2). `exited`, `stopped` and `failed` are terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Created, not yet running.
+    Starting,
+    /// Running.
+    Running,
+    /// A stop was asked for and is under way.
+    Stopping,
+    /// Ended by itself, with `exit_code`.
+    Exited,
+    /// Ended on request.
+    Stopped,
+    /// Ended otherwise, with `reason`.
+    Failed,
+    /// The source lost contact; `last_seen_at` says when it last knew.
+    Unknown,
+}
+
+impl WorkerState {
+    /// Every state, in order.
+    pub const ALL: [WorkerState; 7] = [
+        WorkerState::Starting,
+        WorkerState::Running,
+        WorkerState::Stopping,
+        WorkerState::Exited,
+        WorkerState::Stopped,
+        WorkerState::Failed,
+        WorkerState::Unknown,
+    ];
+
+    /// Whether the state never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            WorkerState::Exited | WorkerState::Stopped | WorkerState::Failed
+        )
+    }
+
+    /// The wire name (`running`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Running => "running",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Exited => "exited",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Failed => "failed",
+            WorkerState::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Result<Self, RegistryError> {
+        WorkerState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                RegistryError::InvalidRequest(format!(
+                    "unknown state {:?}; states are starting, running, stopping, exited, \
+                     stopped, failed, unknown",
+                    s.chars().take(40).collect::<String>()
+                ))
+            })
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a worker `failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The process could not be started.
+    SpawnFailed,
+    /// A signal nobody asked the registry for ended it.
+    Killed,
+    /// The source lost it for good.
+    Lost,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamKind {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What a source knows of one of its workers. Holds the source key, so it is not `Serialize`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceWorker {
+    /// The source's handle (internal authority).
+    pub key: SourceKey,
+    /// Client-given name, not unique.
+    pub name: Option<String>,
+    /// Client-given labels.
+    pub labels: BTreeMap<String, String>,
+    /// Current state.
+    pub state: WorkerState,
+    /// Exit code, once `exited` (and for `stopped` when the process exited by itself).
+    pub exit_code: Option<i32>,
+    /// Why, once `failed`.
+    pub reason: Option<FailReason>,
+    /// When the record was created.
+    pub created_at: OffsetDateTime,
+    /// When the process started.
+    pub started_at: Option<OffsetDateTime>,
+    /// When it became terminal.
+    pub ended_at: Option<OffsetDateTime>,
+    /// When the source last had word of it (set for `unknown`).
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// The profile the client asked for.
+    pub profile: Option<String>,
+    /// The arguments given to the profile or command.
+    pub args: Vec<String>,
+    /// The argv the client asked for in place of a profile.
+    pub command: Option<Vec<String>>,
+}
+
+/// A worker as clients see it (SPEC §2).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerView {
+    /// Registry-issued id.
+    pub id: WorkerId,
+    /// The runtime it belongs to.
+    pub runtime_id: RuntimeId,
+    /// Client-given name.
+    pub name: Option<String>,
+    /// Client-given labels.
+    pub labels: BTreeMap<String, String>,
+    /// Current state.
+    pub state: WorkerState,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Why it failed.
+    pub reason: Option<FailReason>,
+    /// When the record was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When the process started.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    /// When it became terminal.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    /// When the source last had word of it.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// The profile asked for.
+    pub profile: Option<String>,
+    /// Arguments to the profile or command.
+    pub args: Vec<String>,
+    /// The argv asked for in place of a profile.
+    pub command: Option<Vec<String>>,
+}
+
+impl WorkerView {
+    /// The public view of `worker`, under the id the registry issued for it.
+    pub fn from_source(id: WorkerId, runtime_id: RuntimeId, worker: &SourceWorker) -> Self {
+        WorkerView {
+            id,
+            runtime_id,
+            name: worker.name.clone(),
+            labels: worker.labels.clone(),
+            state: worker.state,
+            exit_code: worker.exit_code,
+            reason: worker.reason,
+            created_at: worker.created_at,
+            started_at: worker.started_at,
+            ended_at: worker.ended_at,
+            last_seen_at: worker.last_seen_at,
+            profile: worker.profile.clone(),
+            args: worker.args.clone(),
+            command: worker.command.clone(),
+        }
+    }
+}
+
+/// What a source can do. Data, not guesses: the registry refuses an operation whose
+/// capability is false with `unsupported`, and the conformance suite picks its tests by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// Can start workers.
+    pub spawn: bool,
+    /// Can write to a worker's stdin.
+    pub input: bool,
+    /// Can stop workers.
+    pub stop: bool,
+    /// Can stream a worker's output.
+    pub output: bool,
+    /// Can remove a terminal worker's record on request.
+    pub remove: bool,
+}
+
+impl Capabilities {
+    /// Everything.
+    pub const ALL: Capabilities = Capabilities {
+        spawn: true,
+        input: true,
+        stop: true,
+        output: true,
+        remove: true,
+    };
+}
+
+/// How well a runtime answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Answers, no problems.
+    Ready,
+    /// Answers, with problems (see `message` and diagnostics).
+    Degraded,
+    /// Does not answer.
+    Unavailable,
+}
+
+/// A problem a source wants an operator to see (a malformed descriptor, …).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Diagnostic {
+    /// A stable machine-readable code, e.g. `descriptor_malformed`.
+    pub code: String,
+    /// A sentence for a person, with no internal authority.
+    pub message: String,
+}
+
+/// Health as a source reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceHealth {
+    /// The status.
+    pub status: HealthStatus,
+    /// An explanation for anything but `ready`. The registry sanitizes it.
+    pub message: Option<String>,
+    /// When the source will try again, while `unavailable`.
+    pub retry_at: Option<OffsetDateTime>,
+    /// Current problems. The registry sanitizes their messages.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl SourceHealth {
+    /// `ready`, no message, no diagnostics.
+    pub fn ready() -> Self {
+        SourceHealth {
+            status: HealthStatus::Ready,
+            message: None,
+            retry_at: None,
+            diagnostics: Vec::new(),
+        }
+    }
+
+    /// `unavailable` with a message.
+    pub fn unavailable(message: impl Into<String>, retry_at: Option<OffsetDateTime>) -> Self {
+        SourceHealth {
+            status: HealthStatus::Unavailable,
+            message: Some(message.into()),
+            retry_at,
+            diagnostics: Vec::new(),
+        }
+    }
+}
+
+/// A runtime's health as clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthView {
+    /// The status.
+    pub status: HealthStatus,
+    /// Since when the status holds.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    /// When the source will try again (while `unavailable`).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub retry_at: Option<OffsetDateTime>,
+    /// A sanitized explanation.
+    pub message: Option<String>,
+}
+
+/// A runtime as clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeView {
+    /// The config name.
+    pub id: RuntimeId,
+    /// The source kind (`embedded`, `remote`, `local`, …).
+    pub kind: String,
+    /// Health.
+    pub health: HealthView,
+    /// What its source can do.
+    pub capabilities: Capabilities,
+    /// Worker counts by state; every state is present.
+    pub workers: BTreeMap<WorkerState, u64>,
+    /// Current problems.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// A spawn request (SPEC §3). Unknown fields are refused when it is parsed.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    /// A template from the runtime's config.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// An argv, in place of a profile, where the runtime allows commands.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Arguments appended to the profile's or the command's argv.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment added to the profile's. Never shown anywhere.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A name for people; not unique.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Labels to filter by.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Text written to stdin right after start.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Makes the call idempotent.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// Limits on a spawn request's fields.
+pub mod limits {
+    /// Longest name, label key or value, request id, profile name (bytes).
+    pub const MAX_SHORT_TEXT: usize = 256;
+    /// Most labels.
+    pub const MAX_LABELS: usize = 64;
+    /// Most argv entries (command + args).
+    pub const MAX_ARGS: usize = 4096;
+    /// Most environment entries.
+    pub const MAX_ENV: usize = 1024;
+}
+
+impl SpawnRequest {
+    /// Checks the request's shape: exactly one of `profile` and `command`, a non-empty
+    /// command, no NUL bytes, environment names without `=`, and the limits of [`limits`].
+    /// The message names the field at fault.
+    pub fn validate(&self) -> Result<(), RegistryError> {
+        use limits::*;
+        let invalid = |m: String| Err(RegistryError::InvalidRequest(m));
+        match (&self.profile, &self.command) {
+            (Some(_), Some(_)) => return invalid("give either `profile` or `command`, not both".into()),
+            (None, None) => return invalid("one of `profile` or `command` is required".into()),
+            (None, Some(cmd)) if cmd.is_empty() => {
+                return invalid("`command` must hold at least the program".into())
+            }
+            _ => {}
+        }
+        let short = |field: &str, v: &str| -> Result<(), RegistryError> {
+            if v.len() > MAX_SHORT_TEXT {
+                return invalid(format!("`{field}` is longer than {MAX_SHORT_TEXT} bytes"));
+            }
+            if v.contains('\0') {
+                return invalid(format!("`{field}` holds a NUL character"));
+            }
+            Ok(())
+        };
+        if let Some(p) = &self.profile {
+            short("profile", p)?;
+        }
+        if let Some(n) = &self.name {
+            short("name", n)?;
+        }
+        if let Some(r) = &self.request_id {
+            short("request_id", r)?;
+        }
+        if self.labels.len() > MAX_LABELS {
+            return invalid(format!("`labels` holds more than {MAX_LABELS} entries"));
+        }
+        for (k, v) in &self.labels {
+            short("labels", k)?;
+            short("labels", v)?;
+            if k.is_empty() || k.contains('=') || k.contains(',') {
+                return invalid("a `labels` key must be non-empty and hold no '=' or ','".into());
+            }
+        }
+        let argc = self.command.as_ref().map_or(0, Vec::len) + self.args.len();
+        if argc > MAX_ARGS {
+            return invalid(format!("`command` and `args` hold more than {MAX_ARGS} entries"));
+        }
+        for (field, list) in [("command", self.command.as_deref().unwrap_or(&[])), ("args", &self.args[..])] {
+            if list.iter().any(|a| a.contains('\0')) {
+                return invalid(format!("`{field}` holds a NUL character"));
+            }
+        }
+        if self.env.len() > MAX_ENV {
+            return invalid(format!("`env` holds more than {MAX_ENV} entries"));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return invalid(
+                    "an `env` name must be non-empty and hold no '=' or NUL, and a value no NUL".into(),
+                );
+            }
+        }
+        if self.stdin.as_deref().is_some_and(|s| s.contains('\0')) {
+            // NUL is fine on a pipe, but keep requests text-only like the rest of the API.
+            return invalid("`stdin` holds a NUL character".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SpawnRequest {
+    // Redacting: environment values are internal authority.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpawnRequest")
+            .field("profile", &self.profile)
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("env", &format_args!("<{} redacted>", self.env.len()))
+            .field("name", &self.name)
+            .field("labels", &self.labels)
+            .field("stdin", &self.stdin.as_ref().map(|s| s.len()))
+            .field("request_id", &self.request_id)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> SpawnRequest {
+        SpawnRequest {
+            profile: Some("shell".into()),
+            args: vec!["echo hi".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn states_round_trip_and_terminal_ones_are_known() {
+        for st in WorkerState::ALL {
+            assert_eq!(WorkerState::parse(st.as_str()).unwrap(), st);
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+        }
+        let terminal: Vec<_> = WorkerState::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        assert_eq!(
+            terminal,
+            [WorkerState::Exited, WorkerState::Stopped, WorkerState::Failed]
+        );
+        assert_eq!(WorkerState::parse("zombie").unwrap_err().code(), "invalid_request");
+    }
+
+    #[test]
+    fn spawn_request_refuses_unknown_fields() {
+        let err = serde_json::from_str::<SpawnRequest>(r#"{"profile":"shell","cmd":["x"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `cmd`"), "{err}");
+    }
+
+    #[test]
+    fn spawn_request_validation_names_the_field() {
+        assert!(req().validate().is_ok());
+        let both = SpawnRequest {
+            command: Some(vec!["sh".into()]),
+            ..req()
+        };
+        assert!(both.validate().unwrap_err().to_string().contains("not both"));
+        let none = SpawnRequest {
+            profile: None,
+            ..req()
+        };
+        assert!(none.validate().is_err());
+        let empty = SpawnRequest {
+            profile: None,
+            command: Some(vec![]),
+            ..req()
+        };
+        assert!(empty.validate().unwrap_err().to_string().contains("`command`"));
+        let mut env = req();
+        env.env.insert("A=B".into(), "x".into());
+        assert!(env.validate().unwrap_err().to_string().contains("`env`"));
+        let mut nul = req();
+        nul.args.push("a\0b".into());
+        assert!(nul.validate().unwrap_err().to_string().contains("`args`"));
+        let long = SpawnRequest {
+            name: Some("n".repeat(300)),
+            ..req()
+        };
+        assert!(long.validate().unwrap_err().to_string().contains("`name`"));
+    }
+
+    #[test]
+    fn spawn_request_debug_hides_environment_values() {
+        let mut r = req();
+        r.env.insert("TOKEN".into(), "s3cr3t-value".into());
+        r.stdin = Some("password123".into());
+        let dbg = format!("{r:?}");
+        assert!(!dbg.contains("s3cr3t-value"), "{dbg}");
+        assert!(!dbg.contains("password123"), "{dbg}");
+    }
+
+    #[test]
+    fn worker_view_serializes_times_as_rfc3339() {
+        let w = SourceWorker {
+            key: SourceKey::new("k"),
+            name: Some("build".into()),
+            labels: BTreeMap::new(),
+            state: WorkerState::Exited,
+            exit_code: Some(0),
+            reason: None,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            started_at: None,
+            ended_at: None,
+            last_seen_at: None,
+            profile: Some("shell".into()),
+            args: vec![],
+            command: None,
+        };
+        let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();
+        let view = WorkerView::from_source(id, RuntimeId::new("local").unwrap(), &w);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["created_at"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["state"], "exited");
+        assert_eq!(json["started_at"], serde_json::Value::Null);
+        let back: WorkerView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, view);
+    }
+}

@@ -1,0 +1,798 @@
+//! The registry: runtimes by id, a projection of every worker, routing by worker id, and
+//! one event log for all of it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::events::{EventLog, Resubscribe, Start};
+use crate::{
+    sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
+    OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource,
+    RuntimeView, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem,
+    Subscription, WorkerId, WorkerState, WorkerView,
+};
+
+/// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
+/// change before they answer from the source's own reply.
+const CONFIRM_WAIT: Duration = Duration::from_secs(5);
+/// Reconnect backoff for a source's lifecycle stream.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Most diagnostics kept per runtime.
+const MAX_DIAGNOSTICS: usize = 100;
+/// Largest page of `list_workers`.
+pub const MAX_PAGE: usize = 1000;
+
+/// Settings of a [`Registry`].
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Where the id key lives (created with mode 0700 if missing).
+    pub state_dir: PathBuf,
+    /// Events kept for resume (default 10,000). Older cursors get a reset.
+    pub event_retention: usize,
+    /// Events queued for one subscriber before it counts as lagged (default 1,024).
+    pub subscriber_queue: usize,
+}
+
+impl RegistryConfig {
+    /// The defaults, with state in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        RegistryConfig {
+            state_dir: state_dir.into(),
+            event_retention: 10_000,
+            subscriber_queue: 1024,
+        }
+    }
+}
+
+/// Which workers `list_workers` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerFilter {
+    /// Only this runtime's.
+    pub runtime: Option<RuntimeId>,
+    /// Only in this state.
+    pub state: Option<WorkerState>,
+    /// Only those that carry every one of these labels.
+    pub labels: Vec<(String, String)>,
+}
+
+/// One page of workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// Workers, oldest first (by `created_at`, then id).
+    pub workers: Vec<WorkerView>,
+    /// The token for the next page, if there is one.
+    pub next_page: Option<String>,
+}
+
+/// The registry. Cheap to clone; every clone is the same registry.
+///
+/// Must be used inside a tokio runtime: each runtime added gets a task that follows its
+/// source's lifecycle stream.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    issuer: IdIssuer,
+    state: Mutex<State>,
+    /// Public id → (runtime, source key): routing without the projection's lock.
+    ids: DashMap<WorkerId, (RuntimeId, SourceKey)>,
+    sources: DashMap<RuntimeId, Arc<Runtime>>,
+    /// The log's head seq, for waiters on the projection.
+    version: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+    /// Set when shutdown starts: a lifecycle stream that ends now is no outage.
+    stopping: AtomicBool,
+    /// Set when shutdown is done: nothing is published any more.
+    closed: AtomicBool,
+}
+
+struct Runtime {
+    kind: String,
+    source: Arc<dyn RuntimeSource>,
+    caps: Capabilities,
+}
+
+struct State {
+    log: EventLog,
+    workers: HashMap<WorkerId, WorkerRecord>,
+    runtimes: BTreeMap<RuntimeId, RuntimeRecord>,
+}
+
+struct WorkerRecord {
+    view: WorkerView,
+}
+
+struct RuntimeRecord {
+    kind: String,
+    caps: Capabilities,
+    health: HealthView,
+    diagnostics: Vec<Diagnostic>,
+    answered: bool,
+}
+
+impl Registry {
+    /// A registry with no runtimes. Loads (or creates) the id key in the state directory.
+    pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
+        let issuer = IdIssuer::load_or_create(&config.state_dir)?;
+        Self::with_issuer(config, issuer)
+    }
+
+    /// A registry with the given id issuer (the state directory is not touched).
+    pub fn with_issuer(config: RegistryConfig, issuer: IdIssuer) -> Result<Self, RegistryError> {
+        let mut epoch = [0u8; 8];
+        getrandom::fill(&mut epoch).map_err(RegistryError::internal)?;
+        let log = EventLog::new(
+            u64::from_le_bytes(epoch),
+            config.event_retention,
+            config.subscriber_queue,
+        );
+        Ok(Registry {
+            inner: Arc::new(Inner {
+                issuer,
+                state: Mutex::new(State {
+                    log,
+                    workers: HashMap::new(),
+                    runtimes: BTreeMap::new(),
+                }),
+                ids: DashMap::new(),
+                sources: DashMap::new(),
+                version: watch::channel(0).0,
+                shutdown: watch::channel(false).0,
+                stopping: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Adds a runtime served by `source`, and starts following its lifecycle stream.
+    /// `Conflict` if the id is taken.
+    pub async fn add_runtime(
+        &self,
+        id: RuntimeId,
+        kind: &str,
+        source: Arc<dyn RuntimeSource>,
+    ) -> Result<(), RegistryError> {
+        let caps = source.capabilities();
+        let health = source.health().await;
+        {
+            let mut st = self.inner.lock();
+            if st.runtimes.contains_key(&id) {
+                return Err(RegistryError::Conflict(format!(
+                    "runtime {id} is configured twice"
+                )));
+            }
+            st.runtimes.insert(
+                id.clone(),
+                RuntimeRecord {
+                    kind: kind.to_string(),
+                    caps,
+                    health: HealthView {
+                        status: HealthStatus::Unavailable,
+                        since: OffsetDateTime::now_utc(),
+                        retry_at: None,
+                        message: None,
+                    },
+                    diagnostics: Vec::new(),
+                    answered: false,
+                },
+            );
+            // Publishes the first runtime.updated.
+            self.inner.set_health_locked(&mut st, &id, health, true);
+        }
+        let runtime = Arc::new(Runtime {
+            kind: kind.to_string(),
+            source,
+            caps,
+        });
+        self.inner.sources.insert(id.clone(), runtime.clone());
+        tokio::spawn(follow_source(
+            Arc::downgrade(&self.inner),
+            id,
+            runtime,
+            self.inner.shutdown.subscribe(),
+        ));
+        Ok(())
+    }
+
+    /// Every runtime, sorted by id.
+    pub fn runtimes(&self) -> Vec<RuntimeView> {
+        let st = self.inner.lock();
+        st.runtimes
+            .keys()
+            .filter_map(|id| st.runtime_view(id))
+            .collect()
+    }
+
+    /// One runtime.
+    pub fn runtime(&self, id: &RuntimeId) -> Result<RuntimeView, RegistryError> {
+        self.inner.lock().runtime_view(id).ok_or_else(|| not_found_runtime(id))
+    }
+
+    /// Whether every runtime has answered once (its first whole truth arrived).
+    pub fn is_ready(&self) -> bool {
+        self.inner.lock().runtimes.values().all(|r| r.answered)
+    }
+
+    /// One worker.
+    pub fn worker(&self, id: &WorkerId) -> Result<WorkerView, RegistryError> {
+        self.inner
+            .lock()
+            .workers
+            .get(id)
+            .map(|r| r.view.clone())
+            .ok_or_else(|| not_found_worker(id))
+    }
+
+    /// Workers of every runtime that pass `filter`, oldest first, `limit` (1..=1000) at a
+    /// time. `page` is the `next_page` of the previous call; a page token survives
+    /// changes in between (a removed worker does not shift the pages).
+    pub fn list_workers(
+        &self,
+        filter: &WorkerFilter,
+        limit: usize,
+        page: Option<&str>,
+    ) -> Result<Page, RegistryError> {
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(RegistryError::InvalidRequest(format!(
+                "limit must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        let after = page.map(parse_page_token).transpose()?;
+        let mut matching: Vec<WorkerView> = {
+            let st = self.inner.lock();
+            st.workers
+                .values()
+                .map(|r| &r.view)
+                .filter(|v| filter.runtime.as_ref().is_none_or(|r| &v.runtime_id == r))
+                .filter(|v| filter.state.is_none_or(|s| v.state == s))
+                .filter(|v| {
+                    filter
+                        .labels
+                        .iter()
+                        .all(|(k, val)| v.labels.get(k) == Some(val))
+                })
+                .cloned()
+                .collect()
+        };
+        matching.sort_by(|a, b| page_key(a).cmp(&page_key(b)));
+        let start = match &after {
+            Some(key) => matching.partition_point(|v| page_key(v) <= (key.0, &key.1)),
+            None => 0,
+        };
+        let mut workers: Vec<WorkerView> = matching.drain(start..).take(limit + 1).collect();
+        let next_page = if workers.len() > limit {
+            workers.truncate(limit);
+            workers.last().map(page_token)
+        } else {
+            None
+        };
+        Ok(Page { workers, next_page })
+    }
+
+    /// Starts a worker in `runtime` and returns it.
+    pub async fn spawn(
+        &self,
+        runtime: &RuntimeId,
+        request: SpawnRequest,
+    ) -> Result<WorkerView, RegistryError> {
+        let rt = self.inner.runtime(runtime)?;
+        if !rt.caps.spawn {
+            return Err(unsupported(runtime, "start workers"));
+        }
+        request.validate()?;
+        let worker = rt
+            .source
+            .spawn(request)
+            .await
+            .map_err(|e| self.inner.context(e, "spawn", runtime, None))?;
+        let id = self.inner.issuer.worker_id(runtime, &worker.key);
+        self.inner.ids.insert(id.clone(), (runtime.clone(), worker.key.clone()));
+        // The projection changes only through the lifecycle stream (one writer, in order);
+        // wait for it to show the worker, so a `GET` right after sees it.
+        let view = WorkerView::from_source(id.clone(), runtime.clone(), &worker);
+        Ok(self
+            .inner
+            .await_projection(|st| st.workers.get(&id).map(|r| r.view.clone()))
+            .await
+            .unwrap_or(view))
+    }
+
+    /// Asks a worker to stop (SIGTERM now, a hard kill after `grace`). A no-op on a
+    /// terminal worker.
+    pub async fn stop(&self, id: &WorkerId, grace: Option<Duration>) -> Result<(), RegistryError> {
+        let (runtime, key, rt) = self.inner.route(id)?;
+        if !rt.caps.stop {
+            return Err(unsupported(&runtime, "stop workers"));
+        }
+        rt.source
+            .stop(&key, grace)
+            .await
+            .map_err(|e| self.inner.context(e, "stop", &runtime, Some(id)))
+    }
+
+    /// Writes to a worker's stdin.
+    pub async fn input(&self, id: &WorkerId, data: Bytes) -> Result<(), RegistryError> {
+        let (runtime, key, rt) = self.inner.route(id)?;
+        if !rt.caps.input {
+            return Err(unsupported(&runtime, "take input"));
+        }
+        rt.source
+            .input(&key, data)
+            .await
+            .map_err(|e| self.inner.context(e, "input", &runtime, Some(id)))
+    }
+
+    /// Removes a terminal worker's record at once. `Conflict` while it runs.
+    pub async fn remove(&self, id: &WorkerId) -> Result<(), RegistryError> {
+        let (runtime, key, rt) = self.inner.route(id)?;
+        if !rt.caps.remove {
+            return Err(unsupported(&runtime, "remove worker records"));
+        }
+        rt.source
+            .remove(&key)
+            .await
+            .map_err(|e| self.inner.context(e, "remove", &runtime, Some(id)))?;
+        let gone = self
+            .inner
+            .await_projection(|st| (!st.workers.contains_key(id)).then_some(()))
+            .await;
+        if gone.is_none() {
+            tracing::warn!(runtime = %runtime, worker = %id, "removal not confirmed by the source's stream in time");
+        }
+        Ok(())
+    }
+
+    /// Opens a worker's output stream.
+    pub async fn output(
+        &self,
+        id: &WorkerId,
+        request: OutputRequest,
+    ) -> Result<OutputStream, RegistryError> {
+        let (runtime, key, rt) = self.inner.route(id)?;
+        if !rt.caps.output {
+            return Err(unsupported(&runtime, "stream output"));
+        }
+        rt.source
+            .output(&key, request)
+            .await
+            .map_err(|e| self.inner.context(e, "output", &runtime, Some(id)))
+    }
+
+    /// Subscribes to the event log.
+    ///
+    /// With no cursor: a `snapshot`, then live events. With a cursor of this run that is
+    /// still retained: every event after it, none twice, then live. Otherwise (another
+    /// run's cursor, an expired or a malformed one): `reset {reason}`, a `snapshot`, then
+    /// live. `runtime` limits everything, the snapshot too, to one runtime.
+    pub fn subscribe(&self, cursor: Option<&str>, runtime: Option<RuntimeId>) -> Subscription {
+        let mut st = self.inner.lock();
+        let pending = match st.log.start(cursor, &runtime) {
+            Start::Snapshot => vec![st.snapshot_item(&runtime)],
+            Start::Replay(items) => items,
+            Start::Reset(reason) => st.reset_items(reason, &runtime),
+        };
+        let (rx, lagged) = st.log.register(runtime.clone());
+        if self.inner.closed.load(Ordering::Acquire) {
+            st.log.close_all();
+        }
+        let weak: Weak<dyn Resubscribe> = Arc::downgrade(&self.inner) as Weak<dyn Resubscribe>;
+        Subscription::new(pending, rx, lagged, runtime, weak)
+    }
+
+    /// Shuts down: every source's [`RuntimeSource::shutdown`] (owned workers are stopped
+    /// within `grace`), then the lifecycle followers stop and every subscription ends.
+    pub async fn shutdown(&self, grace: Option<Duration>) {
+        self.inner.stopping.store(true, Ordering::Release);
+        let runtimes: Vec<Arc<Runtime>> =
+            self.inner.sources.iter().map(|e| e.value().clone()).collect();
+        let tasks: Vec<_> = runtimes
+            .into_iter()
+            .map(|rt| tokio::spawn(async move { rt.source.shutdown(grace).await }))
+            .collect();
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "source shutdown panicked");
+            }
+        }
+        // Let the followers apply what the sources reported while stopping.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.shutdown.send_replace(true);
+        self.inner.lock().log.close_all();
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.lock();
+        f.debug_struct("Registry")
+            .field("runtimes", &st.runtimes.keys().collect::<Vec<_>>())
+            .field("workers", &st.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock can't leave the projection half-written in a way
+        // later calls would misread (each change is one insert or remove), so go on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn runtime(&self, id: &RuntimeId) -> Result<Arc<Runtime>, RegistryError> {
+        self.sources
+            .get(id)
+            .map(|r| r.value().clone())
+            .ok_or_else(|| not_found_runtime(id))
+    }
+
+    fn route(&self, id: &WorkerId) -> Result<(RuntimeId, SourceKey, Arc<Runtime>), RegistryError> {
+        let (runtime, key) = self
+            .ids
+            .get(id)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| not_found_worker(id))?;
+        let rt = self.runtime(&runtime)?;
+        Ok((runtime, key, rt))
+    }
+
+    /// Puts the registry's context on a source's error, in this one place: a not-found gets
+    /// the worker's public id, an internal error's detail goes to the log, every other
+    /// message is scrubbed of internal authority.
+    fn context(
+        &self,
+        err: RegistryError,
+        op: &'static str,
+        runtime: &RuntimeId,
+        worker: Option<&WorkerId>,
+    ) -> RegistryError {
+        match &err {
+            RegistryError::WorkerNotFound(_) => match worker {
+                Some(w) => err.with_message(format!("worker {w} not found")),
+                None => err.with_message("worker not found"),
+            },
+            RegistryError::Internal { detail } => {
+                tracing::error!(runtime = %runtime, op, worker = ?worker, detail = %detail, "source failed");
+                err
+            }
+            _ => err.sanitized(),
+        }
+    }
+
+    /// Waits until `check` finds what it looks for in the projection, or `CONFIRM_WAIT`.
+    async fn await_projection<T>(&self, check: impl Fn(&State) -> Option<T>) -> Option<T> {
+        let mut version = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + CONFIRM_WAIT;
+        loop {
+            if let Some(found) = check(&self.lock()) {
+                return Some(found);
+            }
+            match tokio::time::timeout_at(deadline, version.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return check(&self.lock()),
+            }
+        }
+    }
+
+    fn publish(&self, st: &mut State, payload: EventPayload) {
+        let cursor = st.log.publish(payload);
+        self.version.send_replace(cursor.seq());
+    }
+
+    /// Applies one lifecycle event of `runtime`'s source.
+    fn apply(&self, runtime: &RuntimeId, event: SourceEvent) {
+        let mut st = self.lock();
+        if self.closed.load(Ordering::Acquire) || !st.runtimes.contains_key(runtime) {
+            return;
+        }
+        match event {
+            SourceEvent::Upsert(worker) => {
+                self.upsert_locked(&mut st, runtime, &worker);
+            }
+            SourceEvent::Removed(key) => {
+                let id = self.issuer.worker_id(runtime, &key);
+                self.remove_locked(&mut st, &id);
+            }
+            SourceEvent::Resync(workers) => {
+                let mut present = HashSet::with_capacity(workers.len());
+                for worker in &workers {
+                    present.insert(self.upsert_locked(&mut st, runtime, worker));
+                }
+                let gone: Vec<WorkerId> = st
+                    .workers
+                    .iter()
+                    .filter(|(id, r)| &r.view.runtime_id == runtime && !present.contains(*id))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in gone {
+                    self.remove_locked(&mut st, &id);
+                }
+                if let Some(rec) = st.runtimes.get_mut(runtime) {
+                    rec.answered = true;
+                }
+            }
+            SourceEvent::Health(health) => self.set_health_locked(&mut st, runtime, health, false),
+        }
+    }
+
+    /// Upserts a worker into the projection and publishes `worker.upserted` if its view
+    /// changed. A terminal worker never changes again, and a worker never moves back
+    /// (`running` after `stopping`, say) — such reports are ignored.
+    fn upsert_locked(&self, st: &mut State, runtime: &RuntimeId, worker: &SourceWorker) -> WorkerId {
+        let id = self.issuer.worker_id(runtime, &worker.key);
+        let view = WorkerView::from_source(id.clone(), runtime.clone(), worker);
+        if let Some(old) = st.workers.get(&id) {
+            if old.view == view || !may_follow(old.view.state, view.state) {
+                return id;
+            }
+        }
+        self.ids
+            .insert(id.clone(), (runtime.clone(), worker.key.clone()));
+        st.workers.insert(id.clone(), WorkerRecord { view: view.clone() });
+        self.publish(st, EventPayload::WorkerUpserted { worker: view });
+        id
+    }
+
+    fn remove_locked(&self, st: &mut State, id: &WorkerId) {
+        if let Some(rec) = st.workers.remove(id) {
+            self.ids.remove(id);
+            self.publish(
+                st,
+                EventPayload::WorkerRemoved {
+                    worker_id: id.clone(),
+                    runtime_id: rec.view.runtime_id,
+                },
+            );
+        }
+    }
+
+    /// Records a runtime's health (messages sanitized) and publishes `runtime.updated` when
+    /// anything a client sees changed, or always with `force`.
+    fn set_health_locked(
+        &self,
+        st: &mut State,
+        runtime: &RuntimeId,
+        health: SourceHealth,
+        force: bool,
+    ) {
+        let Some(rec) = st.runtimes.get_mut(runtime) else {
+            return;
+        };
+        let status_changed = rec.health.status != health.status;
+        let view = HealthView {
+            status: health.status,
+            since: if status_changed {
+                OffsetDateTime::now_utc()
+            } else {
+                rec.health.since
+            },
+            retry_at: health.retry_at,
+            message: health.message.as_deref().map(sanitize_message),
+        };
+        let diagnostics: Vec<Diagnostic> = health
+            .diagnostics
+            .iter()
+            .take(MAX_DIAGNOSTICS)
+            .map(|d| Diagnostic {
+                code: sanitize_message(&d.code),
+                message: sanitize_message(&d.message),
+            })
+            .collect();
+        if !force && view == rec.health && diagnostics == rec.diagnostics {
+            return;
+        }
+        rec.health = view;
+        rec.diagnostics = diagnostics;
+        if let Some(runtime) = st.runtime_view(runtime) {
+            self.publish(st, EventPayload::RuntimeUpdated { runtime });
+        }
+    }
+}
+
+impl Resubscribe for Inner {
+    fn resubscribe(
+        &self,
+        reason: ResetReason,
+        filter: &Option<RuntimeId>,
+    ) -> Option<(Vec<StreamItem>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)> {
+        let mut st = self.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let items = st.reset_items(reason, filter);
+        let (rx, lagged) = st.log.register(filter.clone());
+        Some((items, rx, lagged))
+    }
+}
+
+impl State {
+    fn runtime_view(&self, id: &RuntimeId) -> Option<RuntimeView> {
+        let rec = self.runtimes.get(id)?;
+        let mut counts: BTreeMap<WorkerState, u64> =
+            WorkerState::ALL.into_iter().map(|s| (s, 0)).collect();
+        for w in self.workers.values().filter(|w| &w.view.runtime_id == id) {
+            *counts.entry(w.view.state).or_default() += 1;
+        }
+        Some(RuntimeView {
+            id: id.clone(),
+            kind: rec.kind.clone(),
+            health: rec.health.clone(),
+            capabilities: rec.caps,
+            workers: counts,
+            diagnostics: rec.diagnostics.clone(),
+        })
+    }
+
+    fn snapshot_item(&self, filter: &Option<RuntimeId>) -> StreamItem {
+        let keep = |r: &RuntimeId| filter.as_ref().is_none_or(|f| f == r);
+        let runtimes = self
+            .runtimes
+            .keys()
+            .filter(|id| keep(id))
+            .filter_map(|id| self.runtime_view(id))
+            .collect();
+        let mut workers: Vec<WorkerView> = self
+            .workers
+            .values()
+            .filter(|w| keep(&w.view.runtime_id))
+            .map(|w| w.view.clone())
+            .collect();
+        workers.sort_by(|a, b| page_key(a).cmp(&page_key(b)));
+        StreamItem {
+            cursor: self.log.head(),
+            payload: Arc::new(EventPayload::Snapshot { runtimes, workers }),
+        }
+    }
+
+    fn reset_items(&self, reason: ResetReason, filter: &Option<RuntimeId>) -> Vec<StreamItem> {
+        vec![
+            StreamItem {
+                cursor: self.log.origin(),
+                payload: Arc::new(EventPayload::Reset { reason }),
+            },
+            self.snapshot_item(filter),
+        ]
+    }
+}
+
+/// Whether a worker in state `old` may be reported next in state `new`.
+fn may_follow(old: WorkerState, new: WorkerState) -> bool {
+    fn rank(s: WorkerState) -> Option<u8> {
+        match s {
+            WorkerState::Starting => Some(0),
+            WorkerState::Running => Some(1),
+            WorkerState::Stopping => Some(2),
+            WorkerState::Exited | WorkerState::Stopped | WorkerState::Failed => Some(3),
+            WorkerState::Unknown => None,
+        }
+    }
+    if old.is_terminal() {
+        return false;
+    }
+    match (rank(old), rank(new)) {
+        (Some(a), Some(b)) => b >= a,
+        _ => true,
+    }
+}
+
+/// Follows one source's lifecycle stream for as long as the registry lives: applies its
+/// events, marks the runtime `unavailable` while the stream can't be had, and reopens it
+/// with capped exponential backoff.
+async fn follow_source(
+    inner: Weak<Inner>,
+    id: RuntimeId,
+    runtime: Arc<Runtime>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let opened = tokio::select! {
+            opened = runtime.source.events() => opened,
+            _ = shutdown.changed() => return,
+        };
+        let message = match opened {
+            Ok(mut events) => {
+                loop {
+                    let event = tokio::select! {
+                        event = events.recv() => event,
+                        _ = shutdown.changed() => return,
+                    };
+                    let Some(event) = event else { break };
+                    let Some(inner) = inner.upgrade() else { return };
+                    inner.apply(&id, event);
+                    backoff = BACKOFF_START;
+                }
+                "the runtime stopped reporting; reconnecting".to_string()
+            }
+            Err(e) => e.public_message(),
+        };
+        let Some(strong) = inner.upgrade() else { return };
+        if strong.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::warn!(runtime = %id, kind = %runtime.kind, %message, "runtime unavailable");
+        let retry_at = OffsetDateTime::now_utc() + backoff;
+        strong.set_health_locked(
+            &mut strong.lock(),
+            &id,
+            SourceHealth::unavailable(message, Some(retry_at)),
+            false,
+        );
+        drop(strong);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
+fn page_key(v: &WorkerView) -> (i128, &WorkerId) {
+    (v.created_at.unix_timestamp_nanos(), &v.id)
+}
+
+fn page_token(v: &WorkerView) -> String {
+    format!("{}.{}", v.created_at.unix_timestamp_nanos(), v.id)
+}
+
+fn parse_page_token(token: &str) -> Result<(i128, WorkerId), RegistryError> {
+    let bad = || RegistryError::InvalidRequest("page token is not valid; start again without `page`".into());
+    let (nanos, id) = token.split_once('.').ok_or_else(bad)?;
+    Ok((nanos.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+}
+
+fn not_found_runtime(id: &RuntimeId) -> RegistryError {
+    RegistryError::RuntimeNotFound(format!("runtime {id} not found"))
+}
+
+fn not_found_worker(id: &WorkerId) -> RegistryError {
+    RegistryError::WorkerNotFound(format!("worker {id} not found"))
+}
+
+fn unsupported(runtime: &RuntimeId, what: &str) -> RegistryError {
+    RegistryError::Unsupported(format!("runtime {runtime} cannot {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_only_move_forward_and_terminal_is_final() {
+        use WorkerState::*;
+        assert!(may_follow(Starting, Running));
+        assert!(may_follow(Running, Stopping));
+        assert!(may_follow(Stopping, Stopped));
+        assert!(may_follow(Running, Unknown));
+        assert!(may_follow(Unknown, Running));
+        assert!(!may_follow(Stopping, Running));
+        assert!(!may_follow(Running, Starting));
+        for t in [Exited, Stopped, Failed] {
+            for any in WorkerState::ALL {
+                assert!(!may_follow(t, any), "{t} -> {any}");
+            }
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();
+        let (n, back) = parse_page_token(&format!("123.{id}")).unwrap();
+        assert_eq!((n, back), (123, id));
+        for bad in ["", "x", "1.w_", "a.w_0123456789ABCDEFGHJKMNPQRS"] {
+            assert_eq!(parse_page_token(bad).unwrap_err().code(), "invalid_request");
+        }
+    }
+}
