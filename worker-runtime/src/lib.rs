@@ -1,0 +1,101 @@
+//! Process supervision for Roster, as a library: the engine behind the `embedded` runtime.
+//!
+//! A [`Runtime`] spawns workers (OS processes, each in its own process group) from named
+//! [`Profile`]s or, where allowed, from an argv; captures their stdout and stderr as numbered
+//! chunks and keeps the newest bytes of each; feeds their stdin; stops them (SIGTERM, then
+//! SIGKILL after a grace period); and publishes every change as a sequence of
+//! [`RuntimeEvent`]s. There is no HTTP here: `source-embedded` adapts it to the registry.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use worker_runtime::{OutputItem, Profile, Runtime, RuntimeConfig, SpawnSpec, State};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! let shell = Profile { command: vec!["/bin/sh".into(), "-c".into()], ..Default::default() };
+//! let runtime = Runtime::new(RuntimeConfig {
+//!     profiles: BTreeMap::from([("shell".to_string(), shell)]),
+//!     ..Default::default()
+//! })?;
+//!
+//! let worker = runtime
+//!     .spawn(SpawnSpec {
+//!         profile: Some("shell".into()),
+//!         args: vec!["echo hello".into()],
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//!
+//! let mut output = runtime.output(worker.id, 0, true)?;
+//! let mut text = Vec::new();
+//! while let Some(item) = output.next().await {
+//!     match item {
+//!         OutputItem::Chunk { data, .. } => text.extend_from_slice(&data),
+//!         OutputItem::Gap { .. } => {}
+//!         OutputItem::End => break,
+//!     }
+//! }
+//! assert_eq!(text, b"hello\n");
+//! assert_eq!(runtime.get(worker.id)?.state, State::Exited);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! ```
+//!
+//! # Guarantees
+//!
+//! **Environment.** A worker does not inherit the host's environment, so the host's secrets
+//! (API tokens and the like) never leak into workers. It gets `PATH` (the host's, or
+//! `/usr/local/bin:/usr/bin:/bin`), `HOME` and `LANG` when the host has them, then the
+//! profile's `env`, then the spawn request's `env` (later ones win).
+//!
+//! **No orphans.** A worker is its process group. When its leader exits, the rest of the group
+//! is SIGKILLed. Workers also die with the runtime:
+//! - dropping the last [`Runtime`] clone, or [`Runtime::shutdown`], ends every worker;
+//! - each worker carries `PR_SET_PDEATHSIG = SIGKILL`, tied to the runtime's one spawner
+//!   thread, so a leader dies with the runtime's process even when that process is SIGKILLed;
+//! - processes the leader started are not covered by that, so each runtime runs a small
+//!   watchdog process (`/bin/sh`) that knows the live process groups and SIGKILLs them when the
+//!   runtime's process goes away, however it went.
+//!
+//! **Output.** stdout and stderr are read in chunks of up to 64 KiB, numbered by one `seq`
+//! per worker across both streams, from 1, without holes. Bytes are kept raw (invalid UTF-8 is
+//! kept as is), but a chunk never ends inside a valid UTF-8 character: an incomplete character
+//! at the end of a read is carried into the stream's next chunk. At least the newest
+//! `output_retention` bytes are kept (at most one chunk more), also after the worker ended,
+//! until its record is removed. Readers ([`OutputReader`]) pull from that log, so a slow reader
+//! never slows the runtime or another reader; one that falls behind gets an
+//! [`OutputItem::Gap`].
+//!
+//! **States.** `Starting` → `Running` → `Stopping` → `Exited` | `Stopped` | `Failed` (see
+//! [`State`]). A worker becomes terminal only after its output is drained, so
+//! [`OutputItem::End`] always follows its last chunk, and a terminal state never changes.
+//!
+//! **Events.** Every change of a worker is a [`RuntimeEvent::Upserted`] with its full view,
+//! every removal a [`RuntimeEvent::Removed`], numbered from 1 in a bounded ring.
+//! [`Runtime::snapshot`] returns all workers with the last seq atomically, so a client can list
+//! and then follow [`Runtime::events`] without missing or repeating a change.
+//!
+//! **Errors.** [`RuntimeError`] messages are written for people and never contain a path, a
+//! pid or an environment value.
+//!
+//! The runtime must be created inside a tokio runtime, whose tasks it uses.
+
+#![warn(missing_docs)]
+
+mod config;
+mod events;
+mod output;
+mod runtime;
+mod spawner;
+mod sys;
+mod types;
+mod utf8;
+mod util;
+mod watchdog;
+
+pub use config::{Profile, RuntimeConfig};
+pub use events::{EventReader, RuntimeEvent};
+pub use output::{OutputItem, OutputReader};
+pub use runtime::Runtime;
+pub use types::{FailReason, LocalId, RuntimeError, SpawnSpec, State, Stream, WorkerInfo};
