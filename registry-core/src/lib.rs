@@ -48,6 +48,5 @@ pub use model::{
 pub use registry::{Page, Registry, RegistryConfig, WorkerFilter};
 pub use sanitize::{sanitize_message, REDACTED};
 pub use source::{
-    OutputChunk, OutputEvent, OutputRequest, OutputStream, RuntimeSource, SourceEvent,
-    SourceEvents,
+    OutputChunk, OutputEvent, OutputRequest, OutputStream, RuntimeSource, SourceEvent, SourceEvents,
 };
