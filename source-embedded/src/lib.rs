@@ -1,0 +1,75 @@
+//! # source-embedded
+//!
+//! The `embedded` source of Roster: a [`RuntimeSource`] over a
+//! [`worker_runtime::Runtime`] in the same process, driven by direct library calls. Workers
+//! are children of this process (each in its own process group) and die with it.
+//!
+//! A server adds the kind with [`register`]; the config table of each `embedded` runtime is
+//! an [`EmbeddedConfig`]. The source can also be built directly:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//!
+//! use registry_core::{OutputEvent, OutputRequest, RuntimeSource, SpawnRequest};
+//! use source_embedded::{EmbeddedConfig, EmbeddedSource};
+//! use worker_runtime::Profile;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), registry_core::RegistryError> {
+//! let shell = Profile { command: vec!["/bin/sh".into(), "-c".into()], ..Default::default() };
+//! let source = EmbeddedSource::new(EmbeddedConfig {
+//!     profiles: BTreeMap::from([("shell".to_string(), shell)]),
+//!     ..Default::default()
+//! })?;
+//!
+//! let worker = source
+//!     .spawn(SpawnRequest {
+//!         profile: Some("shell".into()),
+//!         args: vec!["echo hello".into()],
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//! let mut output = source.output(&worker.key, OutputRequest { after: 0, follow: true }).await?;
+//! let mut text = Vec::new();
+//! while let Some(event) = output.recv().await {
+//!     if let OutputEvent::Chunk(chunk) = event {
+//!         text.extend_from_slice(&chunk.data);
+//!     }
+//! }
+//! assert_eq!(text, b"hello\n");
+//! source.shutdown(None).await;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod source;
+
+use std::sync::Arc;
+
+use registry_core::{ConfigError, RegistryError, RuntimeSource, SourceConfig, SourceFactories};
+
+pub use config::EmbeddedConfig;
+pub use source::EmbeddedSource;
+
+/// The source kind this crate adds: `source = "embedded"` in a `[[runtimes]]` table.
+pub const KIND: &str = "embedded";
+
+/// Adds the `embedded` kind to `factories`. Its factory parses the runtime's table as an
+/// [`EmbeddedConfig`] (an unknown key is an error naming it) and starts the runtime; call
+/// `build` inside a tokio runtime. Registering the kind twice is refused (`conflict`).
+pub fn register(factories: &mut SourceFactories) -> Result<(), RegistryError> {
+    factories.register(KIND, |config: SourceConfig| {
+        let settings: EmbeddedConfig = config.parse()?;
+        let source = EmbeddedSource::new(settings).map_err(|e| ConfigError {
+            runtime: config.runtime_id.to_string(),
+            // An operator's message: the runtime's own (which names no path or pid), also
+            // for an internal error.
+            message: e
+                .internal_detail()
+                .map_or_else(|| e.to_string(), str::to_string),
+        })?;
+        Ok(Arc::new(source) as Arc<dyn RuntimeSource>)
+    })
+}
