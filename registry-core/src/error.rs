@@ -254,7 +254,11 @@ mod tests {
             .collect();
         assert_eq!(
             retryable,
-            ["capacity_exceeded", "runtime_unavailable", "upstream_timeout"]
+            [
+                "capacity_exceeded",
+                "runtime_unavailable",
+                "upstream_timeout"
+            ]
         );
     }
 
@@ -263,9 +267,15 @@ mod tests {
         let e = RegistryError::internal("open /var/lib/roster/key: denied");
         assert_eq!(e.to_string(), "internal error");
         assert!(!format!("{e:?}").contains("/var/lib"));
-        assert_eq!(e.internal_detail(), Some("open /var/lib/roster/key: denied"));
+        assert_eq!(
+            e.internal_detail(),
+            Some("open /var/lib/roster/key: denied")
+        );
         let e = e.with_message("nope");
-        assert_eq!(e.internal_detail(), Some("open /var/lib/roster/key: denied"));
+        assert_eq!(
+            e.internal_detail(),
+            Some("open /var/lib/roster/key: denied")
+        );
     }
 
     #[test]

@@ -237,7 +237,10 @@ impl EventLog {
         }
         // The oldest event the client still needs is c.seq + 1; it must be retained (or
         // not exist yet).
-        let oldest = self.ring.front().map_or(self.last_seq + 1, |i| i.cursor.seq);
+        let oldest = self
+            .ring
+            .front()
+            .map_or(self.last_seq + 1, |i| i.cursor.seq);
         if c.seq + 1 < oldest {
             return Start::Reset(ResetReason::Expired);
         }
@@ -386,7 +389,14 @@ mod tests {
         };
         assert_eq!(c.to_string(), "000000000000feed-42");
         assert_eq!(Cursor::parse(&c.to_string()), Some(c));
-        for bad in ["", "42", "feed-42", "000000000000feed-", "000000000000feed-x", "zzzzzzzzzzzzzzzz-1"] {
+        for bad in [
+            "",
+            "42",
+            "feed-42",
+            "000000000000feed-",
+            "000000000000feed-x",
+            "zzzzzzzzzzzzzzzz-1",
+        ] {
             assert_eq!(Cursor::parse(bad), None, "{bad}");
         }
     }
@@ -421,20 +431,35 @@ mod tests {
         for n in 1..10 {
             log.publish(removed(n));
         }
-        assert_eq!(seqs(log.start(Some(&first.to_string()), &None)), Err(ResetReason::Expired));
+        assert_eq!(
+            seqs(log.start(Some(&first.to_string()), &None)),
+            Err(ResetReason::Expired)
+        );
         // The oldest retained is 6: a cursor at 5 still works, at 4 not.
         let at5 = Cursor { epoch: 7, seq: 5 };
-        assert_eq!(seqs(log.start(Some(&at5.to_string()), &None)).unwrap(), vec![6, 7, 8, 9, 10]);
+        assert_eq!(
+            seqs(log.start(Some(&at5.to_string()), &None)).unwrap(),
+            vec![6, 7, 8, 9, 10]
+        );
         let at4 = Cursor { epoch: 7, seq: 4 };
-        assert_eq!(seqs(log.start(Some(&at4.to_string()), &None)), Err(ResetReason::Expired));
+        assert_eq!(
+            seqs(log.start(Some(&at4.to_string()), &None)),
+            Err(ResetReason::Expired)
+        );
         let foreign = Cursor { epoch: 8, seq: 5 };
         assert_eq!(
             seqs(log.start(Some(&foreign.to_string()), &None)),
             Err(ResetReason::ForeignEpoch)
         );
         let ahead = Cursor { epoch: 7, seq: 11 };
-        assert_eq!(seqs(log.start(Some(&ahead.to_string()), &None)), Err(ResetReason::Malformed));
-        assert_eq!(seqs(log.start(Some("nonsense"), &None)), Err(ResetReason::Malformed));
+        assert_eq!(
+            seqs(log.start(Some(&ahead.to_string()), &None)),
+            Err(ResetReason::Malformed)
+        );
+        assert_eq!(
+            seqs(log.start(Some("nonsense"), &None)),
+            Err(ResetReason::Malformed)
+        );
         assert!(matches!(log.start(None, &None), Start::Snapshot));
     }
 

@@ -204,7 +204,9 @@ mod tests {
 
     #[test]
     fn parse_reads_durations_and_sizes() {
-        let d: Demo = cfg("grace = \"1500ms\"\nretention = \"2MiB\"").parse().unwrap();
+        let d: Demo = cfg("grace = \"1500ms\"\nretention = \"2MiB\"")
+            .parse()
+            .unwrap();
         assert_eq!(d.grace, Duration::from_millis(1500));
         assert_eq!(d.retention, 2 << 20);
         let d: Demo = cfg("grace = \"1h\"\nretention = 4096").parse().unwrap();
@@ -219,7 +221,9 @@ mod tests {
             .unwrap_err();
         assert!(err.message.contains("retension"), "{err}");
         assert!(err.to_string().contains("demo"), "{err}");
-        let err = cfg("grace = \"soon\"\nretention = 1").parse::<Demo>().unwrap_err();
+        let err = cfg("grace = \"soon\"\nretention = 1")
+            .parse::<Demo>()
+            .unwrap_err();
         assert!(err.message.contains("not a duration"), "{err}");
     }
 

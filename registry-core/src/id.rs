@@ -262,7 +262,16 @@ mod tests {
         for ok in ["local", "gpu-box", "a", "a1-2", &"a".repeat(63)] {
             assert!(RuntimeId::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Local", "1abc", "-a", "a_b", "a.b", "a b", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Local",
+            "1abc",
+            "-a",
+            "a_b",
+            "a.b",
+            "a b",
+            &"a".repeat(64),
+        ] {
             let err = RuntimeId::new(bad).unwrap_err();
             assert_eq!(err.code(), "invalid_request", "{bad}");
         }
@@ -277,8 +286,16 @@ mod tests {
         assert!(s.starts_with("w_"));
         assert!(s[2..].bytes().all(|b| CROCKFORD.contains(&b)));
         assert_eq!(s.parse::<WorkerId>().unwrap(), id);
-        for bad in ["", "w_", "x_0123456789ABCDEFGHJKMNPQRS", "w_0123456789abcdefghjkmnpqrs"] {
-            assert_eq!(bad.parse::<WorkerId>().unwrap_err().code(), "worker_not_found");
+        for bad in [
+            "",
+            "w_",
+            "x_0123456789ABCDEFGHJKMNPQRS",
+            "w_0123456789abcdefghjkmnpqrs",
+        ] {
+            assert_eq!(
+                bad.parse::<WorkerId>().unwrap_err().code(),
+                "worker_not_found"
+            );
         }
     }
 
@@ -305,7 +322,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let first = IdIssuer::load_or_create(&state).unwrap();
-        let mode = fs::metadata(state.join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(state.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = IdIssuer::load_or_create(&state).unwrap();
         let rt = RuntimeId::new("local").unwrap();

@@ -364,7 +364,9 @@ impl SpawnRequest {
         use limits::*;
         let invalid = |m: String| Err(RegistryError::InvalidRequest(m));
         match (&self.profile, &self.command) {
-            (Some(_), Some(_)) => return invalid("give either `profile` or `command`, not both".into()),
+            (Some(_), Some(_)) => {
+                return invalid("give either `profile` or `command`, not both".into())
+            }
             (None, None) => return invalid("one of `profile` or `command` is required".into()),
             (None, Some(cmd)) if cmd.is_empty() => {
                 return invalid("`command` must hold at least the program".into())
@@ -401,9 +403,14 @@ impl SpawnRequest {
         }
         let argc = self.command.as_ref().map_or(0, Vec::len) + self.args.len();
         if argc > MAX_ARGS {
-            return invalid(format!("`command` and `args` hold more than {MAX_ARGS} entries"));
+            return invalid(format!(
+                "`command` and `args` hold more than {MAX_ARGS} entries"
+            ));
         }
-        for (field, list) in [("command", self.command.as_deref().unwrap_or(&[])), ("args", &self.args[..])] {
+        for (field, list) in [
+            ("command", self.command.as_deref().unwrap_or(&[])),
+            ("args", &self.args[..]),
+        ] {
             if list.iter().any(|a| a.contains('\0')) {
                 return invalid(format!("`{field}` holds a NUL character"));
             }
@@ -414,7 +421,8 @@ impl SpawnRequest {
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                 return invalid(
-                    "an `env` name must be non-empty and hold no '=' or NUL, and a value no NUL".into(),
+                    "an `env` name must be non-empty and hold no '=' or NUL, and a value no NUL"
+                        .into(),
                 );
             }
         }
@@ -461,12 +469,22 @@ mod tests {
             let json = serde_json::to_string(&st).unwrap();
             assert_eq!(json, format!("\"{}\"", st.as_str()));
         }
-        let terminal: Vec<_> = WorkerState::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = WorkerState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(
             terminal,
-            [WorkerState::Exited, WorkerState::Stopped, WorkerState::Failed]
+            [
+                WorkerState::Exited,
+                WorkerState::Stopped,
+                WorkerState::Failed
+            ]
         );
-        assert_eq!(WorkerState::parse("zombie").unwrap_err().code(), "invalid_request");
+        assert_eq!(
+            WorkerState::parse("zombie").unwrap_err().code(),
+            "invalid_request"
+        );
     }
 
     #[test]
@@ -484,7 +502,11 @@ mod tests {
             command: Some(vec!["sh".into()]),
             ..req()
         };
-        assert!(both.validate().unwrap_err().to_string().contains("not both"));
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
         let none = SpawnRequest {
             profile: None,
             ..req()
@@ -495,7 +517,11 @@ mod tests {
             command: Some(vec![]),
             ..req()
         };
-        assert!(empty.validate().unwrap_err().to_string().contains("`command`"));
+        assert!(empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`command`"));
         let mut env = req();
         env.env.insert("A=B".into(), "x".into());
         assert!(env.validate().unwrap_err().to_string().contains("`env`"));

@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, watch};
 use crate::events::{EventLog, Resubscribe, Start};
 use crate::{
     sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
-    OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource,
-    RuntimeView, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem,
-    Subscription, WorkerId, WorkerState, WorkerView,
+    OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource, RuntimeView,
+    SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem, Subscription,
+    WorkerId, WorkerState, WorkerView,
 };
 
 /// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
@@ -217,7 +217,10 @@ impl Registry {
 
     /// One runtime.
     pub fn runtime(&self, id: &RuntimeId) -> Result<RuntimeView, RegistryError> {
-        self.inner.lock().runtime_view(id).ok_or_else(|| not_found_runtime(id))
+        self.inner
+            .lock()
+            .runtime_view(id)
+            .ok_or_else(|| not_found_runtime(id))
     }
 
     /// Whether every runtime has answered once (its first whole truth arrived).
@@ -298,7 +301,9 @@ impl Registry {
             .await
             .map_err(|e| self.inner.context(e, "spawn", runtime, None))?;
         let id = self.inner.issuer.worker_id(runtime, &worker.key);
-        self.inner.ids.insert(id.clone(), (runtime.clone(), worker.key.clone()));
+        self.inner
+            .ids
+            .insert(id.clone(), (runtime.clone(), worker.key.clone()));
         // The projection changes only through the lifecycle stream (one writer, in order);
         // wait for it to show the worker, so a `GET` right after sees it.
         let view = WorkerView::from_source(id.clone(), runtime.clone(), &worker);
@@ -395,8 +400,12 @@ impl Registry {
     /// within `grace`), then the lifecycle followers stop and every subscription ends.
     pub async fn shutdown(&self, grace: Option<Duration>) {
         self.inner.stopping.store(true, Ordering::Release);
-        let runtimes: Vec<Arc<Runtime>> =
-            self.inner.sources.iter().map(|e| e.value().clone()).collect();
+        let runtimes: Vec<Arc<Runtime>> = self
+            .inner
+            .sources
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
         let tasks: Vec<_> = runtimes
             .into_iter()
             .map(|rt| tokio::spawn(async move { rt.source.shutdown(grace).await }))
@@ -530,7 +539,12 @@ impl Inner {
     /// Upserts a worker into the projection and publishes `worker.upserted` if its view
     /// changed. A terminal worker never changes again, and a worker never moves back
     /// (`running` after `stopping`, say) — such reports are ignored.
-    fn upsert_locked(&self, st: &mut State, runtime: &RuntimeId, worker: &SourceWorker) -> WorkerId {
+    fn upsert_locked(
+        &self,
+        st: &mut State,
+        runtime: &RuntimeId,
+        worker: &SourceWorker,
+    ) -> WorkerId {
         let id = self.issuer.worker_id(runtime, &worker.key);
         let view = WorkerView::from_source(id.clone(), runtime.clone(), worker);
         if let Some(old) = st.workers.get(&id) {
@@ -540,7 +554,8 @@ impl Inner {
         }
         self.ids
             .insert(id.clone(), (runtime.clone(), worker.key.clone()));
-        st.workers.insert(id.clone(), WorkerRecord { view: view.clone() });
+        st.workers
+            .insert(id.clone(), WorkerRecord { view: view.clone() });
         self.publish(st, EventPayload::WorkerUpserted { worker: view });
         id
     }
@@ -718,7 +733,9 @@ async fn follow_source(
             }
             Err(e) => e.public_message(),
         };
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         if strong.stopping.load(Ordering::Acquire) {
             return;
         }
@@ -748,9 +765,14 @@ fn page_token(v: &WorkerView) -> String {
 }
 
 fn parse_page_token(token: &str) -> Result<(i128, WorkerId), RegistryError> {
-    let bad = || RegistryError::InvalidRequest("page token is not valid; start again without `page`".into());
+    let bad = || {
+        RegistryError::InvalidRequest("page token is not valid; start again without `page`".into())
+    };
     let (nanos, id) = token.split_once('.').ok_or_else(bad)?;
-    Ok((nanos.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+    Ok((
+        nanos.parse().map_err(|_| bad())?,
+        id.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn not_found_runtime(id: &RuntimeId) -> RegistryError {

@@ -48,7 +48,9 @@ fn looks_internal(token: &str) -> bool {
     if token.contains("://") {
         return true;
     }
-    if (token.starts_with('/') && token.len() > 1) || token.starts_with("~/") || token.starts_with("./")
+    if (token.starts_with('/') && token.len() > 1)
+        || token.starts_with("~/")
+        || token.starts_with("./")
     {
         return true;
     }

@@ -748,10 +748,14 @@ async fn a_subscriber_that_never_reads_slows_no_one_and_later_gets_lagged_reset(
     });
     let deadline = tokio::time::Instant::now() + WAIT;
     for i in 0..500 {
-        src.put(Scripted::worker(&format!("k{i}"), WorkerState::Running)).await;
+        src.put(Scripted::worker(&format!("k{i}"), WorkerState::Running))
+            .await;
         // A reader that keeps up: it has seen this event before the next is made.
         while counted.load(Ordering::SeqCst) <= i {
-            assert!(tokio::time::Instant::now() < deadline, "the reader fell behind");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reader fell behind"
+            );
             tokio::task::yield_now().await;
         }
     }
@@ -987,7 +991,11 @@ async fn debug_output_never_shows_source_keys() {
         "/run/legacy/secret.sock".into(),
         Scripted::worker("/run/legacy/secret.sock", WorkerState::Running),
     );
-    src.workers.lock().unwrap().values_mut().for_each(|w| w.name = Some("w".into()));
+    src.workers
+        .lock()
+        .unwrap()
+        .values_mut()
+        .for_each(|w| w.name = Some("w".into()));
     let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
     let listed = reg
         .list_workers(&WorkerFilter::default(), 10, None)
@@ -1018,4 +1026,34 @@ fn factories_refuse_a_kind_twice_and_name_the_known_kinds() {
     assert!(f.build("scripted", cfg.clone()).is_ok());
     let err = f.build("tmux", cfg).unwrap_err();
     assert!(err.message.contains("other, scripted"), "{err}");
+}
+
+/// Inherent method when `T: Serialize`, the trait's fallback otherwise (autoref
+/// specialization): tells at compile time, checked at run time, whether a type serializes.
+struct Probe<T>(std::marker::PhantomData<T>);
+impl<T: serde::Serialize> Probe<T> {
+    fn serializes(&self) -> bool {
+        true
+    }
+}
+trait Fallback {
+    fn serializes(&self) -> bool {
+        false
+    }
+}
+impl<T> Fallback for &Probe<T> {}
+
+#[test]
+// The borrow is what makes the probe work: keep the same form for every type.
+#[allow(clippy::needless_borrow)]
+fn holders_of_internal_authority_are_not_serialize_and_views_are() {
+    use std::marker::PhantomData;
+    assert!(!(&Probe::<SourceKey>(PhantomData)).serializes());
+    assert!(!(&Probe::<SourceWorker>(PhantomData)).serializes());
+    assert!(!(&Probe::<SourceEvent>(PhantomData)).serializes());
+    assert!(!(&Probe::<SourceConfig>(PhantomData)).serializes());
+    assert!(!(&Probe::<IdIssuer>(PhantomData)).serializes());
+    assert!((&Probe::<WorkerView>(PhantomData)).serializes());
+    assert!((&Probe::<RuntimeView>(PhantomData)).serializes());
+    assert!((&Probe::<EventPayload>(PhantomData)).serializes());
 }
