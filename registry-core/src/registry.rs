@@ -27,6 +27,8 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 /// Reconnect backoff for a source's lifecycle stream.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the sources' lifecycle streams to end.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 /// Most diagnostics kept per runtime.
 const MAX_DIAGNOSTICS: usize = 100;
 /// Largest page of `list_workers`.
@@ -89,6 +91,8 @@ struct Inner {
     /// Public id → (runtime, source key): routing without the projection's lock.
     ids: DashMap<WorkerId, (RuntimeId, SourceKey)>,
     sources: DashMap<RuntimeId, Arc<Runtime>>,
+    /// The tasks that follow each source's lifecycle stream.
+    followers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The log's head seq, for waiters on the projection.
     version: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -148,6 +152,7 @@ impl Registry {
                 }),
                 ids: DashMap::new(),
                 sources: DashMap::new(),
+                followers: Mutex::new(Vec::new()),
                 version: watch::channel(0).0,
                 shutdown: watch::channel(false).0,
                 stopping: AtomicBool::new(false),
@@ -197,12 +202,17 @@ impl Registry {
             caps,
         });
         self.inner.sources.insert(id.clone(), runtime.clone());
-        tokio::spawn(follow_source(
+        let follower = tokio::spawn(follow_source(
             Arc::downgrade(&self.inner),
             id,
             runtime,
             self.inner.shutdown.subscribe(),
         ));
+        self.inner
+            .followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(follower);
         Ok(())
     }
 
@@ -415,8 +425,21 @@ impl Registry {
                 tracing::error!(error = %e, "source shutdown panicked");
             }
         }
-        // Let the followers apply what the sources reported while stopping.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The sources' streams end once they are shut down: let the followers apply what
+        // was reported until then (a source that breaks that promise is not waited for long).
+        let followers: Vec<_> = std::mem::take(
+            &mut *self
+                .inner
+                .followers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        for follower in followers {
+            if tokio::time::timeout_at(deadline, follower).await.is_err() {
+                tracing::warn!("a source's lifecycle stream did not end after its shutdown");
+            }
+        }
         self.inner.closed.store(true, Ordering::Release);
         self.inner.shutdown.send_replace(true);
         self.inner.lock().log.close_all();
@@ -719,6 +742,13 @@ async fn follow_source(
         };
         let message = match opened {
             Ok(mut events) => {
+                // Whatever the runtime was marked while the stream was down, ask it again.
+                let health = runtime.source.health().await;
+                let Some(strong) = inner.upgrade() else {
+                    return;
+                };
+                strong.set_health_locked(&mut strong.lock(), &id, health, false);
+                drop(strong);
                 loop {
                     let event = tokio::select! {
                         event = events.recv() => event,

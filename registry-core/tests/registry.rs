@@ -953,10 +953,20 @@ async fn a_dropped_lifecycle_stream_marks_unavailable_then_reconnects_and_resync
     };
     assert_eq!(runtime.health.status, HealthStatus::Unavailable);
     assert!(runtime.health.retry_at.is_some());
-    // The registry reopens the stream; the first Resync brings the worker in.
+    // The registry reopens the stream: the runtime is ready again, and the first Resync
+    // brings the worker in.
+    let item = next(&mut sub).await;
+    let EventPayload::RuntimeUpdated { runtime } = &*item.payload else {
+        panic!("{item:?}")
+    };
+    assert_eq!(runtime.health.status, HealthStatus::Ready);
     let item = next(&mut sub).await;
     assert_eq!(worker_of(&item).name.as_deref(), Some("name-k9"));
     assert!(src.opened.load(Ordering::SeqCst) >= 2);
+    assert_eq!(
+        reg.runtime(&rt("local")).unwrap().health.status,
+        HealthStatus::Ready
+    );
 }
 
 #[tokio::test]
