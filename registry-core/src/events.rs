@@ -117,6 +117,29 @@ impl EventPayload {
         }
     }
 
+    /// Roughly the bytes this payload holds, for the log's byte bound.
+    fn approx_size(&self) -> usize {
+        const OVERHEAD: usize = 256;
+        let strings = |it: &mut dyn Iterator<Item = usize>| it.sum::<usize>();
+        OVERHEAD
+            + match self {
+                EventPayload::WorkerUpserted { worker: w } => {
+                    w.name.as_ref().map_or(0, String::len)
+                        + w.profile.as_ref().map_or(0, String::len)
+                        + strings(&mut w.labels.iter().map(|(k, v)| k.len() + v.len()))
+                        + strings(&mut w.args.iter().map(String::len))
+                        + strings(&mut w.command.iter().flatten().map(String::len))
+                }
+                EventPayload::RuntimeUpdated { runtime: r } => {
+                    r.health.message.as_ref().map_or(0, String::len)
+                        + strings(&mut r.diagnostics.iter().map(|d| d.code.len() + d.message.len()))
+                }
+                EventPayload::WorkerRemoved { .. }
+                | EventPayload::Snapshot { .. }
+                | EventPayload::Reset { .. } => 0,
+            }
+    }
+
     fn runtime_id(&self) -> Option<&RuntimeId> {
         match self {
             EventPayload::RuntimeUpdated { runtime } => Some(&runtime.id),
@@ -147,7 +170,11 @@ pub(crate) struct EventLog {
     epoch: u64,
     last_seq: u64,
     ring: VecDeque<StreamItem>,
+    /// Approximate bytes of each retained event, in ring order, and their sum.
+    sizes: VecDeque<usize>,
+    bytes: usize,
     retention: usize,
+    max_bytes: usize,
     queue_capacity: usize,
     subscribers: Vec<Subscriber>,
 }
@@ -163,12 +190,20 @@ pub(crate) enum Start {
 }
 
 impl EventLog {
-    pub(crate) fn new(epoch: u64, retention: usize, queue_capacity: usize) -> Self {
+    pub(crate) fn new(
+        epoch: u64,
+        retention: usize,
+        max_bytes: usize,
+        queue_capacity: usize,
+    ) -> Self {
         EventLog {
             epoch,
             last_seq: 0,
             ring: VecDeque::with_capacity(retention.min(1024)),
+            sizes: VecDeque::with_capacity(retention.min(1024)),
+            bytes: 0,
             retention: retention.max(1),
+            max_bytes,
             queue_capacity: queue_capacity.max(1),
             subscribers: Vec::new(),
         }
@@ -191,7 +226,8 @@ impl EventLog {
         }
     }
 
-    /// Appends an event, evicting the oldest beyond retention, and offers it to every
+    /// Appends an event, evicting the oldest beyond retention (by count, or by bytes while
+    /// more than one event is kept), and offers it to every
     /// matching subscriber without waiting: a full queue marks that subscriber lagged and
     /// drops it from the list (it gets reset + snapshot once it has read what it holds).
     pub(crate) fn publish(&mut self, payload: EventPayload) -> Cursor {
@@ -200,10 +236,16 @@ impl EventLog {
             cursor: self.head(),
             payload: Arc::new(payload),
         };
-        if self.ring.len() == self.retention {
-            self.ring.pop_front();
-        }
+        let size = item.payload.approx_size();
         self.ring.push_back(item.clone());
+        self.sizes.push_back(size);
+        self.bytes += size;
+        while self.ring.len() > self.retention
+            || (self.bytes > self.max_bytes && self.ring.len() > 1)
+        {
+            self.ring.pop_front();
+            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+        }
         let runtime = item.payload.runtime_id().cloned();
         self.subscribers.retain(|sub| {
             if !matches(&sub.filter, runtime.as_ref()) {
@@ -403,7 +445,7 @@ mod tests {
 
     #[test]
     fn replay_gives_every_event_after_the_cursor_once() {
-        let mut log = EventLog::new(7, 100, 10);
+        let mut log = EventLog::new(7, 100, usize::MAX, 10);
         let cursors: Vec<Cursor> = (0..10).map(|n| log.publish(removed(n))).collect();
         let got = seqs(log.start(Some(&cursors[3].to_string()), &None)).unwrap();
         assert_eq!(got, (5..=10).collect::<Vec<_>>());
@@ -415,7 +457,7 @@ mod tests {
 
     #[test]
     fn replay_honours_the_runtime_filter() {
-        let mut log = EventLog::new(7, 100, 10);
+        let mut log = EventLog::new(7, 100, usize::MAX, 10);
         for n in 0..6 {
             log.publish(removed(n));
         }
@@ -426,7 +468,7 @@ mod tests {
 
     #[test]
     fn expired_foreign_and_malformed_cursors_reset() {
-        let mut log = EventLog::new(7, 5, 10);
+        let mut log = EventLog::new(7, 5, usize::MAX, 10);
         let first = log.publish(removed(0));
         for n in 1..10 {
             log.publish(removed(n));
@@ -465,7 +507,7 @@ mod tests {
 
     #[test]
     fn retention_bounds_the_ring() {
-        let mut log = EventLog::new(1, 3, 10);
+        let mut log = EventLog::new(1, 3, usize::MAX, 10);
         for n in 0..1000 {
             log.publish(removed(n));
         }
@@ -474,8 +516,30 @@ mod tests {
     }
 
     #[test]
+    fn retention_bounds_the_ring_by_bytes_too() {
+        let mut log = EventLog::new(1, 1000, 10 * 256, 10);
+        for n in 0..100 {
+            log.publish(removed(n));
+        }
+        // Each removal counts 256 bytes: ten fit.
+        assert_eq!(log.ring.len(), 10);
+        assert_eq!(log.bytes, 10 * 256);
+        let expired = Cursor { epoch: 1, seq: 89 };
+        assert_eq!(
+            seqs(log.start(Some(&expired.to_string()), &None)),
+            Err(ResetReason::Expired)
+        );
+        // One event larger than the bound is still kept, alone.
+        let mut log = EventLog::new(1, 1000, 100, 10);
+        log.publish(removed(1));
+        log.publish(removed(2));
+        assert_eq!(log.ring.len(), 1);
+        assert_eq!(log.ring[0].cursor.seq, 2);
+    }
+
+    #[test]
     fn a_full_queue_marks_only_that_subscriber_lagged() {
-        let mut log = EventLog::new(1, 100, 4);
+        let mut log = EventLog::new(1, 100, usize::MAX, 4);
         let (mut slow, slow_lagged) = log.register(None);
         let (mut fast, fast_lagged) = log.register(None);
         for n in 0..10 {

@@ -354,6 +354,12 @@ pub mod limits {
     pub const MAX_ARGS: usize = 4096;
     /// Most environment entries.
     pub const MAX_ENV: usize = 1024;
+    /// Longest single argv entry (the kernel's own limit per string).
+    pub const MAX_ARG_BYTES: usize = 128 << 10;
+    /// Most bytes of command, args and environment (names and values) together.
+    pub const MAX_ARGV_BYTES: usize = 256 << 10;
+    /// Longest initial `stdin`.
+    pub const MAX_STDIN_BYTES: usize = 1 << 20;
 }
 
 impl SpawnRequest {
@@ -407,6 +413,7 @@ impl SpawnRequest {
                 "`command` and `args` hold more than {MAX_ARGS} entries"
             ));
         }
+        let mut total = 0;
         for (field, list) in [
             ("command", self.command.as_deref().unwrap_or(&[])),
             ("args", &self.args[..]),
@@ -414,6 +421,24 @@ impl SpawnRequest {
             if list.iter().any(|a| a.contains('\0')) {
                 return invalid(format!("`{field}` holds a NUL character"));
             }
+            if list.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+                return invalid(format!(
+                    "an entry of `{field}` is longer than {} KiB; pass large input on `stdin`",
+                    MAX_ARG_BYTES >> 10
+                ));
+            }
+            total += list.iter().map(String::len).sum::<usize>();
+        }
+        total += self
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+        if total > MAX_ARGV_BYTES {
+            return invalid(format!(
+                "`command`, `args` and `env` together are longer than {} KiB",
+                MAX_ARGV_BYTES >> 10
+            ));
         }
         if self.env.len() > MAX_ENV {
             return invalid(format!("`env` holds more than {MAX_ENV} entries"));
@@ -425,6 +450,16 @@ impl SpawnRequest {
                         .into(),
                 );
             }
+        }
+        if self
+            .stdin
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_STDIN_BYTES)
+        {
+            return invalid(format!(
+                "`stdin` is longer than {} KiB",
+                MAX_STDIN_BYTES >> 10
+            ));
         }
         if self.stdin.as_deref().is_some_and(|s| s.contains('\0')) {
             // NUL is fine on a pipe, but keep requests text-only like the rest of the API.
@@ -533,6 +568,51 @@ mod tests {
             ..req()
         };
         assert!(long.validate().unwrap_err().to_string().contains("`name`"));
+        let huge_arg = SpawnRequest {
+            args: vec!["x".repeat(limits::MAX_ARG_BYTES + 1)],
+            ..req()
+        };
+        assert!(huge_arg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`args`"));
+        let many_args = SpawnRequest {
+            args: vec!["x".repeat(100 << 10); 3],
+            ..req()
+        };
+        assert!(many_args
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("together"));
+        let mut big_env = req();
+        big_env
+            .env
+            .insert("A".into(), "v".repeat(limits::MAX_ARGV_BYTES));
+        assert!(big_env
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("together"));
+        let big_stdin = SpawnRequest {
+            stdin: Some("s".repeat(limits::MAX_STDIN_BYTES + 1)),
+            ..req()
+        };
+        assert!(big_stdin
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`stdin`"));
+        let at_limits = SpawnRequest {
+            args: vec![
+                "x".repeat(limits::MAX_ARG_BYTES),
+                "y".repeat(limits::MAX_ARG_BYTES - 100),
+            ],
+            stdin: Some("s".repeat(limits::MAX_STDIN_BYTES)),
+            ..req()
+        };
+        assert!(at_limits.validate().is_ok());
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct RegistryConfig {
     pub state_dir: PathBuf,
     /// Events kept for resume (default 10,000). Older cursors get a reset.
     pub event_retention: usize,
+    /// Bytes of events kept for resume, roughly (default 64 MiB): a second bound, so that
+    /// events with large views can't hold much memory.
+    pub event_retention_bytes: usize,
     /// Events queued for one subscriber before it counts as lagged (default 1,024).
     pub subscriber_queue: usize,
 }
@@ -51,6 +54,7 @@ impl RegistryConfig {
         RegistryConfig {
             state_dir: state_dir.into(),
             event_retention: 10_000,
+            event_retention_bytes: 64 << 20,
             subscriber_queue: 1024,
         }
     }
@@ -140,6 +144,7 @@ impl Registry {
         let log = EventLog::new(
             u64::from_le_bytes(epoch),
             config.event_retention,
+            config.event_retention_bytes,
             config.subscriber_queue,
         );
         Ok(Registry {
