@@ -36,10 +36,14 @@ pub struct RuntimeConfig {
     /// How long a terminal worker record is kept before it is removed. Default 1 h.
     pub retain_finished: Duration,
     /// Time between SIGTERM and SIGKILL when stopping, unless the stop request or the
-    /// profile says otherwise. Default 10 s.
+    /// profile says otherwise. Default 10 s; at most [`MAX_GRACE`](crate::limits::MAX_GRACE).
     pub default_grace: Duration,
     /// Events kept in the runtime's event ring. Default 4096; must be at least 1.
     pub event_retention: usize,
+    /// Approximate bytes the event ring may hold (the strings of each event's worker view plus
+    /// a fixed overhead per event); beyond it the oldest events are evicted, as beyond
+    /// `event_retention`. The newest event is always kept. Default 16 MiB.
+    pub event_retention_bytes: u64,
     /// Bytes that may wait in one worker's stdin queue. Default 1 MiB.
     pub max_pending_input: usize,
 }
@@ -55,6 +59,7 @@ impl Default for RuntimeConfig {
             retain_finished: Duration::from_secs(3600),
             default_grace: Duration::from_secs(10),
             event_retention: 4096,
+            event_retention_bytes: 16 * 1024 * 1024,
             max_pending_input: 1024 * 1024,
         }
     }

@@ -51,6 +51,29 @@ struct Ring {
     events: VecDeque<RuntimeEvent>,
     next_seq: u64,
     capacity: usize,
+    /// The approximate size of `events` (see [`approx_size`]).
+    bytes: u64,
+    max_bytes: u64,
+}
+
+/// An event's approximate footprint: the event itself plus the strings of its worker view,
+/// each with its `String` header. An estimate, to bound memory, not an exact count.
+fn approx_size(event: &RuntimeEvent) -> u64 {
+    let fixed = std::mem::size_of::<RuntimeEvent>();
+    let RuntimeEvent::Upserted { worker, .. } = event else {
+        return fixed as u64;
+    };
+    let string = |s: &String| std::mem::size_of::<String>() + s.len();
+    let strings = worker.name.iter().map(string).sum::<usize>()
+        + worker.profile.iter().map(string).sum::<usize>()
+        + worker
+            .labels
+            .iter()
+            .map(|(k, v)| string(k) + string(v))
+            .sum::<usize>()
+        + worker.args.iter().map(string).sum::<usize>()
+        + worker.command.iter().flatten().map(string).sum::<usize>();
+    (fixed + strings) as u64
 }
 
 /// The event ring. Writers append while holding the runtime's table lock (so the order of
@@ -69,12 +92,16 @@ pub(crate) enum NewEvent {
 }
 
 impl EventLog {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// A ring of at most `capacity` events and about `max_bytes` bytes (always at least the
+    /// newest event).
+    pub(crate) fn new(capacity: usize, max_bytes: u64) -> Self {
         EventLog {
             ring: Mutex::new(Ring {
                 events: VecDeque::with_capacity(capacity.min(4096)),
                 next_seq: 1,
                 capacity: capacity.max(1),
+                bytes: 0,
+                max_bytes,
             }),
             changed: watch::channel(()).0,
         }
@@ -85,13 +112,21 @@ impl EventLog {
             let mut ring = lock(&self.ring);
             let seq = ring.next_seq;
             ring.next_seq += 1;
-            if ring.events.len() >= ring.capacity {
-                ring.events.pop_front();
-            }
-            ring.events.push_back(match event {
+            let event = match event {
                 NewEvent::Upserted(worker) => RuntimeEvent::Upserted { seq, worker },
                 NewEvent::Removed(id) => RuntimeEvent::Removed { seq, id },
-            });
+            };
+            ring.bytes += approx_size(&event);
+            ring.events.push_back(event);
+            // Evict the oldest while over either bound, but keep the newest: a reader behind
+            // the ring gets a `Gap`.
+            while ring.events.len() > 1
+                && (ring.events.len() > ring.capacity || ring.bytes > ring.max_bytes)
+            {
+                if let Some(old) = ring.events.pop_front() {
+                    ring.bytes -= approx_size(&old);
+                }
+            }
         }
         self.changed.send_replace(());
     }
@@ -170,5 +205,65 @@ impl EventReader {
     /// The seq of the last event returned (or skipped by a gap).
     pub fn position(&self) -> u64 {
         self.after
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::types::State;
+
+    fn worker(id: u64, name_len: usize) -> WorkerInfo {
+        WorkerInfo {
+            id: LocalId(id),
+            name: Some("n".repeat(name_len)),
+            labels: BTreeMap::new(),
+            state: State::Starting,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            created_at: SystemTime::now(),
+            started_at: None,
+            ended_at: None,
+            profile: None,
+            args: Vec::new(),
+            command: None,
+        }
+    }
+
+    #[test]
+    fn the_ring_is_bounded_by_bytes_and_a_reader_behind_it_gets_a_gap() {
+        let log = Arc::new(EventLog::new(4096, 100_000));
+        for id in 1..=100 {
+            log.push(NewEvent::Upserted(worker(id, 10_000)));
+            assert!(lock(&log.ring).bytes <= 100_000);
+        }
+        let kept = lock(&log.ring).events.len();
+        assert!((5..=10).contains(&kept), "{kept} events kept");
+        let mut reader = log.reader(0);
+        let first_kept = 100 - kept as u64 + 1;
+        assert_eq!(
+            reader.try_next(),
+            Some(RuntimeEvent::Gap {
+                from: 1,
+                to: first_kept - 1
+            })
+        );
+        assert_eq!(reader.try_next().map(|e| e.seq()), Some(first_kept));
+    }
+
+    #[test]
+    fn the_newest_event_is_kept_even_when_it_alone_is_over_the_bytes() {
+        let log = Arc::new(EventLog::new(4096, 10));
+        log.push(NewEvent::Upserted(worker(1, 1000)));
+        log.push(NewEvent::Upserted(worker(2, 1000)));
+        let mut reader = log.reader(1);
+        assert!(matches!(
+            reader.try_next(),
+            Some(RuntimeEvent::Upserted { seq: 2, .. })
+        ));
     }
 }

@@ -56,7 +56,15 @@
 //!   thread, so a leader dies with the runtime's process even when that process is SIGKILLed;
 //! - processes the leader started are not covered by that, so each runtime runs a small
 //!   watchdog process (`/bin/sh`) that knows the live process groups and SIGKILLs them when the
-//!   runtime's process goes away, however it went.
+//!   runtime's process goes away, however it went ([`Runtime::health`] reports it if it is
+//!   gone).
+//!
+//! The one limit: supervision acts on the worker's process group (stop, the kill when the
+//! leader exits, and the watchdog all signal the group), so a process that deliberately leaves
+//! the group (`setsid`, `setpgid`) is outside it and is not killed. Containing those needs
+//! cgroups, which this crate does not use. If such a process holds the worker's output pipes,
+//! it delays the worker's end by the idle drain timeout: the worker ends once its output has
+//! been idle for 2 s, and what the process writes after that is not captured.
 //!
 //! **Output.** stdout and stderr are read in chunks of up to 64 KiB, numbered by one `seq`
 //! per worker across both streams, from 1, without holes. Bytes are kept raw (invalid UTF-8 is
@@ -65,16 +73,21 @@
 //! `output_retention` bytes are kept (at most one chunk more), also after the worker ended,
 //! until its record is removed. Readers ([`OutputReader`]) pull from that log, so a slow reader
 //! never slows the runtime or another reader; one that falls behind gets an
-//! [`OutputItem::Gap`].
+//! [`OutputItem::Gap`]. When the runtime is dropped, the readers of a worker that had not
+//! ended stop (with `None`) once they have read what was captured.
 //!
 //! **States.** `Starting` → `Running` → `Stopping` → `Exited` | `Stopped` | `Failed` (see
 //! [`State`]). A worker becomes terminal only after its output is drained, so
 //! [`OutputItem::End`] always follows its last chunk, and a terminal state never changes.
 //!
 //! **Events.** Every change of a worker is a [`RuntimeEvent::Upserted`] with its full view,
-//! every removal a [`RuntimeEvent::Removed`], numbered from 1 in a bounded ring.
+//! every removal a [`RuntimeEvent::Removed`], numbered from 1 in a ring bounded by count and
+//! by bytes.
 //! [`Runtime::snapshot`] returns all workers with the last seq atomically, so a client can list
 //! and then follow [`Runtime::events`] without missing or repeating a change.
+//!
+//! **Bounded requests.** A spawn request's strings are bounded (see [`limits`]), and so is a
+//! stop's grace period ([`limits::MAX_GRACE`]).
 //!
 //! **Errors.** [`RuntimeError`] messages are written for people and never contain a path, a
 //! pid or an environment value.
@@ -85,6 +98,7 @@
 
 mod config;
 mod events;
+pub mod limits;
 mod output;
 mod runtime;
 mod spawner;
@@ -98,4 +112,4 @@ pub use config::{Profile, RuntimeConfig};
 pub use events::{EventReader, RuntimeEvent};
 pub use output::{OutputItem, OutputReader};
 pub use runtime::Runtime;
-pub use types::{FailReason, LocalId, RuntimeError, SpawnSpec, State, Stream, WorkerInfo};
+pub use types::{FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo};

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::types::Stream;
 use crate::utf8::complete_prefix_len;
@@ -56,6 +56,9 @@ struct LogState {
     retention: u64,
     /// Set once the worker is terminal and its pipes are drained: no chunk follows.
     ended: bool,
+    /// Set when the runtime is gone before the worker ended: no chunk follows, and readers
+    /// end (with `None`, not `End`) once they have read what is there.
+    closed: bool,
 }
 
 /// The retained output of one worker, shared by its pipe readers and its output readers.
@@ -77,6 +80,7 @@ impl OutputLog {
                 next_seq: 1,
                 retention,
                 ended: false,
+                closed: false,
             }),
             changed: watch::channel(()).0,
         }
@@ -90,7 +94,7 @@ impl OutputLog {
         }
         {
             let mut st = lock(&self.state);
-            if st.ended {
+            if st.ended || st.closed {
                 return;
             }
             let seq = st.next_seq;
@@ -114,6 +118,18 @@ impl OutputLog {
     pub(crate) fn finish(&self) {
         lock(&self.state).ended = true;
         self.changed.send_replace(());
+    }
+
+    /// Marks the output abandoned, because the runtime is gone: readers that have read
+    /// everything end without [`OutputItem::End`]. No effect on a finished log.
+    pub(crate) fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.send_replace(());
+    }
+
+    /// The seq of the last chunk written so far (0 before the first).
+    pub(crate) fn last_seq(&self) -> u64 {
+        lock(&self.state).next_seq - 1
     }
 
     /// Bytes currently retained.
@@ -144,9 +160,14 @@ impl OutputLog {
 }
 
 /// Copies one pipe into the log: reads of up to [`CHUNK_SIZE`] bytes, carrying an incomplete
-/// trailing UTF-8 sequence into the next chunk and flushing it at end of file.
-pub(crate) async fn capture<R>(mut pipe: R, stream: Stream, log: Arc<OutputLog>)
-where
+/// trailing UTF-8 sequence into the next chunk and flushing it at end of file. Every read of
+/// at least one byte notifies `activity`, so the supervisor knows output still flows.
+pub(crate) async fn capture<R>(
+    mut pipe: R,
+    stream: Stream,
+    log: Arc<OutputLog>,
+    activity: Arc<Notify>,
+) where
     R: AsyncRead + Unpin,
 {
     let mut buf = vec![0u8; CHUNK_SIZE];
@@ -161,6 +182,7 @@ where
                 break;
             }
         };
+        activity.notify_one();
         let filled = carried + n;
         let keep = complete_prefix_len(&buf[..filled]);
         if keep > 0 {
@@ -257,7 +279,7 @@ impl OutputReader {
             self.done = true;
             return Some(Some(OutputItem::End));
         }
-        if self.limit.is_some() {
+        if self.limit.is_some() || (st.closed && want > st.next_seq - 1) {
             self.done = true;
             return Some(None);
         }
@@ -322,6 +344,21 @@ mod tests {
             })
         ));
         assert_eq!(reader.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_closed_log_ends_its_readers_without_end_after_the_retained_chunks() {
+        let log = Arc::new(OutputLog::new(1000));
+        let mut waiting = log.reader(0, true);
+        log.push(Stream::Stdout, data(1));
+        log.close();
+        log.push(Stream::Stdout, data(1));
+        assert!(matches!(
+            waiting.next().await,
+            Some(OutputItem::Chunk { seq: 1, .. })
+        ));
+        assert_eq!(waiting.next().await, None);
+        assert_eq!(log.last_seq(), 1, "nothing is appended once closed");
     }
 
     #[tokio::test]

@@ -16,24 +16,31 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::RuntimeConfig;
 use crate::events::{EventLog, EventReader, NewEvent};
+use crate::limits::{
+    MAX_ARGV_BYTES, MAX_ARG_BYTES, MAX_GRACE, MAX_LABELS, MAX_SHORT_TEXT, MAX_STDIN_BYTES,
+};
 use crate::output::{capture, OutputLog, OutputReader};
 use crate::spawner::Spawner;
 use crate::sys;
-use crate::types::{FailReason, LocalId, RuntimeError, SpawnSpec, State, Stream, WorkerInfo};
+use crate::types::{
+    FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
+};
 use crate::util::lock;
 use crate::watchdog::Watchdog;
 
 /// PATH given to workers when the host has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// How long a worker's pipes may stay open after its process group was killed. Only a process
-/// that left the group (and so escaped the kill) can hold them longer; the worker ends anyway.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
+/// a process that left the group (and so escaped the kill) can hold them open; the worker then
+/// ends once no output has come for this long. Each read restarts the wait, so output that is
+/// still flowing is never cut, however busy the machine.
+const DRAIN_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long to wait for a killed group's last members to disappear before telling the
 /// watchdog to forget it anyway.
@@ -95,6 +102,9 @@ struct Record {
     stop_requested: bool,
     /// When the pending SIGKILL of a stop is due.
     kill_at: Option<Instant>,
+    /// The one timer task that SIGKILLs at `kill_at`; aborted when it is replaced by an
+    /// earlier one and when the worker ends.
+    kill_timer: Option<AbortHandle>,
     /// The stdin queue; `None` once stdin is closed or the worker ended.
     stdin: Option<StdinQueue>,
     /// The queue's receiving end until the process exists and its writer task takes it.
@@ -104,11 +114,49 @@ struct Record {
 }
 
 struct Process {
-    /// The worker's process group id, which is also its leader's pid.
+    /// The worker's process group, shared with its supervisor task.
+    group: Arc<Group>,
+}
+
+/// A worker's process group, as its record and its supervisor task share it.
+///
+/// The group id is the leader's pid, so it names the worker's group only until the leader is
+/// reaped. The supervisor marks the group gone before it reaps the leader, and every other
+/// signal to the group is sent under the same lock after checking that mark; so no signal can
+/// reach a process that reuses the id, also while the runtime is being dropped (when the
+/// supervisor can no longer reach the record). A lock, not just an atomic flag: with a flag a
+/// sender could check it, the supervisor set it and reap, and the sender then signal.
+struct Group {
     pgid: i32,
-    /// Set (under the table lock) once the leader has exited, before it is reaped. From then on
-    /// the runtime sends no signal to the group, because after reaping the id may be reused.
-    group_dead: bool,
+    gone: Mutex<bool>,
+}
+
+impl Group {
+    fn new(pgid: i32) -> Self {
+        Group {
+            pgid,
+            gone: Mutex::new(false),
+        }
+    }
+
+    /// Sends `signal` to the group unless it is marked gone.
+    fn signal(&self, signal: i32) {
+        let gone = lock(&self.gone);
+        if !*gone {
+            let _ = sys::signal_group(self.pgid, signal);
+        }
+    }
+
+    /// Marks the group gone: its leader has exited and is about to be reaped. Only the
+    /// supervisor calls it.
+    fn mark_gone(&self) {
+        *lock(&self.gone) = true;
+    }
+
+    /// Whether the leader has exited.
+    fn is_gone(&self) -> bool {
+        *lock(&self.gone)
+    }
 }
 
 type StdinItem = (Bytes, Option<OwnedSemaphorePermit>);
@@ -181,7 +229,10 @@ impl Runtime {
             watchdog.close();
             RuntimeError::Internal("cannot start the worker spawner".into())
         })?;
-        let events = Arc::new(EventLog::new(config.event_retention));
+        let events = Arc::new(EventLog::new(
+            config.event_retention,
+            config.event_retention_bytes,
+        ));
         let inner = Arc::new(Inner {
             instance_id: new_instance_id(),
             handle,
@@ -219,10 +270,30 @@ impl Runtime {
         &self.inner.config
     }
 
+    /// What is wrong with the runtime's own machinery (its watchdog process, its spawner
+    /// thread); empty while all is well.
+    pub fn health(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if !self.inner.watchdog.is_alive() {
+            problems.push(Problem::WatchdogGone);
+        }
+        if !self.inner.spawner.is_alive() {
+            problems.push(Problem::SpawnerGone);
+        }
+        problems
+    }
+
+    /// The pid of the runtime's watchdog process. For tests of [`Runtime::health`] only.
+    #[doc(hidden)]
+    pub fn watchdog_pid(&self) -> u32 {
+        self.inner.watchdog.pid()
+    }
+
     /// Starts a worker.
     ///
     /// Errors: an unknown profile, both or neither of `profile` and `command`, an empty argv,
-    /// or a NUL byte or `=` in the wrong place → [`RuntimeError::InvalidRequest`]; a `command`
+    /// a NUL byte or `=` in the wrong place, or a field beyond the [`limits`](crate::limits)
+    /// → [`RuntimeError::InvalidRequest`]; a `command`
     /// where commands are not allowed → [`RuntimeError::Forbidden`]; `max_workers` live
     /// workers already → [`RuntimeError::CapacityExceeded`]; the same `request_id` with a
     /// different spec → [`RuntimeError::Conflict`] (with the same spec, the earlier worker is
@@ -292,7 +363,9 @@ impl Runtime {
     }
 
     /// Stops a worker: SIGTERM to its process group now, SIGKILL after `grace` (the
-    /// profile's grace or the runtime's default when `None`; zero means SIGKILL at once).
+    /// profile's grace or the runtime's default when `None`; zero means SIGKILL at once; a
+    /// grace over [`MAX_GRACE`](crate::limits::MAX_GRACE) is cut to it, also for a worker
+    /// still starting).
     ///
     /// Idempotent: `Ok` without effect on a terminal worker, and on a stopping one except that
     /// a shorter grace brings the SIGKILL forward. A worker whose process already exited by
@@ -378,6 +451,9 @@ impl Runtime {
     /// With `follow`, it waits for new output and ends with [`OutputItem::End`](crate::OutputItem::End)
     /// once the worker is terminal and drained. Without, it returns what is retained now and
     /// stops (with `End` only if the worker is already terminal).
+    ///
+    /// An `after` beyond the last seq written so far is [`RuntimeError::InvalidRequest`]: no
+    /// client can have seen that chunk, so the cursor is not of this worker.
     pub fn output(
         &self,
         id: LocalId,
@@ -386,6 +462,11 @@ impl Runtime {
     ) -> Result<OutputReader, RuntimeError> {
         let table = lock(&self.inner.table);
         let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        if after > record.output.last_seq() {
+            return Err(RuntimeError::InvalidRequest(
+                "`after` is past the worker's last output".into(),
+            ));
+        }
         Ok(record.output.reader(after, follow))
     }
 
@@ -431,6 +512,7 @@ impl Inner {
     /// Validates a spawn request against the config and builds what to run.
     fn plan(&self, spec: &SpawnSpec) -> Result<Plan, RuntimeError> {
         let invalid = |m: &str| RuntimeError::InvalidRequest(m.into());
+        check_bounds(spec)?;
         let (mut argv, profile) = match (&spec.profile, &spec.command) {
             (Some(_), Some(_)) => {
                 return Err(invalid("give either a profile or a command, not both"))
@@ -495,7 +577,8 @@ impl Inner {
                 .unwrap_or(self.config.output_retention),
             grace: profile
                 .and_then(|p| p.grace)
-                .unwrap_or(self.config.default_grace),
+                .unwrap_or(self.config.default_grace)
+                .min(MAX_GRACE),
         })
     }
 
@@ -542,6 +625,7 @@ impl Inner {
                 process: None,
                 stop_requested: false,
                 kill_at: None,
+                kill_timer: None,
                 stdin: Some(stdin),
                 stdin_rx: Some(rx),
                 stdin_broken: Arc::new(AtomicBool::new(false)),
@@ -555,7 +639,7 @@ impl Inner {
     fn spawn_failed(&self, id: LocalId, error: &io::Error) -> Result<WorkerInfo, RuntimeError> {
         tracing::info!(worker = %id, error = %error, "worker could not be started");
         let mut table = lock(&self.table);
-        let info = table.end(id, State::Failed, None, Some(FailReason::SpawnFailed));
+        let info = table.end(id, State::Failed, None, None, Some(FailReason::SpawnFailed));
         table.enforce_max_finished(self.config.max_finished);
         info.ok_or(RuntimeError::NotFound)
     }
@@ -579,6 +663,7 @@ impl Inner {
         let Some(record) = table.workers.get_mut(&id) else {
             // Unreachable: only terminal records are removed. Do not leave the process behind.
             drop(table);
+            // Not reaped yet (the wait below does that), so the id is still the worker's.
             let _ = sys::signal_group(pgid, libc::SIGKILL);
             self.handle.spawn(async move {
                 let _ = child.wait().await;
@@ -586,17 +671,20 @@ impl Inner {
             return Err(RuntimeError::Internal("the worker record vanished".into()));
         };
         let log = Arc::clone(&record.output);
+        let activity = Arc::new(Notify::new());
         let mut captures: Vec<JoinHandle<()>> = Vec::with_capacity(2);
         if let Some(pipe) = stdout {
+            let (log, activity) = (Arc::clone(&log), Arc::clone(&activity));
             captures.push(
                 self.handle
-                    .spawn(capture(pipe, Stream::Stdout, Arc::clone(&log))),
+                    .spawn(capture(pipe, Stream::Stdout, log, activity)),
             );
         }
         if let Some(pipe) = stderr {
+            let (log, activity) = (Arc::clone(&log), Arc::clone(&activity));
             captures.push(
                 self.handle
-                    .spawn(capture(pipe, Stream::Stderr, Arc::clone(&log))),
+                    .spawn(capture(pipe, Stream::Stderr, log, activity)),
             );
         }
         // Even if stdin was already closed (`close_input` while starting), what was queued
@@ -605,20 +693,19 @@ impl Inner {
             self.handle
                 .spawn(write_stdin(rx, pipe, Arc::clone(&record.stdin_broken)));
         }
+        let group = Arc::new(Group::new(pgid));
         record.process = Some(Process {
-            pgid,
-            group_dead: false,
+            group: Arc::clone(&group),
         });
         record.info.started_at = Some(SystemTime::now());
-        let mut kill_at = None;
         if record.stop_requested {
             // A stop arrived while the process was being created: carry it out now.
             let due = record.kill_at.unwrap_or_else(Instant::now);
             if due <= Instant::now() {
-                let _ = sys::signal_group(pgid, libc::SIGKILL);
+                group.signal(libc::SIGKILL);
             } else {
-                let _ = sys::signal_group(pgid, libc::SIGTERM);
-                kill_at = Some(due);
+                group.signal(libc::SIGTERM);
+                self.arm_kill_timer(record, id, due);
             }
         } else {
             record.info.state = State::Running;
@@ -627,15 +714,13 @@ impl Inner {
         table.upsert(id);
         drop(table);
 
-        if let Some(due) = kill_at {
-            self.schedule_kill(id, due);
-        }
         self.handle.spawn(supervise(
             Arc::downgrade(self),
             id,
             child,
-            pgid,
+            group,
             captures,
+            activity,
             log,
         ));
         Ok(info)
@@ -647,78 +732,69 @@ impl Inner {
         if record.info.state.is_terminal() {
             return Ok(());
         }
-        if record.process.as_ref().is_some_and(|p| p.group_dead) {
+        if record.process.as_ref().is_some_and(|p| p.group.is_gone()) {
             // The leader exited by itself; the worker is ending and keeps its own outcome.
             return Ok(());
         }
-        let grace = grace.unwrap_or(record.grace);
-        let now = Instant::now();
-        let due = now.checked_add(grace);
+        // Cut to a day, so the deadline is always representable: a worker that is starting
+        // and one that is running are treated alike.
+        let grace = grace.unwrap_or(record.grace).min(MAX_GRACE);
+        let due = Instant::now() + grace;
         if record.stop_requested {
             // Already stopping: only an earlier SIGKILL changes anything.
-            let earlier = match (due, record.kill_at) {
-                (Some(due), Some(current)) => due < current,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if !earlier {
+            if record.kill_at.is_some_and(|current| due >= current) {
                 return Ok(());
             }
-            record.kill_at = due;
+            record.kill_at = Some(due);
         } else {
             record.stop_requested = true;
-            record.kill_at = due;
+            record.kill_at = Some(due);
             record.info.state = State::Stopping;
             if let Some(process) = &record.process {
                 if !grace.is_zero() {
-                    let _ = sys::signal_group(process.pgid, libc::SIGTERM);
+                    process.group.signal(libc::SIGTERM);
                 }
             }
             table.upsert(id);
         }
         let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
-        let started = record.process.is_some();
-        drop(table);
-        // Before the process exists, `started` schedules the kill itself.
-        if started {
-            if let Some(due) = due {
-                if grace.is_zero() {
-                    self.kill_now(id);
-                } else {
-                    self.schedule_kill(id, due);
+        // Before the process exists, `started` carries the stop out itself.
+        if let Some(process) = &record.process {
+            if grace.is_zero() {
+                process.group.signal(libc::SIGKILL);
+                if let Some(timer) = record.kill_timer.take() {
+                    timer.abort();
                 }
+            } else {
+                self.arm_kill_timer(record, id, due);
             }
         }
         Ok(())
     }
 
-    /// SIGKILLs the worker's group at `due` if it is still alive then.
-    fn schedule_kill(self: &Arc<Self>, id: LocalId, due: Instant) {
+    /// Makes `due` the worker's one pending SIGKILL: starts a timer task and aborts the one it
+    /// replaces. Called under the table lock, which orders the replacements.
+    fn arm_kill_timer(self: &Arc<Self>, record: &mut Record, id: LocalId, due: Instant) {
         let weak = Arc::downgrade(self);
-        self.handle.spawn(async move {
+        let timer = self.handle.spawn(async move {
             tokio::time::sleep_until(due.into()).await;
             if let Some(inner) = weak.upgrade() {
                 inner.kill_now(id);
             }
         });
+        if let Some(previous) = record.kill_timer.replace(timer.abort_handle()) {
+            previous.abort();
+        }
     }
 
     fn kill_now(&self, id: LocalId) {
         let table = lock(&self.table);
         if let Some(record) = table.workers.get(&id) {
             if let Some(process) = &record.process {
-                if !record.info.state.is_terminal() && !process.group_dead {
-                    let _ = sys::signal_group(process.pgid, libc::SIGKILL);
+                if !record.info.state.is_terminal() {
+                    process.group.signal(libc::SIGKILL);
                 }
             }
-        }
-    }
-
-    /// Called when the leader has exited but is not reaped yet.
-    fn mark_group_dead(&self, id: LocalId) {
-        let mut table = lock(&self.table);
-        if let Some(process) = table.workers.get_mut(&id).and_then(|r| r.process.as_mut()) {
-            process.group_dead = true;
         }
     }
 
@@ -746,11 +822,7 @@ impl Inner {
                 (State::Failed, None, None, Some(FailReason::Lost))
             }
         };
-        if let Some(record) = table.workers.get_mut(&id) {
-            record.info.exit_code = exit_code;
-            record.info.signal = signal;
-        }
-        table.end(id, state, exit_code, reason);
+        table.end(id, state, exit_code, signal, reason);
         table.enforce_max_finished(self.config.max_finished);
     }
 }
@@ -763,12 +835,14 @@ impl Table {
         }
     }
 
-    /// Makes a worker terminal (once): fields, counters, event, end of output.
+    /// Makes a worker terminal (once): fields, counters, event, end of output. On a worker
+    /// that is terminal already it changes nothing.
     fn end(
         &mut self,
         id: LocalId,
         state: State,
         exit_code: Option<i32>,
+        signal: Option<i32>,
         reason: Option<FailReason>,
     ) -> Option<WorkerInfo> {
         let record = self.workers.get_mut(&id)?;
@@ -777,11 +851,15 @@ impl Table {
         }
         record.info.state = state;
         record.info.exit_code = exit_code;
+        record.info.signal = signal;
         record.info.reason = reason;
         record.info.ended_at = Some(SystemTime::now());
         record.stdin = None;
         record.stdin_rx = None;
         record.kill_at = None;
+        if let Some(timer) = record.kill_timer.take() {
+            timer.abort();
+        }
         // The terminal state is published before the output's end, so a reader that gets `End`
         // finds the worker terminal.
         let info = record.info.clone();
@@ -828,17 +906,69 @@ impl Drop for Inner {
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for record in table.workers.values() {
+            if record.info.state.is_terminal() {
+                continue;
+            }
             if let Some(process) = &record.process {
-                if !process.group_dead && !record.info.state.is_terminal() {
-                    // The leader is not reaped (its supervisor would have set `group_dead`
-                    // first), so the group id is still the worker's.
-                    let _ = sys::signal_group(process.pgid, libc::SIGKILL);
-                }
+                // A no-op once the supervisor marked the group gone (before reaping).
+                process.group.signal(libc::SIGKILL);
+            }
+            // Readers of a worker that will never end here stop once they have read what is
+            // there (a worker still starting has no supervisor that could end its output).
+            record.output.close();
+            if let Some(timer) = &record.kill_timer {
+                timer.abort();
             }
         }
         // The watchdog SIGKILLs whatever it still knows of, then exits.
         self.watchdog.close();
     }
+}
+
+/// Refuses a request beyond the [`limits`](crate::limits), naming the field.
+fn check_bounds(spec: &SpawnSpec) -> Result<(), RuntimeError> {
+    let invalid = |m: String| Err(RuntimeError::InvalidRequest(m));
+    let command = spec.command.as_deref().unwrap_or_default();
+    for (field, list) in [("command", command), ("args", &spec.args[..])] {
+        if list.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+            return invalid(format!(
+                "an entry of `{field}` is longer than {MAX_ARG_BYTES} bytes"
+            ));
+        }
+    }
+    let argv_bytes = command
+        .iter()
+        .chain(&spec.args)
+        .chain(spec.env.iter().flat_map(|(k, v)| [k, v]))
+        .fold(0usize, |sum, s| sum.saturating_add(s.len()));
+    if argv_bytes > MAX_ARGV_BYTES {
+        return invalid(format!(
+            "`command`, `args` and `env` together are longer than {MAX_ARGV_BYTES} bytes"
+        ));
+    }
+    if spec
+        .stdin
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_STDIN_BYTES)
+    {
+        return invalid(format!("`stdin` is longer than {MAX_STDIN_BYTES} bytes"));
+    }
+    for (field, text) in [("name", &spec.name), ("request_id", &spec.request_id)] {
+        if text.as_ref().is_some_and(|t| t.len() > MAX_SHORT_TEXT) {
+            return invalid(format!("`{field}` is longer than {MAX_SHORT_TEXT} bytes"));
+        }
+    }
+    if spec.labels.len() > MAX_LABELS {
+        return invalid(format!("`labels` holds more than {MAX_LABELS} entries"));
+    }
+    for (key, value) in &spec.labels {
+        if key.len() > MAX_SHORT_TEXT || value.len() > MAX_SHORT_TEXT {
+            return invalid(format!(
+                "a key or value of `labels` is longer than {MAX_SHORT_TEXT} bytes"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Forks the process (on the spawner thread) and wires it up. Runs as its own task.
@@ -867,20 +997,22 @@ async fn start_worker(
     }
 }
 
-/// Waits for the worker's leader, kills the rest of its group, reaps the leader, waits for the
-/// pipes to drain, then records the outcome.
+/// Waits for the worker's leader, marks its group gone, kills the rest of the group, reaps
+/// the leader, waits for the pipes to drain, then records the outcome.
 async fn supervise(
     weak: Weak<Inner>,
     id: LocalId,
     mut child: Child,
-    pgid: i32,
+    group: Arc<Group>,
     captures: Vec<JoinHandle<()>>,
+    activity: Arc<Notify>,
     log: Arc<OutputLog>,
 ) {
+    let pgid = group.pgid;
     let early_status = wait_for_exit_unreaped(pgid, &mut child).await;
-    if let Some(inner) = weak.upgrade() {
-        inner.mark_group_dead(id);
-    }
+    // From here on nobody else signals the group: the reap below frees the id. Marked on the
+    // group itself, so that this holds also when the runtime is being dropped.
+    group.mark_gone();
     // A worker is its process group: when the leader is gone, so is the rest. While the
     // leader is an unreaped zombie the group id cannot be reused, so this hits only the worker.
     let _ = sys::signal_group(pgid, libc::SIGKILL);
@@ -889,38 +1021,73 @@ async fn supervise(
         None => child.wait().await,
     };
 
-    let aborts: Vec<_> = captures.iter().map(JoinHandle::abort_handle).collect();
-    let drain = async {
-        for capture in captures {
-            let _ = capture.await;
-        }
-    };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
-        tracing::debug!(worker = %id, "a process outside the worker's group holds its output open");
-        for abort in aborts {
-            abort.abort();
-        }
-    }
+    drain(id, captures, &activity).await;
 
     tokio::spawn(forget_group(weak.clone(), pgid));
     match weak.upgrade() {
         Some(inner) => inner.finished(id, status),
-        None => log.finish(),
+        // The runtime is gone and the record with it: no `End` for a worker nobody can see.
+        None => log.close(),
     }
 }
 
-/// Waits until the process `pid` has exited, without reaping it, via a pidfd.
+/// Waits for the capture tasks to reach end of file. Only a process that left the worker's
+/// group can keep the pipes open now; once no output has come for [`DRAIN_IDLE_TIMEOUT`], the
+/// captures are cut off.
+async fn drain(id: LocalId, captures: Vec<JoinHandle<()>>, activity: &Notify) {
+    let aborts: Vec<_> = captures.iter().map(JoinHandle::abort_handle).collect();
+    let all_done = async {
+        for capture in captures {
+            let _ = capture.await;
+        }
+    };
+    tokio::pin!(all_done);
+    loop {
+        tokio::select! {
+            () = &mut all_done => return,
+            // A read happened: wait afresh.
+            () = activity.notified() => {}
+            () = tokio::time::sleep(DRAIN_IDLE_TIMEOUT) => {
+                tracing::debug!(worker = %id, "a process outside the worker's group holds its output open");
+                for abort in aborts {
+                    abort.abort();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Waits until the process `pid` has exited, without reaping it.
 ///
-/// Returns `None` when it exited and is still a zombie. Where pidfds are not available it
-/// falls back to reaping, returning `Some(status)`; then the group kill that follows has a
+/// Returns `None` when it exited and is still a zombie. It uses a pidfd, or where pidfds are
+/// not available (kernels before 5.3) `waitid` with `WNOWAIT` on a blocking thread. Only if
+/// both fail does it reap, returning `Some(status)`; then the group kill that follows has a
 /// small window in which the group id could have been reused.
 async fn wait_for_exit_unreaped(pid: i32, child: &mut Child) -> Option<io::Result<ExitStatus>> {
-    if let Ok(pidfd) = sys::pidfd_open(pid) {
+    wait_unreaped(pid, child, sys::pidfd_open(pid).ok()).await
+}
+
+async fn wait_unreaped(
+    pid: i32,
+    child: &mut Child,
+    pidfd: Option<std::os::fd::OwnedFd>,
+) -> Option<io::Result<ExitStatus>> {
+    if let Some(pidfd) = pidfd {
         if sys::wait_readable(pidfd).await.is_ok() {
             return None;
         }
     }
-    Some(child.wait().await)
+    // The blocking thread is held for the worker's life. Nothing reaps the child meanwhile:
+    // tokio only reaps a child whose `wait` is polled, or one that was dropped.
+    match tokio::task::spawn_blocking(move || sys::wait_exited_unreaped(pid)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot wait for a worker without reaping it");
+            Some(child.wait().await)
+        }
+        Err(_) => Some(child.wait().await),
+    }
 }
 
 /// Tells the watchdog to forget a group once its last member is gone (or after a while).
@@ -984,4 +1151,184 @@ fn new_instance_id() -> String {
     hasher.write_u32(std::process::id());
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     format!("{:016x}", hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+    use crate::config::Profile;
+    use crate::output::OutputItem;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn runtime() -> Runtime {
+        let sh = Profile {
+            command: vec!["/bin/sh".into(), "-c".into()],
+            ..Default::default()
+        };
+        Runtime::new(RuntimeConfig {
+            profiles: BTreeMap::from([("sh".to_string(), sh)]),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn sh(script: &str) -> SpawnSpec {
+        SpawnSpec {
+            profile: Some("sh".into()),
+            args: vec![script.into()],
+            ..Default::default()
+        }
+    }
+
+    /// A `Starting` record whose process is not started yet, and its plan.
+    fn starting(rt: &Runtime, spec: SpawnSpec) -> (LocalId, Plan) {
+        let plan = rt.inner.plan(&spec).unwrap();
+        let mut table = lock(&rt.inner.table);
+        (rt.inner.create_record(&mut table, spec, &plan), plan)
+    }
+
+    /// The state letter of `/proc/<pid>/stat` (`Z` for a zombie).
+    fn proc_state(pid: i32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].chars().next()
+    }
+
+    /// Whether `signal` is pending for the whole process `pid` (`ShdPnd`).
+    fn shared_pending(pid: i32, signal: i32) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("ShdPnd:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .unwrap();
+        mask & (1 << (signal - 1)) != 0
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn finished_on_a_terminal_worker_changes_nothing() {
+        let rt = runtime();
+        let (id, _plan) = starting(&rt, sh("true"));
+        let failed = rt
+            .inner
+            .spawn_failed(id, &io::Error::other("test"))
+            .unwrap();
+        rt.inner
+            .finished(id, Ok(ExitStatus::from_raw(libc::SIGKILL)));
+        assert_eq!(rt.get(id).unwrap(), failed);
+        assert_eq!(failed.signal, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dropping_the_runtime_ends_the_readers_of_a_worker_still_starting() {
+        let rt = runtime();
+        let (id, _plan) = starting(&rt, sh("echo never"));
+        let mut reader = rt.output(id, 0, true).unwrap();
+        drop(rt);
+        let next = tokio::time::timeout(DEADLINE, reader.next()).await;
+        assert_eq!(next, Ok(None), "the reader must end, without End");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_grace_beyond_a_day_while_starting_is_cut_not_turned_into_a_kill() {
+        let rt = runtime();
+        let (id, plan) = starting(
+            &rt,
+            sh("trap 'echo term' TERM; echo ready; while :; do sleep 0.1; done"),
+        );
+        rt.stop(id, Some(Duration::MAX)).unwrap();
+        let info = start_worker(Arc::downgrade(&rt.inner), id, plan)
+            .await
+            .unwrap();
+        assert_eq!(info.state, State::Stopping);
+        // SIGTERM came at once: the shell either died of it before it set its trap, or runs
+        // the trap and lives on. It is never SIGKILLed within the grace.
+        let mut reader = rt.output(id, 0, true).unwrap();
+        let mut text = Vec::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !text.ends_with(b"ready\n") && !text.ends_with(b"term\n") {
+            match tokio::time::timeout_at(deadline, reader.next()).await {
+                Ok(Some(OutputItem::Chunk { data, .. })) => text.extend_from_slice(&data),
+                Ok(Some(OutputItem::Gap { .. })) => {}
+                Ok(Some(OutputItem::End) | None) => break,
+                Err(_) => panic!("no output and no end: {text:?}"),
+            }
+        }
+        let now = rt.get(id).unwrap();
+        if now.state.is_terminal() {
+            assert_eq!(now.signal, Some(libc::SIGTERM), "{now:?}");
+        } else {
+            assert_eq!(now.state, State::Stopping);
+        }
+        rt.stop(id, Some(Duration::ZERO)).unwrap();
+        rt.shutdown(Some(Duration::ZERO)).await;
+    }
+
+    #[tokio::test]
+    async fn without_pidfds_the_wait_for_the_leader_leaves_it_unreaped() {
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "exit 3"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id().unwrap()).unwrap();
+        let early = wait_unreaped(pid, &mut child, None).await;
+        assert!(early.is_none(), "{early:?}");
+        // A zombie still: its pid, and so the group id, cannot have been reused.
+        assert_eq!(proc_state(pid), Some('Z'));
+        assert_eq!(child.wait().await.unwrap().code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_group_marked_gone_is_never_signalled() {
+        let mut command = Command::new("sleep");
+        command.arg("100").process_group(0);
+        // SAFETY: between fork and exec, only async-signal-safe calls without allocation.
+        unsafe {
+            command.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGUSR1);
+                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        let pid = i32::try_from(child.id().unwrap()).unwrap();
+        let group = Group::new(pid);
+        group.mark_gone();
+        group.signal(libc::SIGUSR1);
+        assert!(!shared_pending(pid, libc::SIGUSR1), "signalled once gone");
+        // The check itself sees a signal that was sent: SIGUSR1 is blocked, so it stays pending.
+        sys::signal_group(pid, libc::SIGUSR1).unwrap();
+        assert!(shared_pending(pid, libc::SIGUSR1));
+        child.kill().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_supervisor_marks_the_group_gone_also_when_the_runtime_is_gone() {
+        let child = Command::new("/bin/sh")
+            .args(["-c", "exit 0"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id().unwrap()).unwrap();
+        let group = Arc::new(Group::new(pid));
+        let log = Arc::new(OutputLog::new(1024));
+        let supervised = supervise(
+            Weak::new(),
+            LocalId(1),
+            child,
+            Arc::clone(&group),
+            Vec::new(),
+            Arc::new(Notify::new()),
+            Arc::clone(&log),
+        );
+        tokio::time::timeout(DEADLINE, supervised).await.unwrap();
+        assert!(group.is_gone());
+        let mut reader = log.reader(0, true);
+        assert_eq!(reader.next().await, None, "closed, without End");
+    }
 }

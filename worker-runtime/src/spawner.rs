@@ -24,6 +24,7 @@ struct Job {
 #[derive(Debug)]
 pub(crate) struct Spawner {
     jobs: mpsc::Sender<Job>,
+    thread: thread::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Job {
@@ -40,7 +41,7 @@ impl Spawner {
     /// window in which a worker is unknown to the watchdog is as short as it can be.
     pub(crate) fn start(handle: Handle, watchdog: Arc<Watchdog>) -> io::Result<Spawner> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("worker-spawner".into())
             .spawn(move || {
                 let _entered = handle.enter();
@@ -57,7 +58,12 @@ impl Spawner {
                     let _ = job.reply.send(result);
                 }
             })?;
-        Ok(Spawner { jobs })
+        Ok(Spawner { jobs, thread })
+    }
+
+    /// Whether the thread still runs (it ends only with the runtime, or if it panicked).
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.thread.is_finished()
     }
 
     /// Queues `command` for the spawner thread; the receiver yields the spawn's result.

@@ -53,6 +53,26 @@ pub(crate) async fn wait_readable(fd: OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Blocks until the child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`): it
+/// stays a zombie, so its pid and process group id are not reused until it is reaped. For
+/// kernels without pidfds; call it on a thread that may block.
+pub(crate) fn wait_exited_unreaped(pid: i32) -> io::Result<()> {
+    let id = libc::id_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: siginfo_t is a plain C struct for which all zero bytes are a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`, which lives for the whole call.
+        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Marks every fd from 3 up close-on-exec. Called between fork and exec so that descriptors
 /// the host process inherited without close-on-exec (a job server pipe, a socket handed over
 /// by a service manager) do not leak into workers or the watchdog. The std library's own

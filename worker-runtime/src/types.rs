@@ -205,3 +205,43 @@ pub enum RuntimeError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// A problem of a runtime's own machinery, as [`Runtime::health`](crate::Runtime::health)
+/// reports it. Its message names no path or pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The watchdog process is gone (it died, or stopped reading and was given up on): the
+    /// children of workers are no longer killed when the runtime's process is killed. Workers
+    /// themselves still are.
+    WatchdogGone,
+    /// The spawner thread is gone: no worker can be started.
+    SpawnerGone,
+}
+
+impl Problem {
+    /// A stable snake-case code: `"watchdog_gone"`, `"spawner_gone"`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Problem::WatchdogGone => "watchdog_gone",
+            Problem::SpawnerGone => "spawner_gone",
+        }
+    }
+
+    /// A sentence for an operator.
+    pub fn message(self) -> &'static str {
+        match self {
+            Problem::WatchdogGone => {
+                "the worker watchdog is gone: workers' children are no longer killed if the \
+                 runtime's process is killed"
+            }
+            Problem::SpawnerGone => "the worker spawner thread is gone: no worker can be started",
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}

@@ -343,3 +343,57 @@ async fn env_values_and_stdin_are_redacted_in_debug_output() -> Result<()> {
     assert!(!text.contains("s3cr3t-value") && !text.contains("/srv/secret-dir"));
     Ok(())
 }
+
+/// Tasks alive on the test's tokio runtime (the runtime's own timers among them).
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_stops_with_shorter_graces_keep_one_kill_timer() -> Result<()> {
+    let rt = runtime();
+    let w = rt
+        .spawn(sh("trap '' TERM; echo ready; while :; do sleep 0.1; done"))
+        .await?;
+    wait_for_output(&rt, w.id, "ready").await?;
+    rt.stop(w.id, Some(Duration::from_secs(3600)))?;
+    let with_one_timer = alive_tasks();
+    for less in 1..=100 {
+        rt.stop(w.id, Some(Duration::from_secs(3600 - less)))?;
+    }
+    // Each stop replaced the timer before it; the replaced ones are aborted and go away.
+    eventually("the replaced kill timers to go", || {
+        (alive_tasks() <= with_one_timer).then_some(())
+    })
+    .await?;
+    assert_eq!(rt.get(w.id)?.state, State::Stopping);
+    rt.stop(w.id, Some(Duration::ZERO))?;
+    let info = terminal(&rt, w.id).await?;
+    assert_eq!(
+        (info.state, info.signal),
+        (State::Stopped, Some(libc::SIGKILL))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_ends_leaves_no_kill_timer_behind() -> Result<()> {
+    let rt = runtime();
+    let before = alive_tasks();
+    let w = rt.spawn(sh("sleep 100")).await?;
+    rt.stop(w.id, Some(Duration::from_secs(3600)))?;
+    let info = terminal(&rt, w.id).await?;
+    assert_eq!(
+        (info.state, info.signal),
+        (State::Stopped, Some(libc::SIGTERM))
+    );
+    // Captures, supervisor and stdin writer end with the worker; so must the timer.
+    eventually(
+        "the worker's tasks, its kill timer among them, to go",
+        || (alive_tasks() <= before).then_some(()),
+    )
+    .await?;
+    Ok(())
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::*;
-use worker_runtime::State;
+use worker_runtime::{State, Stream};
 
 /// Prints the leader's pid and a background child's pid, then waits for the child.
 const LEADER_AND_CHILD: &str = "echo $$; sleep 100 & echo $!; wait";
@@ -166,5 +166,27 @@ async fn run_as_host() -> Result<()> {
     );
     // Wait to be killed; end by ourselves only if the parent test is gone.
     tokio::time::sleep(Duration::from_secs(60)).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_that_keeps_flowing_from_outside_the_group_is_not_cut() -> Result<()> {
+    let rt = runtime();
+    // A process that left the group (setsid) keeps writing to the worker's stdout for about
+    // 4 s, twice as long as the idle drain timeout, but never idle for long. The leader exits
+    // as soon as that process is out of its group (field 5 of stat is the group id). The
+    // output counts until the pipe closes.
+    let w = rt
+        .spawn(sh(concat!(
+            "setsid sh -c 'i=1; while [ $i -le 20 ]; do echo line$i; i=$((i+1)); sleep 0.2; done' & ",
+            "while [ \"$(cut -d' ' -f5 /proc/$!/stat 2>/dev/null)\" = $$ ]; do sleep 0.01; done",
+        )))
+        .await?;
+    let items = read_to_end(&rt, w.id).await?;
+    let text = String::from_utf8(stream_bytes(&items, Stream::Stdout))?;
+    let want: String = (1..=20).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(text, want);
+    let info = rt.get(w.id)?;
+    assert_eq!((info.state, info.exit_code), (State::Exited, Some(0)));
     Ok(())
 }

@@ -4,7 +4,7 @@ mod common;
 
 use anyhow::Result;
 use common::*;
-use worker_runtime::{OutputItem, Runtime, RuntimeConfig, State, Stream};
+use worker_runtime::{OutputItem, Runtime, RuntimeConfig, RuntimeError, State, Stream};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_stays_bounded_under_ten_megabytes_of_output() -> Result<()> {
@@ -149,5 +149,35 @@ async fn output_stays_readable_after_exit_until_the_record_is_removed() -> Resul
     assert_eq!(stream_bytes(&items, Stream::Stdout), b"kept\n");
     rt.remove(w.id)?;
     assert!(rt.output(w.id, 0, false).is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_after_the_last_seq_is_an_invalid_request() -> Result<()> {
+    let rt = runtime();
+    let w = rt.spawn(sh("echo one")).await?;
+    terminal(&rt, w.id).await?;
+    for follow in [true, false] {
+        // From the last seq: nothing but `End`.
+        let mut reader = rt.output(w.id, 1, follow)?;
+        assert_eq!(within("end", reader.next()).await?, Some(OutputItem::End));
+        for after in [2, u64::MAX] {
+            match rt.output(w.id, after, follow) {
+                Err(RuntimeError::InvalidRequest(message)) => {
+                    assert!(message.contains("`after`"), "{message}")
+                }
+                other => panic!("after {after}: expected InvalidRequest, got {other:?}"),
+            }
+        }
+    }
+    // A live worker that wrote nothing yet: only 0 is a cursor of it.
+    let live = rt.spawn(sh("read x")).await?;
+    assert!(rt.output(live.id, 0, true).is_ok());
+    assert!(matches!(
+        rt.output(live.id, 1, true),
+        Err(RuntimeError::InvalidRequest(_))
+    ));
+    rt.close_input(live.id)?;
+    terminal(&rt, live.id).await?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use common::*;
 use worker_runtime::{
-    LocalId, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, SpawnSpec, State,
+    LocalId, Problem, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, SpawnSpec, State,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -345,4 +345,154 @@ async fn instance_ids_differ_between_runtimes() -> Result<()> {
 fn drain_events(rt: &Runtime) -> Vec<RuntimeEvent> {
     let mut reader = rt.events(0);
     std::iter::from_fn(|| reader.try_next()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_spawn_requests_are_refused_naming_the_field() -> Result<()> {
+    use worker_runtime::limits::*;
+    let rt = runtime();
+    let long = |n: usize| "v".repeat(n);
+    let cases: Vec<(&str, SpawnSpec)> = vec![
+        (
+            "`command`",
+            SpawnSpec {
+                command: Some(vec!["/bin/sh".into(), long(MAX_ARG_BYTES + 1)]),
+                ..Default::default()
+            },
+        ),
+        (
+            "`args`",
+            SpawnSpec {
+                args: vec!["exit 0".into(), long(MAX_ARG_BYTES + 1)],
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`command`, `args` and `env`",
+            SpawnSpec {
+                args: vec![long(MAX_ARG_BYTES), long(MAX_ARG_BYTES / 2)],
+                env: BTreeMap::from([("K".to_string(), long(MAX_ARG_BYTES / 2))]),
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`stdin`",
+            SpawnSpec {
+                stdin: Some(long(MAX_STDIN_BYTES + 1)),
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`name`",
+            SpawnSpec {
+                name: Some(long(MAX_SHORT_TEXT + 1)),
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`request_id`",
+            SpawnSpec {
+                request_id: Some(long(MAX_SHORT_TEXT + 1)),
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`labels`",
+            SpawnSpec {
+                labels: BTreeMap::from([(long(MAX_SHORT_TEXT + 1), "x".to_string())]),
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`labels`",
+            SpawnSpec {
+                labels: BTreeMap::from([("k".to_string(), long(MAX_SHORT_TEXT + 1))]),
+                ..sh("exit 0")
+            },
+        ),
+        (
+            "`labels`",
+            SpawnSpec {
+                labels: (0..=MAX_LABELS)
+                    .map(|i| (format!("k{i}"), "x".into()))
+                    .collect(),
+                ..sh("exit 0")
+            },
+        ),
+    ];
+    for (field, spec) in cases {
+        match rt.spawn(spec).await {
+            Err(RuntimeError::InvalidRequest(message)) => {
+                assert!(message.contains(field), "{field}: {message}");
+                assert!(!message.contains("vvvv"), "the value leaked: {message}");
+            }
+            other => panic!("{field}: expected InvalidRequest, got {other:?}"),
+        }
+    }
+    assert!(rt.list().is_empty(), "no record for a refused request");
+
+    // At the limits, requests are taken.
+    let at_limits = rt
+        .spawn(SpawnSpec {
+            name: Some(long(MAX_SHORT_TEXT)),
+            request_id: Some(long(MAX_SHORT_TEXT)),
+            labels: (0..MAX_LABELS)
+                .map(|i| (format!("{i:0>256}"), long(MAX_SHORT_TEXT)))
+                .collect(),
+            stdin: Some(long(MAX_STDIN_BYTES)),
+            ..sh("exit 0")
+        })
+        .await?;
+    let info = terminal(&rt, at_limits.id).await?;
+    assert_eq!((info.state, info.exit_code), (State::Exited, Some(0)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_ring_is_bounded_by_bytes_too() -> Result<()> {
+    let rt = Runtime::new(RuntimeConfig {
+        event_retention_bytes: 64 * 1024,
+        ..config()
+    })?;
+    let mut events = rt.events(0);
+    // Each worker makes three events of over 20 KiB each (its args are in every view).
+    for _ in 0..4 {
+        let w = rt
+            .spawn(SpawnSpec {
+                args: vec!["exit 0".into(), "x".repeat(20 * 1024)],
+                ..sh("exit 0")
+            })
+            .await?;
+        terminal(&rt, w.id).await?;
+    }
+    let (_, last) = rt.snapshot();
+    assert_eq!(last, 12);
+    let Some(RuntimeEvent::Gap { from: 1, to }) = events.try_next() else {
+        panic!("expected a gap from 1 for a reader behind the ring");
+    };
+    let kept = last - to;
+    assert!((1..=3).contains(&kept), "{kept} events of over 20 KiB kept");
+    for seq in to + 1..=last {
+        assert_eq!(events.try_next().map(|e| e.seq()), Some(seq));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_a_watchdog_that_is_gone() -> Result<()> {
+    let rt = runtime();
+    assert_eq!(rt.health(), vec![]);
+    let pid = i32::try_from(rt.watchdog_pid())?;
+    // SAFETY: kill has no memory-safety preconditions; the pid is the runtime's watchdog.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    eventually("the watchdog to be reported gone", || {
+        (rt.health() == vec![Problem::WatchdogGone]).then_some(())
+    })
+    .await?;
+    let message = Problem::WatchdogGone.to_string();
+    assert!(!message.contains(&pid.to_string()) && !message.contains('/'));
+    // Workers still run.
+    let w = rt.spawn(sh("exit 0")).await?;
+    assert_eq!(terminal(&rt, w.id).await?.state, State::Exited);
+    Ok(())
 }
