@@ -21,7 +21,8 @@ use worker_runtime::{Profile, RuntimeConfig};
 /// output_retention = "1MiB"    # output kept per worker (bytes, or "512KiB", …)
 /// retain_finished = "1h"       # how long a finished record is kept
 /// grace = "10s"                # SIGTERM → SIGKILL, unless the stop or the profile says
-/// event_retention = 4096       # the runtime's event ring
+/// event_retention = 4096       # the runtime's event ring, in events
+/// event_retention_bytes = "16MiB"  # … and in bytes (approximate)
 /// max_pending_input = "1MiB"   # stdin bytes that may wait for one worker
 /// [runtimes.profiles.shell]
 /// command = ["/bin/sh", "-c"]
@@ -49,6 +50,10 @@ pub struct EmbeddedConfig {
     pub grace: Duration,
     /// Events kept in the runtime's event ring (at least 1). Default 4096.
     pub event_retention: usize,
+    /// Approximate bytes the runtime's event ring may hold; the oldest events go first.
+    /// Default 16 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub event_retention_bytes: u64,
     /// Bytes of input that may wait for one worker's stdin. Default 1 MiB.
     #[serde(deserialize_with = "de::byte_size")]
     pub max_pending_input: u64,
@@ -66,6 +71,7 @@ impl Default for EmbeddedConfig {
             retain_finished: d.retain_finished,
             grace: d.default_grace,
             event_retention: d.event_retention,
+            event_retention_bytes: d.event_retention_bytes,
             max_pending_input: d.max_pending_input as u64,
         }
     }
@@ -83,6 +89,7 @@ impl EmbeddedConfig {
             retain_finished: self.retain_finished,
             default_grace: self.grace,
             event_retention: self.event_retention,
+            event_retention_bytes: self.event_retention_bytes,
             max_pending_input: usize::try_from(self.max_pending_input).unwrap_or(usize::MAX),
         }
     }
@@ -99,8 +106,18 @@ mod tests {
         assert_eq!(c.retain_finished, Duration::from_secs(3600));
         assert_eq!(c.grace, Duration::from_secs(10));
         assert_eq!(c.max_workers, 256);
+        assert_eq!(c.event_retention_bytes, 16 << 20);
         assert!(!c.allow_commands);
         assert!(c.profiles.is_empty());
+    }
+
+    #[test]
+    fn event_retention_bytes_reads_as_a_byte_size() {
+        let c: EmbeddedConfig = toml::from_str("event_retention_bytes = \"2MiB\"").unwrap();
+        assert_eq!(c.event_retention_bytes, 2 << 20);
+        assert_eq!(c.runtime_config().event_retention_bytes, 2 << 20);
+        let c: EmbeddedConfig = toml::from_str("event_retention_bytes = 4096").unwrap();
+        assert_eq!(c.event_retention_bytes, 4096);
     }
 
     #[test]
@@ -120,6 +137,7 @@ mod tests {
             retain_finished: Duration::from_secs(6),
             grace: Duration::from_secs(7),
             event_retention: 8,
+            event_retention_bytes: 10,
             max_pending_input: 9,
         };
         let r = c.runtime_config();
@@ -134,7 +152,14 @@ mod tests {
         );
         assert_eq!(r.retain_finished, Duration::from_secs(6));
         assert_eq!(r.default_grace, Duration::from_secs(7));
-        assert_eq!((r.event_retention, r.max_pending_input), (8, 9));
+        assert_eq!(
+            (
+                r.event_retention,
+                r.event_retention_bytes,
+                r.max_pending_input
+            ),
+            (8, 10, 9)
+        );
         assert_eq!(r.profiles, c.profiles);
     }
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use registry_core::{
-    Capabilities, FailReason, OutputChunk, OutputEvent, OutputRequest, OutputStream, RegistryError,
-    RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-    StreamKind, WorkerState,
+    Capabilities, Diagnostic, FailReason, HealthStatus, OutputChunk, OutputEvent, OutputRequest,
+    OutputStream, RegistryError, RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey,
+    SourceWorker, SpawnRequest, StreamKind, WorkerState,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -31,8 +31,9 @@ const OUTPUT_BUFFER: usize = 64;
 ///
 /// Keys are `"{instance}:{local id}"`, where the instance is the runtime's random
 /// [`instance_id`](Runtime::instance_id): a key never names a worker of another runtime
-/// value, also across restarts. The source can do everything ([`Capabilities::ALL`]) and is
-/// always `ready`.
+/// value, also across restarts. The source can do everything ([`Capabilities::ALL`]). It is
+/// `ready` while the runtime's own machinery works, and `degraded` (with a message and a
+/// diagnostic per problem) once its watchdog process or its spawner thread is gone.
 ///
 /// Create it inside a tokio runtime. Its streams are fed by tasks of their own, which end
 /// when their reader is dropped, when the source is shut down, or when it is dropped.
@@ -54,9 +55,16 @@ impl EmbeddedSource {
     }
 
     /// How many unread lifecycle events make a stream of this source lose track (after
-    /// which it gets a fresh `Resync`): the stream's buffer plus the runtime's event ring.
+    /// which it gets a fresh `Resync`): the stream's buffer plus the runtime's event ring. At
+    /// most; fewer when the events are large enough for the ring's byte bound to evict first.
     pub fn events_to_overflow(&self) -> usize {
         EVENT_BUFFER + self.runtime.config().event_retention + 1
+    }
+
+    /// The pid of the runtime's watchdog process. For tests of the source's health only.
+    #[doc(hidden)]
+    pub fn watchdog_pid(&self) -> u32 {
+        self.runtime.watchdog_pid()
     }
 
     fn keys(&self) -> Keys {
@@ -141,7 +149,27 @@ impl RuntimeSource for EmbeddedSource {
     }
 
     async fn health(&self) -> SourceHealth {
-        SourceHealth::ready()
+        let problems = self.runtime.health();
+        if problems.is_empty() {
+            return SourceHealth::ready();
+        }
+        let message = problems
+            .iter()
+            .map(|p| p.message())
+            .collect::<Vec<_>>()
+            .join("; ");
+        SourceHealth {
+            status: HealthStatus::Degraded,
+            message: Some(message),
+            diagnostics: problems
+                .iter()
+                .map(|p| Diagnostic {
+                    code: p.code().into(),
+                    message: p.message().into(),
+                })
+                .collect(),
+            ..SourceHealth::ready()
+        }
     }
 
     async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {

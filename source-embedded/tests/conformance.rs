@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use registry_core::conformance::{run_all, Report, SpawnHarness, TESTS};
+use registry_core::conformance::{run_all, Harness, Report, SpawnHarness, TESTS};
 use registry_core::{
     Capabilities, OutputRequest, OutputStream, RegistryError, RuntimeSource, SourceEvents,
     SourceHealth, SourceKey, SourceWorker, SpawnRequest,
@@ -83,62 +83,192 @@ async fn conformance_as_dyn_runtime_source() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The embedded source with input and removal switched off, as a source that lacks them
-/// would be: it says so in its capabilities and refuses them with `Unsupported`.
+/// The embedded source with some capabilities switched off, as a source that lacks them
+/// would be: it says so in its capabilities and refuses them with `Unsupported`. With
+/// `lists_nothing`, it is broken on purpose: `list` is always empty.
 #[derive(Debug)]
-struct WithoutInputAndRemove(EmbeddedSource);
+struct Restricted {
+    inner: EmbeddedSource,
+    caps: Capabilities,
+    lists_nothing: bool,
+}
 
-#[async_trait::async_trait]
-impl RuntimeSource for WithoutInputAndRemove {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            input: false,
-            remove: false,
-            ..self.0.capabilities()
+impl Restricted {
+    fn new(inner: EmbeddedSource, off: impl FnOnce(&mut Capabilities)) -> Self {
+        let mut caps = inner.capabilities();
+        off(&mut caps);
+        Restricted {
+            inner,
+            caps,
+            lists_nothing: false,
         }
     }
+
+    fn check(&self, has: bool, what: &str) -> Result<(), RegistryError> {
+        if has {
+            Ok(())
+        } else {
+            Err(RegistryError::Unsupported(format!("no {what} here")))
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RuntimeSource for Restricted {
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
     async fn health(&self) -> SourceHealth {
-        self.0.health().await
+        self.inner.health().await
     }
     async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
-        self.0.list().await
+        if self.lists_nothing {
+            return Ok(Vec::new());
+        }
+        self.inner.list().await
     }
     async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
-        self.0.get(key).await
+        self.inner.get(key).await
     }
     async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
-        self.0.spawn(request).await
+        self.check(self.caps.spawn, "spawn")?;
+        self.inner.spawn(request).await
     }
     async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
-        self.0.stop(key, grace).await
+        self.check(self.caps.stop, "stop")?;
+        self.inner.stop(key, grace).await
     }
-    async fn input(&self, _: &SourceKey, _: Bytes) -> Result<(), RegistryError> {
-        Err(RegistryError::Unsupported("no input here".into()))
+    async fn input(&self, key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
+        self.check(self.caps.input, "input")?;
+        self.inner.input(key, data).await
     }
-    async fn remove(&self, _: &SourceKey) -> Result<(), RegistryError> {
-        Err(RegistryError::Unsupported("no removal here".into()))
+    async fn remove(&self, key: &SourceKey) -> Result<(), RegistryError> {
+        self.check(self.caps.remove, "removal")?;
+        self.inner.remove(key).await
     }
     async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        self.0.events().await
+        self.inner.events().await
     }
     async fn output(
         &self,
         key: &SourceKey,
         request: OutputRequest,
     ) -> Result<OutputStream, RegistryError> {
-        self.0.output(key, request).await
+        self.check(self.caps.output, "output")?;
+        self.inner.output(key, request).await
     }
     async fn shutdown(&self, grace: Option<Duration>) {
-        self.0.shutdown(grace).await
+        self.inner.shutdown(grace).await
+    }
+}
+
+/// A harness that takes its time: each worker it starts is handed back only `delay` after
+/// the spawn, as a harness that waits for an outside launcher might.
+#[derive(Debug)]
+struct SlowHarness {
+    inner: SpawnHarness,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Harness for SlowHarness {
+    async fn start_shell(
+        &self,
+        // Named in full: in scope, its methods would clash with `RuntimeSource`'s.
+        source: &dyn registry_core::conformance::SourceUnderTest,
+        script: &str,
+        name: &str,
+    ) -> anyhow::Result<SourceWorker> {
+        let worker = self.inner.start_shell(source, script, name).await?;
+        // A deliberate delay that stands for a slow harness, not a wait for a condition.
+        tokio::time::sleep(self.delay).await;
+        Ok(worker)
+    }
+    fn shell_request(&self, script: &str) -> Option<SpawnRequest> {
+        self.inner.shell_request(script)
+    }
+    fn output_retention(&self) -> Option<u64> {
+        self.inner.output_retention()
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_picks_tests_by_capabilities_and_checks_unsupported() -> anyhow::Result<()> {
-    let source = WithoutInputAndRemove(EmbeddedSource::new(config())?);
+async fn conformance_without_stop_ends_live_workers_by_itself() -> anyhow::Result<()> {
+    let source = Restricted::new(EmbeddedSource::new(config())?, |c| c.stop = false);
     let harness = SpawnHarness::with_profile("shell")
         .with_output_retention(RETENTION)
-        .with_events_to_overflow(source.0.events_to_overflow());
+        .with_events_to_overflow(source.inner.events_to_overflow());
+    let report = run_all(&source, &harness).await?;
+    println!("{report}");
+    assert!(report.skipped.is_empty(), "{report}");
+    for name in [
+        "spawn_list_and_get_agree",
+        "output_end_follows_last_chunk_and_no_follow_closes",
+        "events_start_with_resync_equal_to_list",
+        "remove_live_is_conflict_and_remove_terminal_removes",
+        "unsupported_operations_return_unsupported",
+    ] {
+        assert!(report.passed.contains(&name), "{name}: {report}");
+    }
+    assert!(source
+        .inner
+        .list()
+        .await?
+        .iter()
+        .all(|w| w.state.is_terminal()));
+    source.shutdown(None).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_workers_of_the_suite_outlive_a_slow_harness() -> anyhow::Result<()> {
+    use registry_core::conformance as suite;
+    let harness = SlowHarness {
+        inner: SpawnHarness::with_profile("shell").with_output_retention(RETENTION),
+        delay: Duration::from_secs(4),
+    };
+    // Each test that needs a live worker, on a source of its own (so they can run at once),
+    // with stop switched off: only the script itself decides how long the worker lives.
+    let sources = (0..5)
+        .map(|_| {
+            Ok(Restricted::new(EmbeddedSource::new(config())?, |c| {
+                c.stop = false
+            }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (a, b, c, d, e) = tokio::join!(
+        suite::spawn_list_and_get_agree(&sources[0], &harness),
+        suite::output_end_follows_last_chunk_and_no_follow_closes(&sources[1], &harness),
+        suite::events_start_with_resync_equal_to_list(&sources[2], &harness),
+        suite::remove_live_is_conflict_and_remove_terminal_removes(&sources[3], &harness),
+        suite::unsupported_operations_return_unsupported(&sources[4], &harness),
+    );
+    for (name, result) in [
+        ("spawn_list_and_get_agree", a),
+        ("output_end_follows_last_chunk_and_no_follow_closes", b),
+        ("events_start_with_resync_equal_to_list", c),
+        ("remove_live_is_conflict_and_remove_terminal_removes", d),
+        ("unsupported_operations_return_unsupported", e),
+    ] {
+        if let Err(error) = result {
+            panic!("{name}: {error:#}");
+        }
+    }
+    for source in &sources {
+        source.shutdown(None).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_picks_tests_by_capabilities_and_checks_unsupported() -> anyhow::Result<()> {
+    let source = Restricted::new(EmbeddedSource::new(config())?, |c| {
+        c.input = false;
+        c.remove = false;
+    });
+    let harness = SpawnHarness::with_profile("shell")
+        .with_output_retention(RETENTION)
+        .with_events_to_overflow(source.inner.events_to_overflow());
     let report = run_all(&source, &harness).await?;
     println!("{report}");
     assert!(
@@ -162,5 +292,35 @@ async fn conformance_picks_tests_by_capabilities_and_checks_unsupported() -> any
         "{report}"
     );
     source.shutdown(None).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_messages_name_workers_by_name_never_by_key() -> anyhow::Result<()> {
+    use registry_core::conformance as suite;
+    let mut source = Restricted::new(EmbeddedSource::new(config())?, |_| {});
+    source.lists_nothing = true;
+    let harness = SpawnHarness::with_profile("shell");
+    let failures = [
+        suite::spawn_list_and_get_agree(&source, &harness).await,
+        suite::events_start_with_resync_equal_to_list(&source, &harness).await,
+    ];
+    let keys: Vec<String> = RuntimeSource::list(&source.inner)
+        .await?
+        .iter()
+        .map(|w| w.key.as_str().to_string())
+        .collect();
+    assert!(keys.len() >= 2, "the tests started workers");
+    for failure in failures {
+        let message = format!("{:#}", failure.expect_err("list() is broken"));
+        assert!(
+            message.contains("\"conformance-"),
+            "the message names the worker: {message}"
+        );
+        for key in &keys {
+            assert!(!message.contains(key.as_str()), "a key leaked: {message}");
+        }
+    }
+    source.shutdown(Some(Duration::ZERO)).await;
     Ok(())
 }

@@ -36,10 +36,41 @@ fn shell(script: &str) -> SpawnRequest {
 }
 
 #[tokio::test]
-async fn capabilities_are_all_and_health_is_ready() {
+async fn capabilities_are_all_and_health_is_ready_while_all_is_well() {
     let source = source(4);
     assert_eq!(source.capabilities(), Capabilities::ALL);
     assert_eq!(source.health().await.status, HealthStatus::Ready);
+}
+
+#[tokio::test]
+async fn health_is_degraded_once_the_watchdog_is_gone() -> anyhow::Result<()> {
+    let source = source(4);
+    let pid = source.watchdog_pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    assert!(killed.success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let health = loop {
+        let health = source.health().await;
+        if health.status != HealthStatus::Ready || tokio::time::Instant::now() > deadline {
+            break health;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    let message = health.message.context("a degraded health has a message")?;
+    assert!(message.contains("watchdog"), "{message}");
+    assert!(
+        !message.contains('/') && !message.contains(&pid.to_string()),
+        "{message}"
+    );
+    let codes: Vec<&str> = health.diagnostics.iter().map(|d| d.code.as_str()).collect();
+    assert_eq!(codes, ["watchdog_gone"]);
+    // It still runs workers.
+    let worker = source.spawn(shell("exit 0")).await?;
+    assert!(!matches!(worker.state, WorkerState::Failed));
+    Ok(())
 }
 
 #[tokio::test]

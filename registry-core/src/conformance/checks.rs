@@ -23,7 +23,7 @@ pub async fn spawn_list_and_get_agree<S: RuntimeSource + ?Sized>(
 ) -> Result<()> {
     let caps = source.capabilities();
     let name = worker_name("agree");
-    let started = start(source, harness, long_script(caps), &name).await?;
+    let started = start(source, harness, &long_script(caps, &name), &name).await?;
     ensure!(
         started.name.as_deref() == Some(name.as_str()),
         "expected the started worker to be named {name:?}, it is named {:?}",
@@ -42,7 +42,7 @@ pub async fn spawn_list_and_get_agree<S: RuntimeSource + ?Sized>(
     );
     let list = source.list().await.context("expected list to succeed")?;
     by_key(&list, "list()")?;
-    let listed = find_one(&list, &started.key)?;
+    let listed = find_one(&list, &started)?;
     same_identity(&got, "get", listed, "list")?;
 
     let ended = finish(source, &started.key).await?;
@@ -50,7 +50,7 @@ pub async fn spawn_list_and_get_agree<S: RuntimeSource + ?Sized>(
         .list()
         .await
         .context("expected list after the end to succeed")?;
-    let listed = find_one(&list, &started.key)?;
+    let listed = find_one(&list, &started)?;
     ensure!(
         comparable(listed) == comparable(&ended),
         "expected list and get to agree on the ended worker;\n  get has  {ended:?}\n  list has {listed:?}"
@@ -94,9 +94,8 @@ pub async fn spawn_is_idempotent_by_request_id<S: RuntimeSource + ?Sized>(
     ensure!(
         again.key == first.key,
         "expected the same worker for the same request_id and request, got a second worker \
-         ({} then {})",
-        first.key.as_str(),
-        again.key.as_str()
+         (named {})",
+        named(&again)
     );
     expect_error(
         source.spawn(with_id("exit 1")?).await,
@@ -192,6 +191,44 @@ pub async fn output_after_seq_sends_only_later_chunks<S: RuntimeSource + ?Sized>
                 describe_output(&want),
                 describe_output(&got)
             );
+        }
+    }
+    discard(source, &worker.key).await
+}
+
+/// `output(after: k)` with `k` past the worker's last `seq` is `invalid_request`, with and
+/// without follow: no client can have seen that chunk, so the cursor is not of this worker.
+/// From the last `seq` itself only `End` comes.
+pub async fn output_after_beyond_last_seq_is_invalid_request<S: RuntimeSource + ?Sized>(
+    source: &S,
+    harness: &dyn Harness,
+) -> Result<()> {
+    let script = "echo one; echo two >&2";
+    let worker = start(source, harness, script, &worker_name("after-beyond")).await?;
+    let all = read_all(source, &worker.key, 0, true).await?;
+    check_sequence(&all, 0)?;
+    let last = chunks(&all).last().map_or(0, |c| c.seq);
+    ensure!(
+        last >= 1 && all.last() == Some(&OutputEvent::End),
+        "expected chunks then End, got {}",
+        describe_output(&all)
+    );
+    for follow in [true, false] {
+        let at_last = read_all(source, &worker.key, last, follow).await?;
+        ensure!(
+            at_last == [OutputEvent::End],
+            "expected output(after: {last}, follow: {follow}) of an ended worker whose last seq \
+             is {last} to send only End, got {}",
+            describe_output(&at_last)
+        );
+        for after in [last + 1, u64::MAX] {
+            expect_error(
+                source
+                    .output(&worker.key, crate::OutputRequest { after, follow })
+                    .await,
+                "invalid_request",
+                &format!("output(after: {after}, follow: {follow}) past the last seq {last}"),
+            )?;
         }
     }
     discard(source, &worker.key).await
@@ -313,8 +350,9 @@ pub async fn output_end_follows_last_chunk_and_no_follow_closes<S: RuntimeSource
     discard(source, &worker.key).await?;
 
     // A live worker: `follow: false` closes without End.
-    let script = format!("echo ready; {}", long_script(caps));
-    let live = start(source, harness, &script, &worker_name("no-follow")).await?;
+    let name = worker_name("no-follow");
+    let script = format!("echo ready; {}", long_script(caps, &name));
+    let live = start(source, harness, &script, &name).await?;
     let mut following = open_output(source, &live.key, 0, true).await?;
     let mut seen = Vec::new();
     read_until_text(&mut following, &mut seen, StreamKind::Stdout, "ready\n").await?;
@@ -486,13 +524,8 @@ pub async fn stop_twice_succeeds_and_stop_on_terminal_is_noop<S: RuntimeSource +
     harness: &dyn Harness,
 ) -> Result<()> {
     let caps = source.capabilities();
-    let worker = start(
-        source,
-        harness,
-        long_script(caps),
-        &worker_name("stop-twice"),
-    )
-    .await?;
+    let name = worker_name("stop-twice");
+    let worker = start(source, harness, &long_script(caps, &name), &name).await?;
     wait_running(source, &worker.key).await?;
     source
         .stop(&worker.key, Some(Duration::from_secs(5)))
@@ -755,7 +788,8 @@ pub async fn lifecycle_events_of_a_worker_come_in_order<S: RuntimeSource + ?Size
         .await?,
     ];
     if caps.stop {
-        let b = start(source, harness, long_script(caps), &worker_name("order-b")).await?;
+        let name = worker_name("order-b");
+        let b = start(source, harness, &long_script(caps, &name), &name).await?;
         wait_running(source, &b.key).await?;
         source
             .stop(&b.key, None)
@@ -785,7 +819,13 @@ pub async fn lifecycle_events_of_a_worker_come_in_order<S: RuntimeSource + ?Size
             deadline,
         )
         .await
-        .with_context(|| format!("states seen so far: {states:?}"))?;
+        .with_context(|| {
+            let by_name: Vec<(String, &Vec<WorkerState>)> = workers
+                .iter()
+                .filter_map(|w| Some((named(w), states.get(&w.key)?)))
+                .collect();
+            format!("states seen so far: {by_name:?}")
+        })?;
         let reported: Vec<&SourceWorker> = match &event {
             SourceEvent::Upsert(w) => vec![w],
             SourceEvent::Resync(list) => list.iter().collect(),
@@ -837,13 +877,8 @@ pub async fn events_start_with_resync_equal_to_list<S: RuntimeSource + ?Sized>(
     let caps = source.capabilities();
     let done = start(source, harness, "exit 0", &worker_name("resync-ended")).await?;
     wait_terminal(source, &done.key).await?;
-    let live = start(
-        source,
-        harness,
-        long_script(caps),
-        &worker_name("resync-live"),
-    )
-    .await?;
+    let name = worker_name("resync-live");
+    let live = start(source, harness, &long_script(caps, &name), &name).await?;
     wait_running(source, &live.key).await?;
 
     let mut attempt = 0;
@@ -939,7 +974,8 @@ pub async fn remove_live_is_conflict_and_remove_terminal_removes<S: RuntimeSourc
     harness: &dyn Harness,
 ) -> Result<()> {
     let caps = source.capabilities();
-    let worker = start(source, harness, long_script(caps), &worker_name("remove")).await?;
+    let name = worker_name("remove");
+    let worker = start(source, harness, &long_script(caps, &name), &name).await?;
     expect_error(
         source.remove(&worker.key).await,
         "conflict",
@@ -1032,13 +1068,8 @@ pub async fn unsupported_operations_return_unsupported<S: RuntimeSource + ?Sized
     if caps.stop && caps.input && caps.output && caps.remove {
         return Ok(());
     }
-    let worker = start(
-        source,
-        harness,
-        long_script(caps),
-        &worker_name("unsupported"),
-    )
-    .await?;
+    let name = worker_name("unsupported");
+    let worker = start(source, harness, &long_script(caps, &name), &name).await?;
     if !caps.stop {
         expect_error(
             source.stop(&worker.key, Some(Duration::ZERO)).await,

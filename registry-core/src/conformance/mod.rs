@@ -68,7 +68,13 @@
 //!
 //! The tests start real workers (`/bin/sh`, `sleep`, `yes`, `head`), wait on conditions with
 //! deadlines (never a bare sleep), and leave nothing running: after each test, [`run_all`]
-//! stops and removes the workers the test started. Tests run one after another.
+//! stops and removes the workers the test started. Tests run one after another. A worker a
+//! test needs live runs for about 300 s at most; on a source that cannot stop workers, the
+//! suite ends it by creating a file in the temporary directory that its script watches for,
+//! so such a source must run its workers on this machine.
+//!
+//! Failure messages and the suite's log name workers by their name, never by their source
+//! key.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -466,12 +472,18 @@ async fn tidy<S: RuntimeSource + ?Sized>(source: &S, before: &BTreeSet<SourceKey
         .filter(|w| !before.contains(&w.key))
         .collect();
     for w in &left {
-        if caps.stop && !w.state.is_terminal() {
+        if w.state.is_terminal() {
+            continue;
+        }
+        if caps.stop {
             let _ = source.stop(&w.key, Some(Duration::from_millis(200))).await;
+        } else {
+            util::release(w);
         }
     }
     for w in &left {
         let _ = util::wait_terminal(source, &w.key).await;
+        util::forget_release(w);
         if caps.remove {
             let _ = source.remove(&w.key).await;
         }
@@ -527,6 +539,7 @@ suite! {
     spawn_is_idempotent_by_request_id needs [Spawn, ShellRequest];
     output_seq_starts_at_one_without_holes needs [Output];
     output_after_seq_sends_only_later_chunks needs [Output];
+    output_after_beyond_last_seq_is_invalid_request needs [Output];
     output_beyond_retention_starts_with_gap needs [Output, OutputRetention];
     output_end_follows_last_chunk_and_no_follow_closes needs [Output];
     input_reaches_the_worker needs [Input, Output];

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,12 +37,45 @@ pub(crate) fn unique_request_id() -> String {
     format!("conformance-{}-{nanos}-{n}", std::process::id())
 }
 
-/// A script that runs until it is stopped (where the source can stop), or a few seconds.
-pub(crate) fn long_script(caps: Capabilities) -> &'static str {
+/// How many tenths of a second a [`long_script`] runs at most: about 300 s, far longer than
+/// any test needs a live worker, however slow the harness.
+const LONG_TICKS: u32 = 3000;
+
+/// The file whose creation ends the [`long_script`] of the worker named `name`.
+fn release_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "roster-conformance-{}-{name}.release",
+        std::process::id()
+    ))
+}
+
+/// A script that keeps its worker live until the suite is done with it, for about 300 s at
+/// most (a bound, so that a worker never outlives a run of the suite for long). The suite
+/// ends it by stopping it where the source can stop workers; elsewhere the script also ends
+/// once [`release`] created its release file (the source must then run its workers on this
+/// machine). `name` is the name the worker is started with.
+pub(crate) fn long_script(caps: Capabilities, name: &str) -> String {
     if caps.stop {
-        "while :; do sleep 0.1; done"
+        format!("i=0; while [ $i -lt {LONG_TICKS} ]; do sleep 0.1; i=$((i+1)); done")
     } else {
-        "sleep 3"
+        format!(
+            "i=0; while [ $i -lt {LONG_TICKS} ] && [ ! -e '{}' ]; do sleep 0.1; i=$((i+1)); done",
+            release_path(name).display()
+        )
+    }
+}
+
+/// Ends the [`long_script`] of `worker`, on a source that cannot stop workers.
+pub(crate) fn release(worker: &SourceWorker) {
+    if let Some(name) = &worker.name {
+        let _ = std::fs::File::create(release_path(name));
+    }
+}
+
+/// Deletes what [`release`] created, once the worker has ended.
+pub(crate) fn forget_release(worker: &SourceWorker) {
+    if let Some(name) = &worker.name {
+        let _ = std::fs::remove_file(release_path(name));
     }
 }
 
@@ -65,9 +99,18 @@ pub(crate) async fn start<S: RuntimeSource + ?Sized>(
     Ok(worker)
 }
 
-/// `key` and the worker's state, for messages.
+/// How messages name a worker: by its name, never by its key (a source's key is internal
+/// authority, such as a path, and never goes into a message or the log).
+pub(crate) fn named(worker: &SourceWorker) -> String {
+    match &worker.name {
+        Some(name) => format!("{name:?}"),
+        None => "(unnamed)".into(),
+    }
+}
+
+/// The worker's name and state, for messages.
 pub(crate) fn brief(worker: &SourceWorker) -> String {
-    let mut s = format!("{} ({}", worker.key.as_str(), worker.state);
+    let mut s = format!("{} ({}", named(worker), worker.state);
     if let Some(code) = worker.exit_code {
         let _ = write!(s, ", exit code {code}");
     }
@@ -164,8 +207,12 @@ pub(crate) async fn finish<S: RuntimeSource + ?Sized>(
             .stop(key, Some(Duration::from_millis(500)))
             .await
             .context("stop of a worker the test is done with")?;
+        return wait_terminal(source, key).await;
     }
-    wait_terminal(source, key).await
+    release(&now);
+    let ended = wait_terminal(source, key).await;
+    forget_release(&now);
+    ended
 }
 
 /// Ends a worker the test started and removes its record where the source can.
@@ -211,8 +258,8 @@ pub(crate) fn by_key(
     for worker in list {
         if map.insert(worker.key.clone(), comparable(worker)).is_some() {
             bail!(
-                "expected each key once in {what}, got key {} twice",
-                worker.key.as_str()
+                "expected each key once in {what}, got the key of worker {} twice",
+                named(worker)
             );
         }
     }
@@ -260,20 +307,23 @@ pub(crate) fn diff(
     out
 }
 
-/// The worker with `key` in `list`; an error if it is absent or there twice.
-pub(crate) fn find_one<'a>(list: &'a [SourceWorker], key: &SourceKey) -> Result<&'a SourceWorker> {
-    let mut found = list.iter().filter(|w| &w.key == key);
+/// The entry of `worker` (by key) in `list`; an error if it is absent or there twice.
+pub(crate) fn find_one<'a>(
+    list: &'a [SourceWorker],
+    worker: &SourceWorker,
+) -> Result<&'a SourceWorker> {
+    let mut found = list.iter().filter(|w| w.key == worker.key);
     let first = found.next().with_context(|| {
         format!(
             "expected worker {} in list(), it is not there ({} workers listed)",
-            key.as_str(),
+            named(worker),
             list.len()
         )
     })?;
     if found.next().is_some() {
         bail!(
             "expected worker {} once in list(), it is there twice",
-            key.as_str()
+            named(worker)
         );
     }
     Ok(first)
@@ -518,7 +568,7 @@ pub(crate) async fn next_event_until(
 pub(crate) fn describe_event(event: &SourceEvent) -> String {
     match event {
         SourceEvent::Upsert(w) => format!("Upsert {}", brief(w)),
-        SourceEvent::Removed(k) => format!("Removed {}", k.as_str()),
+        SourceEvent::Removed(_) => "Removed of a worker".into(),
         SourceEvent::Resync(list) => format!("Resync of {} workers", list.len()),
         SourceEvent::Health(h) => format!("Health {:?}", h.status),
     }
