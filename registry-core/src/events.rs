@@ -297,11 +297,20 @@ impl EventLog {
         )
     }
 
-    /// Adds a live subscriber; events published after this call reach its queue.
+    /// Whether the events after `seq` still retained hold the removal of `worker`.
+    pub(crate) fn removed_since(&self, seq: u64, worker: &WorkerId) -> bool {
+        self.ring.iter().rev().take_while(|i| i.cursor.seq > seq).any(|i| {
+            matches!(&*i.payload, EventPayload::WorkerRemoved { worker_id, .. } if worker_id == worker)
+        })
+    }
+
+    /// Adds a live subscriber; events published after this call reach its queue. Drops the
+    /// subscribers that went away meanwhile, so an idle log does not collect them.
     pub(crate) fn register(
         &mut self,
         filter: Option<RuntimeId>,
     ) -> (mpsc::Receiver<StreamItem>, Arc<AtomicBool>) {
+        self.subscribers.retain(|s| !s.tx.is_closed());
         let (tx, rx) = mpsc::channel(self.queue_capacity);
         let lagged = Arc::new(AtomicBool::new(false));
         self.subscribers.push(Subscriber {
@@ -555,7 +564,20 @@ mod tests {
             .map(|i| i.cursor.seq)
             .collect();
         assert_eq!(held, vec![1, 2, 3, 4]);
-        assert!(slow.is_closed() || slow.try_recv().is_err());
+        assert_eq!(
+            slow.try_recv().unwrap_err(),
+            mpsc::error::TryRecvError::Disconnected
+        );
+    }
+
+    #[test]
+    fn subscribers_that_went_away_are_dropped_while_idle() {
+        let mut log = EventLog::new(1, 10, usize::MAX, 4);
+        for _ in 0..100 {
+            drop(log.register(None));
+        }
+        let _kept = log.register(None);
+        assert_eq!(log.subscriber_count(), 1);
     }
 
     #[test]

@@ -192,6 +192,10 @@ impl IdIssuer {
     /// Loads the key from `state_dir/id.key`, creating the directory (mode 0700) and the file
     /// (mode 0600, 32 random bytes) on first use. A key file of the wrong size is an error,
     /// never silently replaced: replacing it would change every worker id.
+    ///
+    /// The file appears whole or not at all: the key is written and synced to a temporary
+    /// file first, then linked into place, which fails rather than replace a key that another
+    /// process created meanwhile (that one is then used).
     pub fn load_or_create(state_dir: &Path) -> Result<Self, RegistryError> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         fs::DirBuilder::new()
@@ -200,34 +204,46 @@ impl IdIssuer {
             .create(state_dir)
             .map_err(|e| RegistryError::internal(format!("create state dir: {e}")))?;
         let path = state_dir.join(KEY_FILE);
-        let mut key = [0u8; 32];
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(mut file) => {
-                getrandom::fill(&mut key).map_err(RegistryError::internal)?;
-                file.write_all(&key)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| RegistryError::internal(format!("write id key: {e}")))?;
+        if !path.exists() {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(RegistryError::internal)?;
+            let mut nonce = [0u8; 8];
+            getrandom::fill(&mut nonce).map_err(RegistryError::internal)?;
+            let tmp = state_dir.join(format!(".{KEY_FILE}.{:016x}", u64::from_le_bytes(nonce)));
+            let written = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut file| {
+                    file.write_all(&key)?;
+                    file.sync_all()
+                });
+            let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    // Make the new name durable too.
+                    if let Ok(dir) = fs::File::open(state_dir) {
+                        let _ = dir.sync_all();
+                    }
+                    return Ok(IdIssuer { key });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(RegistryError::internal(format!("create id key: {e}"))),
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let mut bytes = Vec::new();
-                fs::File::open(&path)
-                    .and_then(|mut f| f.read_to_end(&mut bytes))
-                    .map_err(|e| RegistryError::internal(format!("read id key: {e}")))?;
-                key = bytes.as_slice().try_into().map_err(|_| {
-                    RegistryError::internal(format!(
-                        "id key file {} holds {} bytes, want 32; refusing to replace it",
-                        path.display(),
-                        bytes.len()
-                    ))
-                })?;
-            }
-            Err(e) => return Err(RegistryError::internal(format!("create id key: {e}"))),
         }
+        let mut bytes = Vec::new();
+        fs::File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| RegistryError::internal(format!("read id key: {e}")))?;
+        let key = bytes.as_slice().try_into().map_err(|_| {
+            RegistryError::internal(format!(
+                "id key file {} holds {} bytes, want 32; refusing to replace it",
+                path.display(),
+                bytes.len()
+            ))
+        })?;
         Ok(IdIssuer { key })
     }
 
@@ -333,6 +349,25 @@ mod tests {
         assert_eq!(first.worker_id(&rt, &key), again.worker_id(&rt, &key));
         let other = IdIssuer::load_or_create(&dir.path().join("elsewhere")).unwrap();
         assert_ne!(first.worker_id(&rt, &key), other.worker_id(&rt, &key));
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_key_and_leave_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().to_path_buf();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let state = state.clone();
+                std::thread::spawn(move || IdIssuer::load_or_create(&state).unwrap().key)
+            })
+            .collect();
+        let keys: Vec<[u8; 32]> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(keys.iter().all(|k| k == &keys[0]));
+        let names: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![KEY_FILE.to_string()]);
     }
 
     #[test]

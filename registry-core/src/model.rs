@@ -236,7 +236,7 @@ pub enum HealthStatus {
 }
 
 /// A problem a source wants an operator to see (a malformed descriptor, …).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Diagnostic {
     /// A stable machine-readable code, e.g. `descriptor_malformed`.
@@ -246,7 +246,7 @@ pub struct Diagnostic {
 }
 
 /// Health as a source reports it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct SourceHealth {
     /// The status.
     pub status: HealthStatus,
@@ -256,6 +256,31 @@ pub struct SourceHealth {
     pub retry_at: Option<OffsetDateTime>,
     /// Current problems. The registry sanitizes their messages.
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Debug for Diagnostic {
+    // Scrubbed: a source's message may name paths before the registry sanitizes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Diagnostic")
+            .field("code", &crate::sanitize_message(&self.code))
+            .field("message", &crate::sanitize_message(&self.message))
+            .finish()
+    }
+}
+
+impl fmt::Debug for SourceHealth {
+    // Scrubbed like `Diagnostic`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceHealth")
+            .field("status", &self.status)
+            .field(
+                "message",
+                &self.message.as_deref().map(crate::sanitize_message),
+            )
+            .field("retry_at", &self.retry_at)
+            .field("diagnostics", &self.diagnostics)
+            .finish()
+    }
 }
 
 impl SourceHealth {
@@ -613,6 +638,21 @@ mod tests {
             ..req()
         };
         assert!(at_limits.validate().is_ok());
+    }
+
+    #[test]
+    fn health_debug_scrubs_source_messages() {
+        let mut h = SourceHealth::unavailable("cannot reach http://10.0.0.9:7411/", None);
+        h.diagnostics.push(Diagnostic {
+            code: "descriptor_malformed".into(),
+            message: "bad JSON in /run/legacy/w1.json".into(),
+        });
+        let text = format!("{h:?}");
+        assert!(
+            !text.contains("10.0.0.9") && !text.contains("/run/legacy"),
+            "{text}"
+        );
+        assert!(text.contains("descriptor_malformed"), "{text}");
     }
 
     #[test]

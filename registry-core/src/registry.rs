@@ -35,7 +35,7 @@ const MAX_DIAGNOSTICS: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 
 /// Settings of a [`Registry`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RegistryConfig {
     /// Where the id key lives (created with mode 0700 if missing).
     pub state_dir: PathBuf,
@@ -57,6 +57,18 @@ impl RegistryConfig {
             event_retention_bytes: 64 << 20,
             subscriber_queue: 1024,
         }
+    }
+}
+
+impl fmt::Debug for RegistryConfig {
+    // Redacting: the state directory is a path.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("state_dir", &format_args!("<redacted>"))
+            .field("event_retention", &self.event_retention)
+            .field("event_retention_bytes", &self.event_retention_bytes)
+            .field("subscriber_queue", &self.subscriber_queue)
+            .finish()
     }
 }
 
@@ -120,6 +132,8 @@ struct State {
 
 struct WorkerRecord {
     view: WorkerView,
+    /// The furthest state the worker reached (`unknown` aside): it never goes back behind it.
+    furthest: WorkerState,
 }
 
 struct RuntimeRecord {
@@ -310,23 +324,26 @@ impl Registry {
             return Err(unsupported(runtime, "start workers"));
         }
         request.validate()?;
+        let since = self.inner.lock().log.head().seq();
         let worker = rt
             .source
             .spawn(request)
             .await
             .map_err(|e| self.inner.context(e, "spawn", runtime, None))?;
         let id = self.inner.issuer.worker_id(runtime, &worker.key);
-        self.inner
-            .ids
-            .insert(id.clone(), (runtime.clone(), worker.key.clone()));
         // The projection changes only through the lifecycle stream (one writer, in order);
-        // wait for it to show the worker, so a `GET` right after sees it.
+        // wait for it to show the worker, so a `GET` right after sees it. A worker that is
+        // already gone again (say, failed and evicted at once) is answered as the source
+        // reported it.
         let view = WorkerView::from_source(id.clone(), runtime.clone(), &worker);
-        Ok(self
+        let confirmed = self
             .inner
-            .await_projection(|st| st.workers.get(&id).map(|r| r.view.clone()))
-            .await
-            .unwrap_or(view))
+            .await_projection(|st| match st.workers.get(&id) {
+                Some(rec) => Some(rec.view.clone()),
+                None => st.log.removed_since(since, &id).then(|| view.clone()),
+            })
+            .await;
+        Ok(confirmed.unwrap_or(view))
     }
 
     /// Asks a worker to stop (SIGTERM now, a hard kill after `grace`). A no-op on a
@@ -335,6 +352,17 @@ impl Registry {
         let (runtime, key, rt) = self.inner.route(id)?;
         if !rt.caps.stop {
             return Err(unsupported(&runtime, "stop workers"));
+        }
+        // A terminal worker never changes: the second stop succeeds without asking the
+        // source (which may be unreachable just then).
+        let terminal = self
+            .inner
+            .lock()
+            .workers
+            .get(id)
+            .is_some_and(|r| r.view.state.is_terminal());
+        if terminal {
+            return Ok(());
         }
         rt.source
             .stop(&key, grace)
@@ -556,6 +584,8 @@ impl Inner {
                 for id in gone {
                     self.remove_locked(&mut st, &id);
                 }
+                self.ids
+                    .retain(|id, (rt, _)| rt != runtime || present.contains(id));
                 if let Some(rec) = st.runtimes.get_mut(runtime) {
                     rec.answered = true;
                 }
@@ -575,15 +605,24 @@ impl Inner {
     ) -> WorkerId {
         let id = self.issuer.worker_id(runtime, &worker.key);
         let view = WorkerView::from_source(id.clone(), runtime.clone(), worker);
+        let mut furthest = view.state;
         if let Some(old) = st.workers.get(&id) {
-            if old.view == view || !may_follow(old.view.state, view.state) {
+            if old.view == view || !may_follow(old.furthest, view.state) {
                 return id;
+            }
+            if view.state == WorkerState::Unknown {
+                furthest = old.furthest;
             }
         }
         self.ids
             .insert(id.clone(), (runtime.clone(), worker.key.clone()));
-        st.workers
-            .insert(id.clone(), WorkerRecord { view: view.clone() });
+        st.workers.insert(
+            id.clone(),
+            WorkerRecord {
+                view: view.clone(),
+                furthest,
+            },
+        );
         self.publish(st, EventPayload::WorkerUpserted { worker: view });
         id
     }
@@ -710,7 +749,7 @@ impl State {
     }
 }
 
-/// Whether a worker in state `old` may be reported next in state `new`.
+/// Whether a worker whose furthest state so far is `old` may be reported in state `new`.
 fn may_follow(old: WorkerState, new: WorkerState) -> bool {
     fn rank(s: WorkerState) -> Option<u8> {
         match s {
@@ -766,7 +805,12 @@ async fn follow_source(
                 }
                 "the runtime stopped reporting; reconnecting".to_string()
             }
-            Err(e) => e.public_message(),
+            Err(e) => {
+                if let Some(detail) = e.internal_detail() {
+                    tracing::warn!(runtime = %id, kind = %runtime.kind, %detail, "opening the runtime's lifecycle stream failed");
+                }
+                sanitize_message(&e.public_message())
+            }
         };
         let Some(strong) = inner.upgrade() else {
             return;
@@ -825,6 +869,12 @@ fn unsupported(runtime: &RuntimeId, what: &str) -> RegistryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_debug_hides_the_state_dir() {
+        let text = format!("{:?}", RegistryConfig::new("/var/lib/roster-secret"));
+        assert!(!text.contains("roster-secret"), "{text}");
+    }
 
     #[test]
     fn states_only_move_forward_and_terminal_is_final() {

@@ -7,26 +7,28 @@ pub const REDACTED: &str = "[redacted]";
 const MAX_MESSAGE_CHARS: usize = 512;
 
 /// Returns `message` with anything that looks like internal authority replaced by
-/// `[redacted]`: file paths, URLs, IP addresses (with or without a port) and `host:port`
-/// pairs. Long messages are cut to 512 characters.
+/// `[redacted]`: file paths, URLs, IP addresses (with or without a port or zone),
+/// `host:port` pairs and `user@host`, also inside `key=value`. Control characters become
+/// spaces and runs of white space one space; long messages are cut to 512 characters.
 ///
 /// Sources should write clean messages in the first place; this is the registry's second
-/// line of defence for health messages, diagnostics and error messages.
+/// line of defence for health messages, diagnostics and error messages. It works word by
+/// word, so a path with spaces in it loses only its first word.
 pub fn sanitize_message(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for (i, word) in message.split(' ').enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
-        out.push_str(&sanitize_word(word));
-    }
+    let plain: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut out = plain
+        .split_whitespace()
+        .map(sanitize_word)
+        .collect::<Vec<_>>()
+        .join(" ");
     if out.chars().count() > MAX_MESSAGE_CHARS {
         out = out.chars().take(MAX_MESSAGE_CHARS).collect();
         out.push('…');
     }
-    out.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    out
 }
 
 fn sanitize_word(word: &str) -> String {
@@ -36,7 +38,12 @@ fn sanitize_word(word: &str) -> String {
         let is_edge = |c: char| edges.contains(c);
         let start = word.find(|c| !is_edge(c)).unwrap_or(word.len());
         let end = word.rfind(|c| !is_edge(c)).map_or(start, |i| i + 1);
-        if start < end && looks_internal(&word[start..end]) {
+        if start >= end {
+            continue;
+        }
+        let core = &word[start..end];
+        // `addr=10.0.0.1:80`, `peer=alice@host`: judge each side of `=` too.
+        if looks_internal(core) || core.split('=').any(looks_internal) {
             return format!("{}{}{}", &word[..start], REDACTED, &word[end..]);
         }
     }
@@ -45,28 +52,52 @@ fn sanitize_word(word: &str) -> String {
 
 fn looks_internal(token: &str) -> bool {
     let token = token.trim_end_matches(':');
-    if token.contains("://") {
+    if token.is_empty() {
+        return false;
+    }
+    // URLs, and `file:/x`-style ones.
+    if token.contains("://") || token.contains(":/") {
         return true;
     }
-    if (token.starts_with('/') && token.len() > 1)
+    // user@host, mail addresses.
+    if let Some((user, host)) = token.split_once('@') {
+        if !user.is_empty() && !host.is_empty() {
+            return true;
+        }
+    }
+    if token.starts_with('/') && token.len() > 1
         || token.starts_with("~/")
         || token.starts_with("./")
+        || token.starts_with("../")
     {
         return true;
     }
-    if token.contains('/') && token.split('/').filter(|s| !s.is_empty()).count() >= 2 {
+    // Relative paths: three segments, or two where one names a file (`run/w1.sock`), but
+    // not `and/or`, `stdin/stdout` or `3/4`.
+    if token.contains('/') {
+        let segments: Vec<&str> = token.split('/').filter(|s| !s.is_empty()).collect();
+        if segments.len() >= 3 || (segments.len() == 2 && segments.iter().any(|s| s.contains('.')))
+        {
+            return true;
+        }
+    }
+    // IP addresses, with a port, a zone (`fe80::1%eth0`) or brackets.
+    let unzoned = token.split('%').next().unwrap_or(token);
+    if unzoned.parse::<std::net::IpAddr>().is_ok() || token.parse::<std::net::SocketAddr>().is_ok()
+    {
         return true;
     }
-    if token.parse::<std::net::IpAddr>().is_ok() || token.parse::<std::net::SocketAddr>().is_ok() {
-        return true;
-    }
-    // host:port, e.g. `gpu-box.internal:7411`.
+    // host:port, e.g. `gpu-box.internal:7411` or `buildhost:7411`, but not `12:30` or
+    // `error:2`.
     if let Some((host, port)) = token.rsplit_once(':') {
         let host_like = !host.is_empty()
             && host
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-        if host_like && !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) {
+        let port_like =
+            !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit());
+        let named = host.contains('.') || host.contains('-') || host == "localhost";
+        if host_like && port_like && (named || port.len() >= 3) {
             return true;
         }
     }
@@ -89,6 +120,28 @@ mod tests {
             ("peer [::1]:80 reset", "peer [redacted] reset"),
             ("host gpu-box.internal:7411.", "host [redacted]."),
             ("read 'var/run/x.sock' failed", "read '[redacted]' failed"),
+            (
+                "connect failed:\n10.1.2.3:7411",
+                "connect failed: [redacted]",
+            ),
+            ("peer\t10.1.2.3:7411 reset", "peer [redacted] reset"),
+            ("ssh alice@10.1.2.3 refused", "ssh [redacted] refused"),
+            (
+                "ssh alice@gpu-box.internal:22 refused",
+                "ssh [redacted] refused",
+            ),
+            (
+                "connect failed: addr=10.1.2.3:7411",
+                "connect failed: [redacted]",
+            ),
+            ("host=gpu-box.internal:7411 down", "[redacted] down"),
+            (
+                "peer fe80::1%eth0 unreachable",
+                "peer [redacted] unreachable",
+            ),
+            ("open file:/etc/roster/token", "open [redacted]"),
+            ("dial buildhost:7411 failed", "dial [redacted] failed"),
+            ("socket run/w1.sock gone", "socket [redacted] gone"),
         ];
         for (input, want) in cases {
             assert_eq!(sanitize_message(input), want, "for {input:?}");
@@ -97,8 +150,17 @@ mod tests {
 
     #[test]
     fn ordinary_words_survive() {
-        let msg = "runtime gpu-box: 3 of 4 workers lost, retry in 2s (code: lost)";
-        assert_eq!(sanitize_message(msg), msg);
+        for msg in [
+            "runtime gpu-box: 3 of 4 workers lost, retry in 2s (code: lost)",
+            "input and/or output closed",
+            "stdin/stdout of the worker closed",
+            "retry at 12:30 today",
+            "see error:2 in the code",
+            "3/4 workers lost",
+            "limit=256 reached",
+        ] {
+            assert_eq!(sanitize_message(msg), msg);
+        }
     }
 
     #[test]

@@ -26,6 +26,8 @@ struct Scripted {
     inputs: Mutex<Vec<(String, Bytes)>>,
     next: AtomicUsize,
     fail_with: Mutex<Option<RegistryError>>,
+    /// Spawned workers are reported gone again at once (failed and evicted).
+    evict_on_spawn: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -39,6 +41,7 @@ impl Scripted {
             inputs: Mutex::new(Vec::new()),
             next: AtomicUsize::new(1),
             fail_with: Mutex::new(None),
+            evict_on_spawn: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -111,6 +114,10 @@ impl RuntimeSource for Scripted {
         w.name = request.name;
         w.labels = request.labels;
         self.put(w.clone()).await;
+        if self.evict_on_spawn.load(Ordering::SeqCst) {
+            self.workers.lock().unwrap().remove(w.key.as_str());
+            self.send(SourceEvent::Removed(w.key.clone())).await;
+        }
         Ok(w)
     }
     async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
@@ -760,16 +767,16 @@ async fn a_subscriber_that_never_reads_slows_no_one_and_later_gets_lagged_reset(
         }
     }
     tokio::time::timeout(WAIT, reading).await.unwrap().unwrap();
-    // The stuck one: the snapshot and what its queue held, in order, then a reset and a
-    // snapshot that has everything.
-    let mut last_seq = 0;
+    // The stuck one: the snapshot and what its queue held, each event once and in order,
+    // then a reset and a snapshot that has everything.
+    let mut last_seq = next(&mut stuck).await.cursor.seq();
     loop {
         let item = next(&mut stuck).await;
         if let EventPayload::Reset { reason } = &*item.payload {
             assert_eq!(*reason, ResetReason::Lagged);
             break;
         }
-        assert!(item.cursor.seq() >= last_seq);
+        assert_eq!(item.cursor.seq(), last_seq + 1);
         last_seq = item.cursor.seq();
     }
     assert_eq!(snapshot_workers(&next(&mut stuck).await).len(), 500);
@@ -920,8 +927,20 @@ async fn health_changes_publish_runtime_updated_with_since_and_sanitized_message
     let msg = runtime.health.message.clone().unwrap();
     assert!(!msg.contains("10.9.8.7") && msg.contains(REDACTED), "{msg}");
     assert!(!runtime.diagnostics[0].message.contains("/run/legacy"));
+    assert!(runtime.health.since > ready_since);
+    let down_since = runtime.health.since;
+    // Another message, same status: published, and `since` stays.
+    let mut still = h.clone();
+    still.message = Some("still down".into());
+    src.send(SourceEvent::Health(still.clone())).await;
+    let item = next(&mut sub).await;
+    let EventPayload::RuntimeUpdated { runtime } = &*item.payload else {
+        panic!("{item:?}")
+    };
+    assert_eq!(runtime.health.message.as_deref(), Some("still down"));
+    assert_eq!(runtime.health.since, down_since);
     // The same health again publishes nothing.
-    src.send(SourceEvent::Health(h)).await;
+    src.send(SourceEvent::Health(still)).await;
     src.put(Scripted::worker("marker", WorkerState::Running))
         .await;
     assert!(matches!(
@@ -1066,4 +1085,91 @@ fn holders_of_internal_authority_are_not_serialize_and_views_are() {
     assert!((&Probe::<WorkerView>(PhantomData)).serializes());
     assert!((&Probe::<RuntimeView>(PhantomData)).serializes());
     assert!((&Probe::<EventPayload>(PhantomData)).serializes());
+}
+
+#[tokio::test]
+async fn a_worker_never_moves_back_through_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Scripted::new(Capabilities::ALL);
+    let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
+    let mut sub = reg.subscribe(None, None);
+    snapshot_workers(&next(&mut sub).await);
+    for state in [
+        WorkerState::Stopping,
+        WorkerState::Unknown,
+        WorkerState::Starting,
+        WorkerState::Running,
+        WorkerState::Stopped,
+    ] {
+        src.put(Scripted::worker("k1", state)).await;
+    }
+    src.put(Scripted::worker("k2", WorkerState::Running)).await;
+    let mut k1_states = Vec::new();
+    loop {
+        let item = next(&mut sub).await;
+        let worker = worker_of(&item);
+        if worker.name.as_deref() == Some("name-k2") {
+            break;
+        }
+        k1_states.push(worker.state);
+    }
+    assert_eq!(
+        k1_states,
+        vec![
+            WorkerState::Stopping,
+            WorkerState::Unknown,
+            WorkerState::Stopped
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_worker_gone_before_spawn_returns_is_not_routed_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Scripted::new(Capabilities::ALL);
+    src.evict_on_spawn.store(true, Ordering::SeqCst);
+    let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
+    let view = reg
+        .spawn(
+            &rt("local"),
+            SpawnRequest {
+                profile: Some("p".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reg.worker(&view.id).unwrap_err().code(), "worker_not_found");
+    // Nothing routes to it any more: the registry forgot the id with the worker.
+    assert_eq!(
+        reg.stop(&view.id, None).await.unwrap_err().code(),
+        "worker_not_found"
+    );
+    assert!(src.stops.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn stop_on_a_terminal_worker_succeeds_without_asking_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Scripted::new(Capabilities::ALL);
+    let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
+    src.put(Scripted::worker("k1", WorkerState::Exited)).await;
+    wait_for(|| {
+        !reg.list_workers(&WorkerFilter::default(), 10, None)
+            .unwrap()
+            .workers
+            .is_empty()
+    })
+    .await;
+    let id = reg
+        .list_workers(&WorkerFilter::default(), 10, None)
+        .unwrap()
+        .workers[0]
+        .id
+        .clone();
+    *src.fail_with.lock().unwrap() = Some(RegistryError::unavailable("down", None));
+    reg.stop(&id, None).await.unwrap();
+    reg.stop(&id, Some(Duration::ZERO)).await.unwrap();
+    assert!(src.stops.lock().unwrap().is_empty());
+    assert_eq!(reg.worker(&id).unwrap().state, WorkerState::Exited);
 }
