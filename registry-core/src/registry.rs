@@ -791,7 +791,7 @@ async fn follow_source(
                 let Some(strong) = inner.upgrade() else {
                     return;
                 };
-                strong.set_health_locked(&mut strong.lock(), &id, health, false);
+                strong.apply(&id, SourceEvent::Health(health));
                 drop(strong);
                 loop {
                     let event = tokio::select! {
@@ -820,11 +820,9 @@ async fn follow_source(
         }
         tracing::warn!(runtime = %id, kind = %runtime.kind, %message, "runtime unavailable");
         let retry_at = OffsetDateTime::now_utc() + backoff;
-        strong.set_health_locked(
-            &mut strong.lock(),
+        strong.apply(
             &id,
-            SourceHealth::unavailable(message, Some(retry_at)),
-            false,
+            SourceEvent::Health(SourceHealth::unavailable(message, Some(retry_at))),
         );
         drop(strong);
         tokio::select! {

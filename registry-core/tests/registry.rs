@@ -198,6 +198,19 @@ async fn wait_for(mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The id of the one worker the registry lists, once it lists it.
+async fn only_worker(reg: &Registry) -> WorkerId {
+    let listed = || {
+        reg.list_workers(&WorkerFilter::default(), 10, None)
+            .unwrap()
+            .workers
+    };
+    wait_for(|| !listed().is_empty()).await;
+    let workers = listed();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    workers[0].id.clone()
+}
+
 async fn next(sub: &mut Subscription) -> StreamItem {
     tokio::time::timeout(WAIT, sub.next())
         .await
@@ -261,30 +274,15 @@ async fn ids_are_stable_across_registry_restarts_and_differ_between_state_dirs()
         .unwrap()
         .insert("k1".into(), Scripted::worker("k1", WorkerState::Running));
     let first = registry_with(dir.path(), &[("local", src.clone())]).await;
-    let id1 = first
-        .list_workers(&WorkerFilter::default(), 10, None)
-        .unwrap()
-        .workers[0]
-        .id
-        .clone();
+    let id1 = only_worker(&first).await;
     first.shutdown(None).await;
     drop(first);
     let second = registry_with(dir.path(), &[("local", src.clone())]).await;
-    let id2 = second
-        .list_workers(&WorkerFilter::default(), 10, None)
-        .unwrap()
-        .workers[0]
-        .id
-        .clone();
+    let id2 = only_worker(&second).await;
     assert_eq!(id1, id2);
     let other_dir = tempfile::tempdir().unwrap();
     let third = registry_with(other_dir.path(), &[("local", src)]).await;
-    let id3 = third
-        .list_workers(&WorkerFilter::default(), 10, None)
-        .unwrap()
-        .workers[0]
-        .id
-        .clone();
+    let id3 = only_worker(&third).await;
     assert_ne!(id1, id3);
 }
 
@@ -395,12 +393,7 @@ async fn missing_capabilities_are_unsupported_without_calling_the_source() {
         .unwrap()
         .insert("k1".into(), Scripted::worker("k1", WorkerState::Exited));
     let reg = registry_with(dir.path(), &[("legacy", src.clone())]).await;
-    let id = reg
-        .list_workers(&WorkerFilter::default(), 10, None)
-        .unwrap()
-        .workers[0]
-        .id
-        .clone();
+    let id = only_worker(&reg).await;
     let spawn = reg
         .spawn(
             &rt("legacy"),
@@ -879,19 +872,7 @@ async fn remove_is_confirmed_before_it_returns() {
     let src = Scripted::new(Capabilities::ALL);
     let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
     src.put(Scripted::worker("k1", WorkerState::Running)).await;
-    wait_for(|| {
-        !reg.list_workers(&WorkerFilter::default(), 10, None)
-            .unwrap()
-            .workers
-            .is_empty()
-    })
-    .await;
-    let id = reg
-        .list_workers(&WorkerFilter::default(), 10, None)
-        .unwrap()
-        .workers[0]
-        .id
-        .clone();
+    let id = only_worker(&reg).await;
     assert_eq!(reg.remove(&id).await.unwrap_err().code(), "conflict");
     src.put(Scripted::worker("k1", WorkerState::Exited)).await;
     wait_for(|| reg.worker(&id).map(|w| w.state) == Ok(WorkerState::Exited)).await;
@@ -1154,19 +1135,7 @@ async fn stop_on_a_terminal_worker_succeeds_without_asking_the_source() {
     let src = Scripted::new(Capabilities::ALL);
     let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
     src.put(Scripted::worker("k1", WorkerState::Exited)).await;
-    wait_for(|| {
-        !reg.list_workers(&WorkerFilter::default(), 10, None)
-            .unwrap()
-            .workers
-            .is_empty()
-    })
-    .await;
-    let id = reg
-        .list_workers(&WorkerFilter::default(), 10, None)
-        .unwrap()
-        .workers[0]
-        .id
-        .clone();
+    let id = only_worker(&reg).await;
     *src.fail_with.lock().unwrap() = Some(RegistryError::unavailable("down", None));
     reg.stop(&id, None).await.unwrap();
     reg.stop(&id, Some(Duration::ZERO)).await.unwrap();
