@@ -257,6 +257,11 @@ impl Registry {
         self.inner.lock().runtimes.values().all(|r| r.answered)
     }
 
+    /// How many events the registry has published in this run (the log's head).
+    pub fn events_published(&self) -> u64 {
+        self.inner.lock().log.head().seq()
+    }
+
     /// One worker.
     pub fn worker(&self, id: &WorkerId) -> Result<WorkerView, RegistryError> {
         self.inner
