@@ -1,8 +1,114 @@
 //! # server-bin
 //!
-//! The `roster` HTTP server as a library (`run`, `serve`) plus a thin `main`: the API of
-//! the contract, Server-Sent Events streams, config, tokens and safe defaults.
+//! The `roster` HTTP server as a library, and the `roster` binary around it: the API of
+//! SPEC §4 over hyper 1.x, Server-Sent-Events streams, bearer tokens, the config file, metrics
+//! and graceful shutdown.
 //!
-//! Not built yet: this crate is a placeholder in the workspace until the server lands
-//! (see the project README). It exports nothing.
+//! A program with its own source kinds builds the default factories, adds its own, and hands
+//! them to [`cli::main`] (the same command line as `roster`) or to [`run`]:
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     let mut factories = server_bin::default_factories();
+//!     // my_source::register(&mut factories).expect("a kind registered once");
+//!     server_bin::cli::main(factories)
+//! }
+//! ```
+//!
+//! Tests start the real server on `127.0.0.1:0` with [`serve`] or [`serve_with`].
 #![warn(missing_docs)]
+
+mod api;
+mod auth;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod routes;
+mod server;
+mod sse;
+mod wire;
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use registry_core::{Registry, RegistryConfig, SourceFactories};
+use tokio::net::TcpListener;
+
+pub use api::OPENAPI;
+pub use config::Config;
+pub use server::{serve, serve_with, ServeOptions};
+
+/// The source kinds that ship with `roster`: `embedded`.
+pub fn default_factories() -> SourceFactories {
+    let mut factories = SourceFactories::new();
+    source_embedded::register(&mut factories).expect("a fresh set of kinds has no embedded yet");
+    factories
+}
+
+/// The registry a config describes, with every runtime added.
+pub async fn build_registry(
+    config: &Config,
+    factories: &SourceFactories,
+) -> anyhow::Result<Registry> {
+    let s = &config.server;
+    let registry = Registry::new(RegistryConfig {
+        state_dir: s.state_dir.clone(),
+        event_retention: s.event_retention,
+        event_retention_bytes: usize::try_from(s.event_retention_bytes).unwrap_or(usize::MAX),
+        subscriber_queue: s.subscriber_queue,
+    })
+    .context("opening the state directory")?;
+    for rt in config.build_sources(factories)? {
+        registry
+            .add_runtime(rt.id.clone(), &rt.kind, rt.source)
+            .await
+            .with_context(|| format!("adding runtime {:?}", rt.id.as_str()))?;
+    }
+    Ok(registry)
+}
+
+/// Runs `roster` with this config until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config, factories: SourceFactories) -> anyhow::Result<()> {
+    run_until(config, factories, shutdown_signal()).await
+}
+
+/// [`run`], until `shutdown` completes.
+pub async fn run_until(
+    config: Config,
+    factories: SourceFactories,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let tokens = config.load_tokens()?;
+    config.check_listen(&tokens)?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.server.listen))?;
+    let registry = build_registry(&config, &factories).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        runtimes = config.runtimes.len(),
+        tokens = tokens.len(),
+        "roster is serving"
+    );
+    let options = ServeOptions::from_config(&config.server, tokens);
+    serve_with(listener, registry, options, shutdown).await
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+        }
+        _ => {
+            tracing::error!("no signal handlers; stopping only on Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

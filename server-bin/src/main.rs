@@ -1,1 +1,5 @@
-fn main() {}
+//! `roster`: the runtime registry server.
+
+fn main() -> std::process::ExitCode {
+    server_bin::cli::main(server_bin::default_factories())
+}

@@ -1,0 +1,345 @@
+//! The handlers of the API: one function per endpoint, and `dispatch`, which maps the routing
+//! table's endpoints onto them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, LOCATION};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use registry_core::{RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::routes::Endpoint;
+use crate::server::App;
+use crate::sse;
+use crate::wire::{self as h, Body};
+
+/// Default page size of `GET /v1/workers`.
+const DEFAULT_LIMIT: usize = 100;
+
+/// The web console (one static page).
+const CONSOLE: &str = include_str!("console.html");
+/// The API document.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Runs the handler of `endpoint`. `params` are the route template's `{…}` segments.
+pub async fn dispatch(
+    app: &Arc<App>,
+    endpoint: Endpoint,
+    params: &[String],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RegistryError> {
+    let param = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
+    match endpoint {
+        Endpoint::Console => Ok(h::with_type(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            CONSOLE,
+        )),
+        Endpoint::Healthz => Ok(h::json(StatusCode::OK, &json!({ "status": "ok" }))),
+        Endpoint::Readyz => readyz(app),
+        Endpoint::Metrics => Ok(h::with_type(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            app.metrics.render(&app.registry),
+        )),
+        Endpoint::OpenApi => Ok(h::with_type(StatusCode::OK, "application/json", OPENAPI)),
+        Endpoint::ListRuntimes => {
+            no_query(&req)?;
+            Ok(h::json(
+                StatusCode::OK,
+                &json!({ "runtimes": app.registry.runtimes() }),
+            ))
+        }
+        Endpoint::GetRuntime => {
+            no_query(&req)?;
+            let id = runtime_id(param(0))?;
+            Ok(h::json(StatusCode::OK, &app.registry.runtime(&id)?))
+        }
+        Endpoint::Spawn => spawn(app, param(0), req).await,
+        Endpoint::ListWorkers => list_workers(app, &req),
+        Endpoint::GetWorker => {
+            no_query(&req)?;
+            Ok(h::json(
+                StatusCode::OK,
+                &app.registry.worker(&worker_id(param(0))?)?,
+            ))
+        }
+        Endpoint::RemoveWorker => {
+            no_query(&req)?;
+            app.registry.remove(&worker_id(param(0))?).await?;
+            let mut resp = Response::new(h::empty());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
+        Endpoint::Input => input(app, param(0), req).await,
+        Endpoint::Stop => stop(app, param(0), req).await,
+        Endpoint::Output => output(app, param(0), &req).await,
+        Endpoint::Events => events(app, &req),
+    }
+}
+
+fn readyz(app: &Arc<App>) -> Result<Response<Body>, RegistryError> {
+    if app.is_stopping() {
+        return Err(RegistryError::unavailable(
+            "the server is shutting down",
+            None,
+        ));
+    }
+    if app.registry.is_ready() {
+        Ok(h::json(StatusCode::OK, &json!({ "status": "ready" })))
+    } else {
+        Err(RegistryError::unavailable(
+            "not every runtime has answered yet",
+            Some(Duration::from_secs(1)),
+        ))
+    }
+}
+
+/// A runtime id from the path. A name that can't be a runtime id names no runtime.
+fn runtime_id(text: &str) -> Result<RuntimeId, RegistryError> {
+    RuntimeId::new(text).map_err(|_| not_a_runtime(text))
+}
+
+fn not_a_runtime(text: &str) -> RegistryError {
+    RegistryError::RuntimeNotFound(format!("no runtime is named {:?}", shorten(text)))
+}
+
+/// A worker id from the path; a malformed one is `worker_not_found` with a message that says
+/// what ids look like.
+fn worker_id(text: &str) -> Result<WorkerId, RegistryError> {
+    text.parse()
+}
+
+fn shorten(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// The query's pairs, decoded; a name outside `known` is `invalid_request`.
+fn query(req: &Request<Incoming>, known: &[&str]) -> Result<Vec<(String, String)>, RegistryError> {
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    for (k, _) in &pairs {
+        if !known.contains(&k.as_str()) {
+            let takes = if known.is_empty() {
+                "no query parameters".to_string()
+            } else {
+                known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(RegistryError::InvalidRequest(format!(
+                "unknown query parameter `{}`; this route takes {takes}",
+                shorten(k)
+            )));
+        }
+    }
+    Ok(pairs)
+}
+
+fn no_query(req: &Request<Incoming>) -> Result<(), RegistryError> {
+    query(req, &[]).map(drop)
+}
+
+/// The one value of a parameter that may be given once.
+fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, RegistryError> {
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(RegistryError::InvalidRequest(format!(
+            "query parameter `{name}` is given more than once"
+        )));
+    }
+    Ok(first)
+}
+
+async fn body(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<(http::HeaderMap, Bytes), RegistryError> {
+    let (parts, body) = req.into_parts();
+    let bytes = h::read_body(&parts.headers, body, app.options.max_body).await?;
+    Ok((parts.headers, bytes))
+}
+
+async fn spawn(
+    app: &Arc<App>,
+    runtime: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RegistryError> {
+    no_query(&req)?;
+    let runtime = runtime_id(runtime)?;
+    // The runtime must exist before its body is worth reading.
+    app.registry.runtime(&runtime)?;
+    let (headers, bytes) = body(app, req).await?;
+    let request: SpawnRequest = h::parse_json(&headers, &bytes, false)?
+        .ok_or_else(|| RegistryError::InvalidJson("the request body is empty".into()))?;
+    let worker = app.registry.spawn(&runtime, request).await?;
+    let mut resp = h::json(StatusCode::CREATED, &worker);
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/workers/{}", worker.id)) {
+        resp.headers_mut().insert(LOCATION, location);
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputBody {
+    data: String,
+}
+
+async fn input(
+    app: &Arc<App>,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RegistryError> {
+    no_query(&req)?;
+    let id = worker_id(id)?;
+    let (headers, bytes) = body(app, req).await?;
+    let input: InputBody = h::parse_json(&headers, &bytes, false)?
+        .ok_or_else(|| RegistryError::InvalidJson("the request body is empty".into()))?;
+    let n = input.data.len();
+    app.registry.input(&id, Bytes::from(input.data)).await?;
+    Ok(h::json(
+        StatusCode::ACCEPTED,
+        &json!({ "accepted_bytes": n }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    grace_ms: Option<u64>,
+}
+
+/// The longest grace a stop may ask for (a day): longer is surely a mistake.
+const MAX_GRACE_MS: u64 = 86_400_000;
+
+async fn stop(
+    app: &Arc<App>,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, RegistryError> {
+    no_query(&req)?;
+    let id = worker_id(id)?;
+    let (headers, bytes) = body(app, req).await?;
+    let stop: Option<StopBody> = h::parse_json(&headers, &bytes, true)?;
+    let grace = match stop.and_then(|s| s.grace_ms) {
+        Some(ms) if ms > MAX_GRACE_MS => {
+            return Err(RegistryError::InvalidRequest(format!(
+                "`grace_ms` must be at most {MAX_GRACE_MS}"
+            )))
+        }
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => None,
+    };
+    app.registry.stop(&id, grace).await?;
+    Ok(h::json(StatusCode::ACCEPTED, &app.registry.worker(&id)?))
+}
+
+fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+    let pairs = query(req, &["runtime", "state", "label", "limit", "page"])?;
+    let mut filter = WorkerFilter::default();
+    if let Some(r) = single(&pairs, "runtime")? {
+        let id = runtime_id(r)?;
+        app.registry.runtime(&id)?;
+        filter.runtime = Some(id);
+    }
+    if let Some(s) = single(&pairs, "state")? {
+        filter.state = Some(WorkerState::parse(s)?);
+    }
+    let mut seen = HashSet::new();
+    for (_, label) in pairs.iter().filter(|(k, _)| k == "label") {
+        let (k, v) = label.split_once('=').ok_or_else(|| {
+            RegistryError::InvalidRequest(format!(
+                "`label` must look like key=value, not {:?}",
+                shorten(label)
+            ))
+        })?;
+        if seen.insert(k.to_string()) {
+            filter.labels.push((k.to_string(), v.to_string()));
+        }
+    }
+    let limit = match single(&pairs, "limit")? {
+        Some(l) => l.parse::<usize>().map_err(|_| {
+            RegistryError::InvalidRequest(format!(
+                "`limit` must be a number between 1 and {}",
+                1000
+            ))
+        })?,
+        None => DEFAULT_LIMIT,
+    };
+    let page = app
+        .registry
+        .list_workers(&filter, limit, single(&pairs, "page")?)?;
+    Ok(h::json(
+        StatusCode::OK,
+        &json!({ "workers": page.workers, "next_page": page.next_page }),
+    ))
+}
+
+async fn output(
+    app: &Arc<App>,
+    id: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, RegistryError> {
+    let pairs = query(req, &["after", "follow"])?;
+    let id = worker_id(id)?;
+    let seq = |text: &str, what: &str| {
+        text.trim().parse::<u64>().map_err(|_| {
+            RegistryError::InvalidRequest(format!(
+                "{what} must be an output seq (a whole number), not {:?}",
+                shorten(text)
+            ))
+        })
+    };
+    // The header wins: a browser resends it on reconnect while the URL keeps its first `after`.
+    let after = match req.headers().get("last-event-id") {
+        Some(v) => seq(v.to_str().unwrap_or("?"), "Last-Event-ID")?,
+        None => match single(&pairs, "after")? {
+            Some(a) => seq(a, "`after`")?,
+            None => 0,
+        },
+    };
+    let follow = match single(&pairs, "follow")? {
+        None | Some("1") | Some("true") => true,
+        Some("0") | Some("false") => false,
+        Some(other) => {
+            return Err(RegistryError::InvalidRequest(format!(
+                "`follow` must be 0 or 1, not {:?}",
+                shorten(other)
+            )))
+        }
+    };
+    sse::output(app, id, after, follow).await
+}
+
+fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+    let pairs = query(req, &["runtime", "cursor"])?;
+    let runtime = match single(&pairs, "runtime")? {
+        Some(r) => {
+            let id = runtime_id(r)?;
+            app.registry.runtime(&id)?;
+            Some(id)
+        }
+        None => None,
+    };
+    // The header wins, as for output. A malformed cursor is answered in the stream (reset).
+    let cursor = match req.headers().get("last-event-id") {
+        Some(v) => Some(v.to_str().unwrap_or("").to_string()),
+        None => single(&pairs, "cursor")?.map(str::to_string),
+    };
+    Ok(sse::events(app, cursor.as_deref(), runtime))
+}

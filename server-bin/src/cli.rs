@@ -1,0 +1,163 @@
+//! The command line of `roster` (and of any program built on this library with its own
+//! source kinds): `roster serve` and `roster check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use registry_core::SourceFactories;
+
+use crate::config::Config;
+
+/// The runtime registry: every place that runs workers behind one HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "roster", version, about)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API (the default). Flags override the config file.
+    Serve(ServeArgs),
+    /// Validate a config file without starting; exits non-zero on any error.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+}
+
+/// Flags of `roster serve`.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// The config file (TOML). Without one: an `embedded` runtime `local` on 127.0.0.1:7411.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:7411.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the registry's state (the id key).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log format on stderr; `RUST_LOG` sets the filter (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log line formats.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses the command line and runs it; the exit code says how it went.
+pub fn main(factories: SourceFactories) -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args, factories),
+        Command::CheckConfig { file } => check_config(&file, &factories),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
+    init_logging(args.log_format);
+    let mut config = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        },
+        None => Config::default_embedded(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(dir) = args.state_dir {
+        config.server.state_dir = dir;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match rt.block_on(crate::run(config, factories)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("roster: {e}");
+    ExitCode::FAILURE
+}
+
+/// `roster check-config FILE`: parse, read the tokens, check the listen address, and build
+/// every runtime's source (then shut it down at once), reporting the first error.
+pub fn check_config(file: &std::path::Path, factories: &SourceFactories) -> ExitCode {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let tokens = match config.load_tokens() {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = config.check_listen(&tokens) {
+        return fail(&e);
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    let built = rt.block_on(async {
+        let built = config.build_sources(factories)?;
+        for b in &built {
+            b.source.shutdown(Some(Duration::ZERO)).await;
+        }
+        Ok::<_, crate::config::ConfigFileError>(built.len())
+    });
+    match built {
+        Ok(n) => {
+            let kinds: Vec<String> = config
+                .runtimes
+                .iter()
+                .map(|r| format!("{} ({})", r.id, r.kind))
+                .collect();
+            println!(
+                "config is valid: {n} runtime{}: {}; {} token{}",
+                if n == 1 { "" } else { "s" },
+                kinds.join(", "),
+                tokens.len(),
+                if tokens.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}

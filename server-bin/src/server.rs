@@ -1,0 +1,307 @@
+//! The listener loop, the per-request pipeline (host, route, token, origin, handler, error,
+//! request id, metrics, log line) and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, ALLOW};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use registry_core::{Registry, RegistryError};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::api;
+use crate::auth::{Allowed, Tokens};
+use crate::config::{LoadedToken, ServerSection};
+use crate::metrics::Metrics;
+use crate::routes::{resolve, Resolution, UNMATCHED};
+use crate::wire::{error_response, Body};
+
+/// How the server behaves, apart from the registry it serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Bearer tokens; none means the server is open, and then it only serves on loopback.
+    pub tokens: Vec<LoadedToken>,
+    /// Host names and origins accepted besides loopback and same-origin.
+    pub allowed_hosts: Vec<String>,
+    /// Origins accepted for requests that change something, besides the server's own.
+    pub allowed_origins: Vec<String>,
+    /// Largest request body (default 1 MiB).
+    pub max_body: u64,
+    /// How long embedded workers get to stop at shutdown (default 10 s).
+    pub shutdown_grace: Duration,
+    /// The interval of `: ping` comments on event streams (default 15 s).
+    pub sse_ping: Duration,
+    /// Connections served at once; more wait to be accepted (default 1024).
+    pub max_connections: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions::from_config(&ServerSection::default(), Vec::new())
+    }
+}
+
+impl ServeOptions {
+    /// The options of a config's `[server]` table with its loaded tokens.
+    pub fn from_config(server: &ServerSection, tokens: Vec<LoadedToken>) -> Self {
+        ServeOptions {
+            tokens,
+            allowed_hosts: server.allowed_hosts.clone(),
+            allowed_origins: server.allowed_origins.clone(),
+            max_body: server.max_body,
+            shutdown_grace: server.shutdown_grace,
+            sse_ping: server.sse_ping,
+            max_connections: 1024,
+        }
+    }
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct App {
+    pub(crate) registry: Registry,
+    pub(crate) options: ServeOptions,
+    pub(crate) metrics: Arc<Metrics>,
+    tokens: Tokens,
+    allowed: Allowed,
+    /// Becomes `true` once the registry has shut down: streams end with a final event.
+    pub(crate) closing: watch::Receiver<bool>,
+    /// Set when shutdown starts: requests that would change something are refused.
+    stopping: AtomicBool,
+    request_prefix: String,
+    request_seq: AtomicU64,
+}
+
+impl App {
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn next_request_id(&self) -> String {
+        let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:06}", self.request_prefix)
+    }
+}
+
+/// A client's `x-request-id` is kept when it is short and plain; otherwise the server makes one.
+fn client_request_id(req: &Request<Incoming>) -> Option<String> {
+    let v = req.headers().get("x-request-id")?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| v.to_string())
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = client_request_id(&req).unwrap_or_else(|| app.next_request_id());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (route, result) = pipeline(&app, req).await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(error) => {
+            if let Some(detail) = error.internal_detail() {
+                tracing::error!(request_id = %request_id, %method, route, detail, "internal error");
+            }
+            let mut resp = error_response(&error);
+            if let RegistryError::MethodNotAllowed(_) = error {
+                if let Some(allow) = allow_header(&path) {
+                    resp.headers_mut().insert(ALLOW, allow);
+                }
+            }
+            resp
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    app.metrics.observe_request(&method, route, status, elapsed);
+    tracing::info!(
+        request_id = %request_id,
+        %method,
+        route,
+        status,
+        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    Ok(resp)
+}
+
+fn allow_header(path: &str) -> Option<HeaderValue> {
+    match resolve(&http::Method::OPTIONS, path) {
+        Resolution::WrongMethod(_, allowed) => {
+            let list: Vec<&str> = allowed.iter().map(http::Method::as_str).collect();
+            HeaderValue::from_str(&list.join(", ")).ok()
+        }
+        _ => None,
+    }
+}
+
+/// Host → route → token → origin → handler. Returns the route template for the metrics.
+async fn pipeline(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Response<Body>, RegistryError>) {
+    if let Err(e) = app.allowed.check_host(req.headers()) {
+        return (UNMATCHED, Err(e));
+    }
+    let path = req.uri().path().to_string();
+    let (route, params) = match resolve(req.method(), &path) {
+        Resolution::Found(route, params) => (
+            route,
+            params.into_iter().map(str::to_string).collect::<Vec<_>>(),
+        ),
+        Resolution::WrongMethod(template, allowed) => {
+            let list: Vec<&str> = allowed.iter().map(http::Method::as_str).collect();
+            return (
+                template,
+                Err(RegistryError::MethodNotAllowed(format!(
+                    "{} is not allowed here; this path takes {}",
+                    req.method(),
+                    list.join(", ")
+                ))),
+            );
+        }
+        Resolution::NotFound => {
+            return (
+                UNMATCHED,
+                Err(RegistryError::RouteNotFound(
+                    "no such route; GET /v1/openapi.json lists every route".into(),
+                )),
+            )
+        }
+    };
+    let template = route.template;
+    if let Err(e) = app.tokens.authorize(req.headers(), route.access) {
+        return (template, Err(e));
+    }
+    if let Err(e) = app.allowed.check_origin(req.method(), req.headers()) {
+        return (template, Err(e));
+    }
+    if app.is_stopping() && route.method != http::Method::GET {
+        return (
+            template,
+            Err(RegistryError::unavailable(
+                "the server is shutting down",
+                None,
+            )),
+        );
+    }
+    (
+        template,
+        api::dispatch(app, route.endpoint, &params, req).await,
+    )
+}
+
+/// Serves `registry` on `listener` with default options until `shutdown` completes.
+/// See [`serve_with`].
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with(listener, registry, ServeOptions::default(), shutdown).await
+}
+
+/// How long shutdown waits for connections to finish after the streams were told to end.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Serves `registry` on `listener` until `shutdown` completes, then shuts down gracefully:
+/// stops accepting, refuses requests that would change something, shuts the registry down
+/// (workers get `options.shutdown_grace` to stop, and their last events still reach the
+/// streams), ends every stream with a final `shutdown` event, and waits a little for
+/// connections to finish.
+///
+/// Without tokens, a listener that is not on loopback is refused.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Registry,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    if options.tokens.is_empty() && !local.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve on a non-loopback address without tokens: anyone who can reach \
+             the port could start processes; configure [[server.tokens]] or listen on 127.0.0.1"
+        );
+    }
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut prefix = [0u8; 4];
+    getrandom::fill(&mut prefix).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let app = Arc::new(App {
+        registry: registry.clone(),
+        metrics: Arc::new(Metrics::new()),
+        tokens: Tokens::new(&options.tokens),
+        allowed: Allowed {
+            hosts: options.allowed_hosts.clone(),
+            origins: options.allowed_origins.clone(),
+        },
+        closing: closing_rx,
+        stopping: AtomicBool::new(false),
+        request_prefix: prefix.iter().map(|b| format!("{b:02x}")).collect(),
+        request_seq: AtomicU64::new(1),
+        options,
+    });
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(app.options.max_connections.max(1)));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit?,
+            () = &mut shutdown => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| handle(app.clone(), req)),
+        );
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; stopping workers");
+    app.stopping.store(true, Ordering::Release);
+    // Idle keep-alive connections close now; streaming ones finish their response.
+    let drained = tokio::spawn(graceful.shutdown());
+    registry.shutdown(Some(app.options.shutdown_grace)).await;
+    let _ = closing_tx.send(true);
+    if tokio::time::timeout(DRAIN, drained).await.is_err() {
+        tracing::warn!("some connections did not finish in time; closing them");
+    }
+    tracing::info!("shut down");
+    Ok(())
+}

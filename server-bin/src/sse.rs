@@ -1,0 +1,298 @@
+//! Server-Sent Events: the registry's event stream and a worker's output stream (SPEC §5).
+//!
+//! Each stream is one task that writes frames into a bounded [`ChannelBody`]. A client that
+//! reads slowly makes that task wait; it never makes the registry wait: the registry's
+//! per-subscriber queue overflows instead and the client alone gets `reset {lagged}`
+//! (events) or a `gap` (output, from the source's retention).
+
+use std::future::pending;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::Response;
+use http_body_util::BodyExt;
+use registry_core::{
+    EventPayload, OutputEvent, OutputRequest, RegistryError, RuntimeId, Subscription, WorkerId,
+    WorkerView,
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
+
+use crate::server::App;
+use crate::wire::{Body, ChannelBody};
+
+/// Frames buffered per client before its task waits for the client.
+const CLIENT_BUFFER: usize = 16;
+/// How long `end` waits for the registry to show the worker's terminal state.
+const FINAL_STATE_WAIT: Duration = Duration::from_secs(2);
+
+/// The first frame: clients reconnect after 1 s.
+const RETRY: &[u8] = b"retry: 1000\n\n";
+/// The keep-alive comment.
+const PING: &[u8] = b": ping\n\n";
+
+/// One event frame. `data` is one line of JSON (serde_json never writes a raw newline).
+pub fn frame(id: &str, event: &str, data: &str) -> Bytes {
+    Bytes::from(format!("id: {id}\nevent: {event}\ndata: {data}\n\n"))
+}
+
+fn sse_response(body: ChannelBody) -> Response<Body> {
+    let mut resp = Response::new(body.boxed());
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// The frame that ends a stream when the server shuts down.
+fn shutdown_frame(id: &str) -> Bytes {
+    frame(
+        id,
+        "shutdown",
+        r#"{"reason":"the server is shutting down"}"#,
+    )
+}
+
+struct Writer {
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl Writer {
+    /// Sends a frame; `false` once the client is gone.
+    async fn send(&self, bytes: Bytes) -> bool {
+        self.tx.send(bytes).await.is_ok()
+    }
+}
+
+/// `GET /v1/events`: `retry`, then the subscription's items (snapshot or replay or reset +
+/// snapshot, then live), pings, and a final `shutdown` event when the registry shuts down.
+pub fn events(app: &Arc<App>, cursor: Option<&str>, runtime: Option<RuntimeId>) -> Response<Body> {
+    let mut sub = app.registry.subscribe(cursor, runtime);
+    let (tx, body) = ChannelBody::new(CLIENT_BUFFER);
+    let guard = app.metrics.stream_opened("events");
+    let ping_every = app.options.sse_ping;
+    tokio::spawn(async move {
+        let _guard = guard;
+        let out = Writer { tx };
+        if !out.send(Bytes::from_static(RETRY)).await {
+            return;
+        }
+        let mut last = String::new();
+        let mut ping = interval_at(Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = sub.next() => {
+                    let Some(item) = item else {
+                        // The registry shut down: say so and close.
+                        out.send(shutdown_frame(&last)).await;
+                        return;
+                    };
+                    last = item.cursor.to_string();
+                    let data = match serde_json::to_string(&*item.payload) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::error!(error = %e, "an event did not serialize; closing the stream");
+                            return;
+                        }
+                    };
+                    if !out.send(frame(&last, item.payload.event_type(), &data)).await {
+                        return;
+                    }
+                }
+                _ = ping.tick() => {
+                    if !out.send(Bytes::from_static(PING)).await {
+                        return;
+                    }
+                }
+                _ = out.tx.closed() => return,
+            }
+        }
+    });
+    sse_response(body)
+}
+
+/// `GET /v1/workers/{id}/output`: `retry`, the worker's `state`, then its output after
+/// `after` (`output` and `gap`), `state` on every change of the worker, and `end` once it is
+/// terminal and drained. Every event's `id` is the last output `seq` sent, so a client resumes
+/// with `Last-Event-ID` (or `?after=`) and gets nothing twice.
+pub async fn output(
+    app: &Arc<App>,
+    id: WorkerId,
+    after: u64,
+    follow: bool,
+) -> Result<Response<Body>, RegistryError> {
+    let worker = app.registry.worker(&id)?;
+    // Subscribe before opening the output, so no state change falls in between.
+    let sub = follow.then(|| {
+        app.registry
+            .subscribe(None, Some(worker.runtime_id.clone()))
+    });
+    let stream = app
+        .registry
+        .output(&id, OutputRequest { after, follow })
+        .await?;
+    let (tx, body) = ChannelBody::new(CLIENT_BUFFER);
+    let task = OutputTask {
+        out: Writer { tx },
+        id,
+        last_id: after,
+        last_state: worker,
+        sub,
+        closing: app.closing.clone(),
+        ping_every: app.options.sse_ping,
+    };
+    let guard = app.metrics.stream_opened("output");
+    tokio::spawn(async move {
+        let _guard = guard;
+        task.run(stream).await;
+    });
+    Ok(sse_response(body))
+}
+
+struct OutputTask {
+    out: Writer,
+    id: WorkerId,
+    /// The `seq` of the last output or gap sent (the resume point).
+    last_id: u64,
+    last_state: WorkerView,
+    sub: Option<Subscription>,
+    closing: tokio::sync::watch::Receiver<bool>,
+    ping_every: Duration,
+}
+
+impl OutputTask {
+    async fn run(mut self, mut stream: registry_core::OutputStream) {
+        if !self.out.send(Bytes::from_static(RETRY)).await {
+            return;
+        }
+        let first = self.last_state.clone();
+        if !self.send_state(&first).await {
+            return;
+        }
+        let mut ping = interval_at(Instant::now() + self.ping_every, self.ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = stream.recv() => match event {
+                    Some(OutputEvent::Chunk(chunk)) => {
+                        self.last_id = chunk.seq;
+                        let data = json!({
+                            "seq": chunk.seq,
+                            "stream": chunk.stream,
+                            "data": String::from_utf8_lossy(&chunk.data),
+                        });
+                        if !self.send("output", &data).await {
+                            return;
+                        }
+                    }
+                    Some(OutputEvent::Gap { from, to }) => {
+                        self.last_id = to;
+                        if !self.send("gap", &json!({ "from": from, "to": to })).await {
+                            return;
+                        }
+                    }
+                    Some(OutputEvent::End) => {
+                        self.final_state().await;
+                        self.send("end", &json!({})).await;
+                        return;
+                    }
+                    None => {
+                        // `follow=0` sent what is retained, the worker's record went away,
+                        // or the server is shutting down.
+                        if *self.closing.borrow() {
+                            self.out.send(shutdown_frame(&self.last_id.to_string())).await;
+                        }
+                        return;
+                    }
+                },
+                item = next_item(&mut self.sub) => match item {
+                    Some(payload) => {
+                        if !self.on_event(&payload).await {
+                            return;
+                        }
+                    }
+                    None => self.sub = None,
+                },
+                _ = self.closing.changed() => {
+                    self.out.send(shutdown_frame(&self.last_id.to_string())).await;
+                    return;
+                }
+                _ = ping.tick() => {
+                    if !self.out.send(Bytes::from_static(PING)).await {
+                        return;
+                    }
+                }
+                _ = self.out.tx.closed() => return,
+            }
+        }
+    }
+
+    async fn send(&self, event: &str, data: &serde_json::Value) -> bool {
+        self.out
+            .send(frame(&self.last_id.to_string(), event, &data.to_string()))
+            .await
+    }
+
+    async fn send_state(&mut self, worker: &WorkerView) -> bool {
+        self.last_state = worker.clone();
+        self.send("state", &json!({ "worker": worker })).await
+    }
+
+    /// Sends `state` when the registry's view of this worker changed.
+    async fn on_event(&mut self, payload: &EventPayload) -> bool {
+        let view = match payload {
+            EventPayload::WorkerUpserted { worker } if worker.id == self.id => Some(worker),
+            EventPayload::Snapshot { workers, .. } => workers.iter().find(|w| w.id == self.id),
+            _ => None,
+        };
+        match view {
+            Some(view) if *view != self.last_state => {
+                let view = view.clone();
+                self.send_state(&view).await
+            }
+            _ => true,
+        }
+    }
+
+    /// Before `end`: the terminal state, waiting a little for the registry to show it.
+    async fn final_state(&mut self) {
+        let deadline = Instant::now() + FINAL_STATE_WAIT;
+        while !self.last_state.state.is_terminal() {
+            let Some(sub) = self.sub.as_mut() else { break };
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(item)) => {
+                    if !self.on_event(&item.payload).await {
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}
+
+async fn next_item(sub: &mut Option<Subscription>) -> Option<Arc<EventPayload>> {
+    match sub {
+        Some(sub) => sub.next().await.map(|item| item.payload),
+        None => pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_id_event_and_one_data_line() {
+        let f = frame("00ab-3", "worker.upserted", r#"{"a":"x\ny"}"#);
+        assert_eq!(
+            &f[..],
+            b"id: 00ab-3\nevent: worker.upserted\ndata: {\"a\":\"x\\ny\"}\n\n"
+        );
+    }
+}
