@@ -1,0 +1,345 @@
+//! A real `roster` server on 127.0.0.1:0 for tests, and a small HTTP + SSE client over hyper.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use registry_core::Registry;
+use serde_json::Value;
+use server_bin::config::Config;
+use server_bin::ServeOptions;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a test waits for anything before it fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A running server with its own state directory.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub registry: Registry,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+/// The default config (one `embedded` runtime `local`, profile `shell`, commands allowed)
+/// with `extra` TOML merged into the runtime's table (e.g. `output_retention = 64`).
+pub fn config(extra_runtime_toml: &str) -> Config {
+    let mut config = Config::default_embedded();
+    let extra: toml::Table = toml::from_str(extra_runtime_toml).expect("valid extra TOML");
+    for (k, v) in extra {
+        config.runtimes[0].table.insert(k, v);
+    }
+    config
+}
+
+impl TestServer {
+    /// The default config and options.
+    pub async fn start() -> Result<TestServer> {
+        Self::start_with(config(""), ServeOptions::default()).await
+    }
+
+    /// A server for `config` (its state dir is replaced by a fresh one) with `options`.
+    pub async fn start_with(config: Config, options: ServeOptions) -> Result<TestServer> {
+        let dir = tempfile::tempdir()?;
+        Self::start_in(dir, config, options).await
+    }
+
+    /// A server whose state lives in `dir` (to restart a registry on the same state).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        mut config: Config,
+        options: ServeOptions,
+    ) -> Result<TestServer> {
+        config.server.state_dir = dir.path().join("state");
+        let registry =
+            server_bin::build_registry(&config, &server_bin::default_factories()).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server_bin::serve_with(
+            listener,
+            registry.clone(),
+            options,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Ok(TestServer {
+            addr,
+            registry,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Shuts the server down as SIGTERM would and waits for it.
+    pub async fn stop(mut self) -> Result<tempfile::TempDir> {
+        self.shutdown().await?;
+        let dir = tempfile::tempdir()?;
+        Ok(std::mem::replace(&mut self.dir, dir))
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .context("server did not stop")???;
+        }
+        Ok(())
+    }
+
+    /// One request; `body` is sent as JSON when given.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<TestResponse> {
+        let resp = self.send(method, path, headers, body).await?;
+        let (parts, body) = resp.into_parts();
+        let body = tokio::time::timeout(WAIT, body.collect())
+            .await
+            .context("body timed out")??
+            .to_bytes();
+        Ok(TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// Sends a request and returns the response with its body unread.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<hyper::Response<Incoming>> {
+        let stream = TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", format!("127.0.0.1:{}", self.addr.port()));
+        let has_type = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+        if body.is_some() && !has_type {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_string())))?;
+        Ok(tokio::time::timeout(WAIT, sender.send_request(req))
+            .await
+            .context("request timed out")??)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<TestResponse> {
+        self.request(Method::GET, path, &[], None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> Result<TestResponse> {
+        self.request(Method::POST, path, &[], Some(body)).await
+    }
+
+    /// Spawns `sh -c script` in runtime `local` and returns the worker's id.
+    pub async fn spawn_shell(&self, script: &str) -> Result<String> {
+        let body = serde_json::json!({ "profile": "shell", "args": [script] }).to_string();
+        let resp = self.post("/v1/runtimes/local/workers", &body).await?;
+        if resp.status != StatusCode::CREATED {
+            bail!("spawn answered {}: {}", resp.status, resp.text());
+        }
+        Ok(resp.json()?["id"].as_str().context("an id")?.to_string())
+    }
+
+    /// Polls `GET /v1/workers/{id}` until `check` holds, or fails after [`WAIT`].
+    pub async fn wait_worker(&self, id: &str, check: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let w = self.get(&format!("/v1/workers/{id}")).await?.json()?;
+            if check(&w) {
+                return Ok(w);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("worker never reached the condition: {w}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Opens an SSE stream.
+    pub async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> Result<SseClient> {
+        let resp = self.send(Method::GET, path, headers, None).await?;
+        if resp.status() != StatusCode::OK {
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await?.to_bytes();
+            bail!(
+                "stream answered {}: {}",
+                parts.status,
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(SseClient {
+            headers: resp.headers().clone(),
+            body: resp.into_body(),
+            buf: Vec::new(),
+            raw: Vec::new(),
+            ended: false,
+        })
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("not JSON ({}): {}", self.status, self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `error.code` of an error body.
+    pub fn code(&self) -> String {
+        self.json()
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// One event of a stream.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A streaming SSE reader that keeps every byte it saw (for leak searches).
+pub struct SseClient {
+    pub headers: HeaderMap,
+    body: Incoming,
+    buf: Vec<u8>,
+    /// Every byte received so far.
+    pub raw: Vec<u8>,
+    ended: bool,
+}
+
+impl SseClient {
+    /// The next event (comments and `retry:` skipped), `None` when the server closed the
+    /// stream; fails after `timeout`.
+    pub async fn next_event_within(&mut self, timeout: Duration) -> Result<Option<SseEvent>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(block) = self.take_block() {
+                if let Some(ev) = parse_block(&block)? {
+                    return Ok(Some(ev));
+                }
+                continue;
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .context("no event in time")?;
+            match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                        self.raw.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => bail!("stream error: {e}"),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    /// [`Self::next_event_within`] with [`WAIT`]; fails when the stream ends.
+    pub async fn next_event(&mut self) -> Result<SseEvent> {
+        self.next_event_within(WAIT)
+            .await?
+            .context("the stream ended")
+    }
+
+    /// Reads until the stream closes (or `timeout`), returning the remaining events.
+    pub async fn rest(&mut self, timeout: Duration) -> Result<Vec<SseEvent>> {
+        let mut out = Vec::new();
+        while let Some(ev) = self.next_event_within(timeout).await? {
+            out.push(ev);
+        }
+        Ok(out)
+    }
+
+    /// The raw text received so far.
+    pub fn raw_text(&self) -> String {
+        String::from_utf8_lossy(&self.raw).into_owned()
+    }
+
+    fn take_block(&mut self) -> Option<String> {
+        let pos = self.buf.windows(2).position(|w| w == b"\n\n")?;
+        let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
+        Some(String::from_utf8_lossy(&block[..pos]).into_owned())
+    }
+}
+
+fn parse_block(block: &str) -> Result<Option<SseEvent>> {
+    let (mut id, mut event, mut data) = (None, None, None);
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v.to_string());
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = Some(v.to_string());
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            if data.is_some() {
+                bail!("more than one data line: {block}");
+            }
+            data = Some(serde_json::from_str(v).with_context(|| format!("data is not JSON: {v}"))?);
+        }
+    }
+    match event {
+        Some(event) => Ok(Some(SseEvent {
+            id,
+            event,
+            data: data.context("an event without data")?,
+        })),
+        None => Ok(None),
+    }
+}
