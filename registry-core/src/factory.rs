@@ -30,7 +30,9 @@ impl SourceConfig {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError {
                 runtime: self.runtime_id.to_string(),
-                message: e.message().trim().to_string(),
+                // The whole text: it ends with the key path ("in `profiles.shell.command`"),
+                // which `message()` alone drops.
+                message: e.to_string().trim().replace('\n', " "),
             })
     }
 }
