@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use anyhow::{Context as _, Result};
 use common::TestServer;
 use http::Method;
-use server_bin::routes::ROUTES;
 use serde_json::Value;
+use server_bin::routes::ROUTES;
 
 fn documented(doc: &Value) -> Result<BTreeSet<(String, String)>> {
     let mut out = BTreeSet::new();
@@ -37,8 +37,14 @@ fn every_served_route_is_documented_and_every_documented_route_is_served() -> Re
     let served = served();
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "served but not documented: {undocumented:?}");
-    assert!(unserved.is_empty(), "documented but not served: {unserved:?}");
+    assert!(
+        undocumented.is_empty(),
+        "served but not documented: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "documented but not served: {unserved:?}"
+    );
     Ok(())
 }
 
@@ -62,7 +68,9 @@ async fn the_served_document_is_the_one_the_server_routes_by() -> Result<()> {
         let code = if status.is_success() {
             String::new()
         } else {
-            let bytes = http_body_util::BodyExt::collect(resp.into_body()).await?.to_bytes();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
             let v: Value = serde_json::from_slice(&bytes)?;
             v["error"]["code"].as_str().unwrap_or_default().to_string()
         };
