@@ -1,7 +1,6 @@
 //! The handlers of the API: one function per endpoint, and `dispatch`, which maps the routing
 //! table's endpoints onto them.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -260,7 +259,7 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
     if let Some(s) = single(&pairs, "state")? {
         filter.state = Some(WorkerState::parse(s)?);
     }
-    let mut seen = HashSet::new();
+    // Every label must match: `label=team=a&label=team=b` matches nothing.
     for (_, label) in pairs.iter().filter(|(k, _)| k == "label") {
         let (k, v) = label.split_once('=').ok_or_else(|| {
             RegistryError::InvalidRequest(format!(
@@ -268,7 +267,7 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
                 shorten(label)
             ))
         })?;
-        if seen.insert(k.to_string()) {
+        if !filter.labels.iter().any(|(fk, fv)| fk == k && fv == v) {
             filter.labels.push((k.to_string(), v.to_string()));
         }
     }

@@ -188,9 +188,29 @@ pub fn parse_json<T: DeserializeOwned>(
             "the request body is empty; this request needs a JSON object".into(),
         ));
     }
+    // serde reads a struct from a JSON array too (fields by position): every body of this
+    // API is an object, so anything else is refused before it could be read that way.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => {
+                    RegistryError::InvalidRequest("the request body must be a JSON object".into())
+                }
+                Err(e) => {
+                    RegistryError::InvalidJson(format!("the request body is not valid JSON: {e}"))
+                }
+            },
+        );
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(value) => Ok(Some(value)),
+    match serde_path_to_error::deserialize::<_, T>(&mut *de) {
+        // Only whitespace may follow the object: `{…} junk` is not JSON.
+        Ok(value) => match de.end() {
+            Ok(()) => Ok(Some(value)),
+            Err(e) => Err(RegistryError::InvalidJson(format!(
+                "the request body is not valid JSON: {e}"
+            ))),
+        },
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();
@@ -278,6 +298,15 @@ mod tests {
         assert!(e.to_string().contains("grace"), "{e}");
         let e = parse_json::<Stop>(&h, br#"{"grace_ms": 1"#, false).unwrap_err();
         assert_eq!(e.code(), "invalid_json");
+        // A struct is never read from an array (serde would take fields by position).
+        let e = parse_json::<Stop>(&h, b" [5]", false).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().contains("object"), "{e}");
+        let e = parse_json::<Stop>(&h, b"[5", false).unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+        let e = parse_json::<Stop>(&h, b"{} {}", false).unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+        assert!(parse_json::<Stop>(&h, b" {} \n", false).unwrap().is_some());
         let e = parse_json::<Stop>(&headers(Some("text/plain")), b"{}", false).unwrap_err();
         assert_eq!(e.code(), "unsupported_media_type");
         let e = parse_json::<Stop>(&headers(None), b"{}", false).unwrap_err();

@@ -519,11 +519,19 @@ impl Inner {
             }
             (None, None) => return Err(invalid("give a profile or a command")),
             (Some(name), None) => {
-                let profile = self
-                    .config
-                    .profiles
-                    .get(name)
-                    .ok_or_else(|| invalid("unknown profile"))?;
+                let profile = self.config.profiles.get(name).ok_or_else(|| {
+                    let known: Vec<&str> =
+                        self.config.profiles.keys().map(String::as_str).collect();
+                    invalid(&format!(
+                        "unknown profile {:?}; this runtime has: {}",
+                        name.chars().take(64).collect::<String>(),
+                        if known.is_empty() {
+                            "no profiles".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ))
+                })?;
                 (profile.command.clone(), Some(profile))
             }
             (None, Some(command)) => {

@@ -343,3 +343,32 @@ fn parse_block(block: &str) -> Result<Option<SseEvent>> {
         None => Ok(None),
     }
 }
+
+impl TestServer {
+    /// A server for a registry built by the test itself (its runtimes added already), with
+    /// its state in `dir`, and `options`.
+    pub async fn start_registry(
+        registry: Registry,
+        dir: tempfile::TempDir,
+        options: ServeOptions,
+    ) -> Result<TestServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server_bin::serve_with(
+            listener,
+            registry.clone(),
+            options,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Ok(TestServer {
+            addr,
+            registry,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+}
