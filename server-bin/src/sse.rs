@@ -86,6 +86,7 @@ pub fn events(app: &Arc<App>, cursor: Option<&str>, runtime: Option<RuntimeId>) 
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 item = sub.next() => {
                     let Some(item) = item else {
                         // The registry shut down: say so and close.
@@ -177,7 +178,10 @@ impl OutputTask {
         let mut ping = interval_at(Instant::now() + self.ping_every, self.ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            // Biased: output first, so a worker's last chunks and `end` always go out before
+            // a `shutdown` that is ready at the same time.
             tokio::select! {
+                biased;
                 event = stream.recv() => match event {
                     Some(OutputEvent::Chunk(chunk)) => {
                         self.last_id = chunk.seq;
