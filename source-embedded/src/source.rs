@@ -149,27 +149,7 @@ impl RuntimeSource for EmbeddedSource {
     }
 
     async fn health(&self) -> SourceHealth {
-        let problems = self.runtime.health();
-        if problems.is_empty() {
-            return SourceHealth::ready();
-        }
-        let message = problems
-            .iter()
-            .map(|p| p.message())
-            .collect::<Vec<_>>()
-            .join("; ");
-        SourceHealth {
-            status: HealthStatus::Degraded,
-            message: Some(message),
-            diagnostics: problems
-                .iter()
-                .map(|p| Diagnostic {
-                    code: p.code().into(),
-                    message: p.message().into(),
-                })
-                .collect(),
-            ..SourceHealth::ready()
-        }
+        health_of(&self.runtime)
     }
 
     async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
@@ -263,7 +243,37 @@ impl RuntimeSource for EmbeddedSource {
     }
 }
 
-/// Feeds one lifecycle stream from the runtime's event sequence.
+/// How often a lifecycle stream re-checks the runtime's health and reports a change.
+const HEALTH_CHECK: Duration = Duration::from_secs(1);
+
+/// `ready`, or `degraded` with a message and a diagnostic per problem of the runtime.
+fn health_of(runtime: &Runtime) -> SourceHealth {
+    let problems = runtime.health();
+    if problems.is_empty() {
+        return SourceHealth::ready();
+    }
+    let message = problems
+        .iter()
+        .map(|p| p.message())
+        .collect::<Vec<_>>()
+        .join("; ");
+    SourceHealth {
+        status: HealthStatus::Degraded,
+        message: Some(message),
+        diagnostics: problems
+            .iter()
+            .map(|p| Diagnostic {
+                code: p.code().into(),
+                message: p.message().into(),
+            })
+            .collect(),
+        ..SourceHealth::ready()
+    }
+}
+
+/// Feeds one lifecycle stream from the runtime's event sequence, and reports the runtime's
+/// health when it changes (checked every [`HEALTH_CHECK`]: a watchdog or spawner that dies
+/// says nothing by itself).
 ///
 /// The stream is bounded and this task is the only one that waits on it: while its reader
 /// is slow, the task waits in `send` and the runtime's ring moves on. When the task comes
@@ -276,14 +286,26 @@ async fn forward_events(
     tx: mpsc::Sender<SourceEvent>,
     mut closing: watch::Receiver<bool>,
 ) {
+    // The registry asks for the health when it opens the stream; report changes after it.
+    let mut health = health_of(&runtime);
+    let mut check =
+        tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let pending = loop {
         // The reader is a cursor over the runtime's ring: cancelling `next` loses nothing.
         let event = tokio::select! {
-            event = reader.next() => event,
+            event = reader.next() => translate(&runtime, &keys, &mut reader, event),
+            _ = check.tick() => {
+                let now = health_of(&runtime);
+                if now == health {
+                    continue;
+                }
+                health = now.clone();
+                SourceEvent::Health(now)
+            }
             _ = tx.closed() => return,
             _ = closing.wait_for(|closing| *closing) => break None,
         };
-        let event = translate(&runtime, &keys, &mut reader, event);
         tokio::select! {
             permit = tx.reserve() => match permit {
                 Ok(permit) => permit.send(event),
