@@ -129,6 +129,11 @@ impl Allowed {
     /// `Host` must name this server: a loopback name or a configured one. Anything else is
     /// a DNS-rebinding page or a misdirected client: `403`.
     pub fn check_host(&self, headers: &HeaderMap) -> Result<(), RegistryError> {
+        if headers.get_all(HOST).iter().count() > 1 {
+            return Err(RegistryError::InvalidRequest(
+                "the request has more than one Host header".into(),
+            ));
+        }
         let Some(host) = headers.get(HOST).and_then(|v| v.to_str().ok()) else {
             return Err(RegistryError::InvalidRequest(
                 "the request has no Host header".into(),
@@ -143,6 +148,16 @@ impl Allowed {
         }
     }
 
+    /// A request line in absolute form (`GET http://name/…`) must name this server too.
+    pub fn check_target(&self, uri: &http::Uri) -> Result<(), RegistryError> {
+        match uri.authority() {
+            Some(a) if !self.host_allowed(&host_name(a.as_str())) => Err(RegistryError::Forbidden(
+                "the request names another host; add the name to `allowed_hosts` in the [server] config".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// A request that changes something and carries an `Origin` must come from the server's
     /// own origin or a configured one: a web page elsewhere can't spawn processes here.
     /// Requests without `Origin` (curl, other programs) pass: browsers always send it on
@@ -151,14 +166,19 @@ impl Allowed {
         if matches!(*method, Method::GET | Method::HEAD) {
             return Ok(());
         }
-        let Some(origin) = headers.get(ORIGIN) else {
-            return Ok(());
-        };
         let refused = || {
             RegistryError::OriginNotAllowed(
                 "requests from this web origin are not allowed; add it to `allowed_origins` in the [server] config".into(),
             )
         };
+        // One Origin only: a second line must not slip past the check of the first.
+        let mut origins = headers.get_all(ORIGIN).iter();
+        let Some(origin) = origins.next() else {
+            return Ok(());
+        };
+        if origins.next().is_some() {
+            return Err(refused());
+        }
         let origin = origin.to_str().map_err(|_| refused())?.trim();
         if self
             .origins
@@ -225,6 +245,19 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn an_absolute_request_target_must_name_this_server() {
+        let a = Allowed::default();
+        assert!(a.check_target(&"/v1/runtimes".parse().unwrap()).is_ok());
+        assert!(a
+            .check_target(&"http://127.0.0.1:7411/v1/runtimes".parse().unwrap())
+            .is_ok());
+        let e = a
+            .check_target(&"http://evil.example/v1/runtimes".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(e.code(), "forbidden");
     }
 
     #[test]

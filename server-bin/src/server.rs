@@ -155,7 +155,11 @@ async fn pipeline(
     app: &Arc<App>,
     req: Request<Incoming>,
 ) -> (&'static str, Result<Response<Body>, RegistryError>) {
-    if let Err(e) = app.allowed.check_host(req.headers()) {
+    if let Err(e) = app
+        .allowed
+        .check_host(req.headers())
+        .and_then(|()| app.allowed.check_target(req.uri()))
+    {
         return (UNMATCHED, Err(e));
     }
     let path = req.uri().path().to_string();

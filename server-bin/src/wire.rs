@@ -231,12 +231,37 @@ pub fn parse_json<T: DeserializeOwned>(
     }
 }
 
-/// serde_json appends " at line L column C"; the field path says more.
+/// serde's message without what the client sent: serde_json appends " at line L column C"
+/// (the field path says more), and quotes a wrong string value (`string "K=SECRET"`), which
+/// may be a secret meant for the environment. Field names (in backticks) stay.
 fn strip_position(text: &str) -> String {
-    match text.rfind(" at line ") {
-        Some(i) => text[..i].to_string(),
-        None => text.to_string(),
+    let text = match text.rfind(" at line ") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        let quoted = &rest[i + "string \"".len()..];
+        // Skip to the closing quote, past escaped ones.
+        let mut end = quoted.len();
+        let mut escaped = false;
+        for (j, c) in quoted.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = j + 1;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        rest = &quoted[end.min(quoted.len())..];
     }
+    out.push_str(rest);
+    out
 }
 
 /// A streamed body fed by a bounded channel: the producer waits when the client reads
@@ -314,6 +339,18 @@ mod tests {
         assert!(parse_json::<Stop>(&headers(None), b"", true)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_wrong_string_value_is_not_echoed_back() {
+        let text = strip_position(
+            r#"invalid type: string "K=SECRET \"x\"", expected a map at line 1 column 30"#,
+        );
+        assert_eq!(text, "invalid type: a string, expected a map");
+        assert_eq!(
+            strip_position("unknown field `grace`, expected `grace_ms`"),
+            "unknown field `grace`, expected `grace_ms`"
+        );
     }
 
     #[test]
