@@ -29,6 +29,10 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the sources' lifecycle streams to end.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+/// The grace `shutdown` assumes when given none.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How much longer than the grace `shutdown` waits for a source.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 /// Most diagnostics kept per runtime.
 const MAX_DIAGNOSTICS: usize = 100;
 /// Largest page of `list_workers`.
@@ -446,6 +450,9 @@ impl Registry {
 
     /// Shuts down: every source's [`RuntimeSource::shutdown`] (owned workers are stopped
     /// within `grace`), then the lifecycle followers stop and every subscription ends.
+    ///
+    /// A source that has not finished `grace` (default 10 s) plus 5 s later is given up on,
+    /// so shutting down always ends.
     pub async fn shutdown(&self, grace: Option<Duration>) {
         self.inner.stopping.store(true, Ordering::Release);
         let runtimes: Vec<Arc<Runtime>> = self
@@ -458,9 +465,20 @@ impl Registry {
             .into_iter()
             .map(|rt| tokio::spawn(async move { rt.source.shutdown(grace).await }))
             .collect();
-        for task in tasks {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "source shutdown panicked");
+        // A source that does not finish within its grace (and a margin) is not waited for:
+        // shutting down must end also when a source hangs.
+        let deadline =
+            tokio::time::Instant::now() + grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE) + SHUTDOWN_MARGIN;
+        for mut task in tasks {
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "source shutdown panicked"),
+                Err(_) => {
+                    tracing::warn!(
+                        "a source did not finish shutting down in time; going on without it"
+                    );
+                    task.abort();
+                }
             }
         }
         // The sources' streams end once they are shut down: let the followers apply what

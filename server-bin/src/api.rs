@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::routes::Endpoint;
-use crate::server::App;
+use crate::server::{App, ConnAbort};
 use crate::sse;
 use crate::wire::{self as h, Body};
 
@@ -168,7 +168,20 @@ async fn body(
     req: Request<Incoming>,
 ) -> Result<(http::HeaderMap, Bytes), RegistryError> {
     let (parts, body) = req.into_parts();
-    let bytes = h::read_body(&parts.headers, body, app.options.max_body).await?;
+    let bytes = h::read_body(
+        &parts.headers,
+        body,
+        app.options.max_body,
+        app.options.body_timeout,
+    )
+    .await?;
+    // Shutdown may have begun while the body arrived: nothing changes from now on.
+    if app.is_stopping() {
+        return Err(RegistryError::unavailable(
+            "the server is shutting down",
+            None,
+        ));
+    }
     Ok((parts.headers, bytes))
 }
 
@@ -322,7 +335,8 @@ async fn output(
             )))
         }
     };
-    sse::output(app, id, after, follow).await
+    let abort = req.extensions().get::<ConnAbort>().cloned();
+    sse::output(app, id, after, follow, abort).await
 }
 
 fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
@@ -340,5 +354,6 @@ fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, Reg
         Some(v) => Some(v.to_str().unwrap_or("").to_string()),
         None => single(&pairs, "cursor")?.map(str::to_string),
     };
-    Ok(sse::events(app, cursor.as_deref(), runtime))
+    let abort = req.extensions().get::<ConnAbort>().cloned();
+    Ok(sse::events(app, cursor.as_deref(), runtime, abort))
 }

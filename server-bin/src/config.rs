@@ -736,6 +736,18 @@ fn check_server(
     if server.sse_ping.is_zero() {
         return Err(zero("sse_ping", "1ms"));
     }
+    if server.sse_ping > MAX_INTERVAL {
+        return Err(ConfigFileError::new(
+            key_line("server.sse_ping"),
+            "`server.sse_ping` must be at most 1h".to_string(),
+        ));
+    }
+    if server.shutdown_grace > MAX_INTERVAL {
+        return Err(ConfigFileError::new(
+            key_line("server.shutdown_grace"),
+            "`server.shutdown_grace` must be at most 1h".to_string(),
+        ));
+    }
     if server.event_retention == 0 {
         return Err(zero("event_retention", "1"));
     }
@@ -832,8 +844,11 @@ fn is_origin(origin: &str) -> bool {
             .any(|c| c.is_whitespace() || c.is_control())
 }
 
+/// The longest `sse_ping` and `shutdown_grace`.
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Whether `ip` is a loopback address, an IPv4-mapped IPv6 one included.
-fn is_loopback(ip: IpAddr) -> bool {
+pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {

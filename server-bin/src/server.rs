@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use registry_core::{Registry, RegistryError};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::api;
 use crate::auth::{Allowed, Tokens};
@@ -42,6 +42,11 @@ pub struct ServeOptions {
     pub sse_ping: Duration,
     /// Connections served at once; more wait to be accepted (default 1024).
     pub max_connections: usize,
+    /// How long a request body may take to arrive (default 30 s); slower is `400`.
+    pub body_timeout: Duration,
+    /// How long a stream may wait for its client to take the next frame (default 60 s)
+    /// before the client counts as gone and its connection is closed.
+    pub stream_stall_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -61,6 +66,8 @@ impl ServeOptions {
             shutdown_grace: server.shutdown_grace,
             sse_ping: server.sse_ping,
             max_connections: 1024,
+            body_timeout: Duration::from_secs(30),
+            stream_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -92,6 +99,17 @@ impl App {
     }
 }
 
+/// Closes the connection a request came on: a stream whose client stopped reading uses it,
+/// since ending the response alone would leave the connection stuck writing to that client.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnAbort(Arc<Notify>);
+
+impl ConnAbort {
+    pub(crate) fn close(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// A client's `x-request-id` is kept when it is short and plain; otherwise the server makes one.
 fn client_request_id(req: &Request<Incoming>) -> Option<String> {
     let v = req.headers().get("x-request-id")?.to_str().ok()?;
@@ -102,8 +120,13 @@ fn client_request_id(req: &Request<Incoming>) -> Option<String> {
     ok.then(|| v.to_string())
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    app: Arc<App>,
+    abort: ConnAbort,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    req.extensions_mut().insert(abort);
     let request_id = client_request_id(&req).unwrap_or_else(|| app.next_request_id());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -237,7 +260,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
-    if options.tokens.is_empty() && !local.ip().is_loopback() {
+    if options.tokens.is_empty() && !crate::config::is_loopback(local.ip()) {
         anyhow::bail!(
             "refusing to serve on a non-loopback address without tokens: anyone who can reach \
              the port could start processes; configure [[server.tokens]] or listen on 127.0.0.1"
@@ -284,14 +307,23 @@ pub async fn serve_with(
             () = &mut shutdown => break,
         };
         let app = app.clone();
+        let abort = Arc::new(Notify::new());
+        let conn_abort = ConnAbort(abort.clone());
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| handle(app.clone(), req)),
+            service_fn(move |req| handle(app.clone(), conn_abort.clone(), req)),
         );
         let watched = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                result = watched => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                () = abort.notified() => {
+                    tracing::info!("closed the connection of a stream client that stopped reading");
+                }
             }
             drop(permit);
         });
@@ -301,7 +333,14 @@ pub async fn serve_with(
     app.stopping.store(true, Ordering::Release);
     // Idle keep-alive connections close now; streaming ones finish their response.
     let drained = tokio::spawn(graceful.shutdown());
-    registry.shutdown(Some(app.options.shutdown_grace)).await;
+    // The registry gives up on a source that hangs; this bound is a second line.
+    let bound = app.options.shutdown_grace + Duration::from_secs(10);
+    if tokio::time::timeout(bound, registry.shutdown(Some(app.options.shutdown_grace)))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the registry did not finish shutting down in time; going on");
+    }
     let _ = closing_tx.send(true);
     if tokio::time::timeout(DRAIN, drained).await.is_err() {
         tracing::warn!("some connections did not finish in time; closing them");

@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
-use crate::server::App;
+use crate::server::{App, ConnAbort};
 use crate::wire::{Body, ChannelBody};
 
 /// Frames buffered per client before its task waits for the client.
@@ -48,42 +48,78 @@ fn sse_response(body: ChannelBody) -> Response<Body> {
     resp
 }
 
-/// The frame that ends a stream when the server shuts down.
+/// The frame that ends a stream when the server shuts down. Without an `id` when there is
+/// none to give: an empty one would make a browser forget its resume point.
 fn shutdown_frame(id: &str) -> Bytes {
-    frame(
-        id,
-        "shutdown",
-        r#"{"reason":"the server is shutting down"}"#,
-    )
+    const DATA: &str = r#"{"reason":"the server is shutting down"}"#;
+    if id.is_empty() {
+        Bytes::from(format!("event: shutdown\ndata: {DATA}\n\n"))
+    } else {
+        frame(id, "shutdown", DATA)
+    }
+}
+
+/// The ping interval, kept within what a timer can hold.
+fn ping_interval(configured: Duration) -> tokio::time::Interval {
+    let every = configured.clamp(Duration::from_millis(1), Duration::from_secs(3600));
+    let mut ping = interval_at(Instant::now() + every, every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping
 }
 
 struct Writer {
     tx: mpsc::Sender<Bytes>,
+    /// How long a frame may wait for the client.
+    stall: Duration,
+    abort: Option<ConnAbort>,
 }
 
 impl Writer {
-    /// Sends a frame; `false` once the client is gone.
+    fn new(tx: mpsc::Sender<Bytes>, app: &App, abort: Option<ConnAbort>) -> Writer {
+        Writer {
+            tx,
+            stall: app.options.stream_stall_timeout,
+            abort,
+        }
+    }
+
+    /// Sends a frame; `false` once the client is gone. A client that takes no frame for
+    /// `stall` counts as gone, and its connection is closed: it holds nothing any longer.
     async fn send(&self, bytes: Bytes) -> bool {
-        self.tx.send(bytes).await.is_ok()
+        match tokio::time::timeout(self.stall, self.tx.send(bytes)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::info!("a stream client stopped reading; closing its connection");
+                if let Some(abort) = &self.abort {
+                    abort.close();
+                }
+                false
+            }
+        }
     }
 }
 
 /// `GET /v1/events`: `retry`, then the subscription's items (snapshot or replay or reset +
 /// snapshot, then live), pings, and a final `shutdown` event when the registry shuts down.
-pub fn events(app: &Arc<App>, cursor: Option<&str>, runtime: Option<RuntimeId>) -> Response<Body> {
+pub fn events(
+    app: &Arc<App>,
+    cursor: Option<&str>,
+    runtime: Option<RuntimeId>,
+    abort: Option<ConnAbort>,
+) -> Response<Body> {
     let mut sub = app.registry.subscribe(cursor, runtime);
     let (tx, body) = ChannelBody::new(CLIENT_BUFFER);
     let guard = app.metrics.stream_opened("events");
-    let ping_every = app.options.sse_ping;
+    let out = Writer::new(tx, app, abort);
+    let mut ping = ping_interval(app.options.sse_ping);
+    // Until an item comes, the client's own cursor is the resume point (a malformed one is
+    // always followed by a reset, which carries its own).
+    let mut last = cursor.unwrap_or_default().to_string();
     tokio::spawn(async move {
         let _guard = guard;
-        let out = Writer { tx };
         if !out.send(Bytes::from_static(RETRY)).await {
             return;
         }
-        let mut last = String::new();
-        let mut ping = interval_at(Instant::now() + ping_every, ping_every);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -126,6 +162,7 @@ pub async fn output(
     id: WorkerId,
     after: u64,
     follow: bool,
+    abort: Option<ConnAbort>,
 ) -> Result<Response<Body>, RegistryError> {
     let worker = app.registry.worker(&id)?;
     // Subscribe before opening the output, so no state change falls in between.
@@ -139,13 +176,13 @@ pub async fn output(
         .await?;
     let (tx, body) = ChannelBody::new(CLIENT_BUFFER);
     let task = OutputTask {
-        out: Writer { tx },
+        out: Writer::new(tx, app, abort),
+        app: app.clone(),
         id,
         last_id: after,
         last_state: worker,
         sub,
         closing: app.closing.clone(),
-        ping_every: app.options.sse_ping,
     };
     let guard = app.metrics.stream_opened("output");
     tokio::spawn(async move {
@@ -157,13 +194,13 @@ pub async fn output(
 
 struct OutputTask {
     out: Writer,
+    app: Arc<App>,
     id: WorkerId,
     /// The `seq` of the last output or gap sent (the resume point).
     last_id: u64,
     last_state: WorkerView,
     sub: Option<Subscription>,
     closing: tokio::sync::watch::Receiver<bool>,
-    ping_every: Duration,
 }
 
 impl OutputTask {
@@ -175,8 +212,7 @@ impl OutputTask {
         if !self.send_state(&first).await {
             return;
         }
-        let mut ping = interval_at(Instant::now() + self.ping_every, self.ping_every);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ping = ping_interval(self.app.options.sse_ping);
         loop {
             // Biased: output first, so a worker's last chunks and `end` always go out before
             // a `shutdown` that is ready at the same time.
@@ -207,8 +243,8 @@ impl OutputTask {
                     }
                     None => {
                         // `follow=0` sent what is retained, the worker's record went away,
-                        // or the server is shutting down.
-                        if *self.closing.borrow() {
+                        // or the source let go because the server is shutting down.
+                        if self.app.is_stopping() {
                             self.out.send(shutdown_frame(&self.last_id.to_string())).await;
                         }
                         return;
@@ -275,6 +311,14 @@ impl OutputTask {
                     }
                 }
                 Ok(None) | Err(_) => break,
+            }
+        }
+        // Without a subscription (`follow=0`), or after the wait: the registry's view now.
+        if !self.last_state.state.is_terminal() {
+            if let Ok(now) = self.app.registry.worker(&self.id) {
+                if now != self.last_state {
+                    self.send_state(&now).await;
+                }
             }
         }
     }

@@ -138,12 +138,14 @@ fn is_json(headers: &http::HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Reads a request body of at most `cap` bytes. Over the cap is `payload_too_large`,
-/// whether the client announced it (`Content-Length`) or not.
+/// Reads a request body of at most `cap` bytes within `within`. Over the cap is
+/// `payload_too_large`, whether the client announced it (`Content-Length`) or not; a body
+/// that does not arrive in time is `invalid_request` (the connection is not kept).
 pub async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
     cap: u64,
+    within: Duration,
 ) -> Result<Bytes, RegistryError> {
     let too_large = || {
         RegistryError::PayloadTooLarge(format!(
@@ -158,7 +160,14 @@ pub async fn read_body(
         return Err(too_large());
     }
     let limit = usize::try_from(cap).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(within, Limited::new(body, limit).collect());
+    let Ok(read) = read.await else {
+        return Err(RegistryError::InvalidRequest(format!(
+            "the request body did not arrive within {} s",
+            within.as_secs()
+        )));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(RegistryError::InvalidRequest(format!(

@@ -1,0 +1,358 @@
+//! Edge cases of the HTTP server: held connections, shutdown of streams and of sources,
+//! cursors on the final event, extreme config values, requests that straddle shutdown.
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use common::{TestServer, WAIT};
+use http::StatusCode;
+use registry_core::{
+    Capabilities, OutputEvent, OutputRequest, OutputStream, Registry, RegistryConfig,
+    RegistryError, RuntimeId, RuntimeSource, SourceEvents, SourceHealth, SourceKey, SourceWorker,
+    SpawnRequest,
+};
+use server_bin::config::Config;
+use server_bin::ServeOptions;
+use source_embedded::{EmbeddedConfig, EmbeddedSource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------------------------------
+// A source that observes workers it does not own
+// ---------------------------------------------------------------------------------------
+
+/// The embedded source for spawning and the lifecycle stream, but with the output and
+/// shutdown of a source that only observes its workers (as `remote` and `local` do): its
+/// output streams end when it lets go at shutdown, without `End`. With `hang`, its
+/// shutdown never returns (an upstream that does not answer).
+#[derive(Debug)]
+struct Observer {
+    inner: EmbeddedSource,
+    streams: Mutex<Vec<mpsc::Sender<OutputEvent>>>,
+    hang: bool,
+}
+
+#[async_trait::async_trait]
+impl RuntimeSource for Observer {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn health(&self) -> SourceHealth {
+        self.inner.health().await
+    }
+    async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
+        self.inner.list().await
+    }
+    async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
+        self.inner.get(key).await
+    }
+    async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
+        self.inner.spawn(request).await
+    }
+    async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
+        self.inner.stop(key, grace).await
+    }
+    async fn input(&self, key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
+        self.inner.input(key, data).await
+    }
+    async fn remove(&self, key: &SourceKey) -> Result<(), RegistryError> {
+        self.inner.remove(key).await
+    }
+    async fn events(&self) -> Result<SourceEvents, RegistryError> {
+        self.inner.events().await
+    }
+    async fn output(
+        &self,
+        key: &SourceKey,
+        _request: OutputRequest,
+    ) -> Result<OutputStream, RegistryError> {
+        self.inner.get(key).await?;
+        let (tx, rx) = mpsc::channel(16);
+        self.streams.lock().unwrap().push(tx);
+        Ok(rx)
+    }
+    async fn shutdown(&self, grace: Option<Duration>) {
+        // Lets go of its connections: every output stream ends.
+        self.streams.lock().unwrap().clear();
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        // (The workers of this test are the embedded source's children: clean them up.)
+        self.inner.shutdown(grace).await;
+    }
+}
+
+/// A server whose only runtime, `observed`, is an [`Observer`], with one running worker.
+async fn start_observer(hang: bool, options: ServeOptions) -> Result<(TestServer, String)> {
+    let dir = tempfile::tempdir()?;
+    let registry = Registry::new(RegistryConfig::new(dir.path().join("state")))?;
+    let config: EmbeddedConfig = toml::from_str(
+        r#"
+        [profiles.shell]
+        command = ["/bin/sh", "-c"]
+        "#,
+    )?;
+    let source = Observer {
+        inner: EmbeddedSource::new(config)?,
+        streams: Mutex::new(Vec::new()),
+        hang,
+    };
+    registry
+        .add_runtime(RuntimeId::new("observed")?, "observer", Arc::new(source))
+        .await?;
+    let server = TestServer::start_registry(registry, dir, options).await?;
+    let resp = server
+        .post(
+            "/v1/runtimes/observed/workers",
+            r#"{"profile": "shell", "args": ["exec sleep 30"]}"#,
+        )
+        .await?;
+    if resp.status != StatusCode::CREATED {
+        bail!("spawn answered {}: {}", resp.status, resp.text());
+    }
+    let id = resp.json()?["id"].as_str().context("an id")?.to_string();
+    Ok((server, id))
+}
+
+// ---------------------------------------------------------------------------------------
+// Shutdown
+// ---------------------------------------------------------------------------------------
+
+/// The output stream of a worker whose source lets go at shutdown (its stream closes
+/// without `End`) must still end with `event: shutdown`, as every stream does.
+#[tokio::test]
+async fn output_stream_of_an_observed_worker_ends_with_shutdown() -> Result<()> {
+    let (server, id) = start_observer(false, ServeOptions::default()).await?;
+    let mut output = server.sse(&format!("/v1/workers/{id}/output"), &[]).await?;
+    assert_eq!(output.next_event().await?.event, "state");
+
+    server.stop().await?;
+
+    let rest = output.rest(WAIT).await?;
+    let names: Vec<&str> = rest.iter().map(|e| e.event.as_str()).collect();
+    assert!(
+        matches!(names.last(), Some(&"shutdown") | Some(&"end")),
+        "the output stream closed with neither `shutdown` nor `end`: {names:?}"
+    );
+    Ok(())
+}
+
+/// A source whose shutdown does not return must not keep `roster` from exiting: SIGTERM
+/// has to end the process within `shutdown_grace` and the 5 s drain, give or take.
+#[tokio::test]
+async fn shutdown_finishes_although_a_source_never_finishes_its_own() -> Result<()> {
+    let options = ServeOptions {
+        shutdown_grace: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (server, _id) = start_observer(true, options).await?;
+    let stopped = tokio::time::timeout(Duration::from_secs(9), server.stop()).await;
+    assert!(
+        stopped.is_ok(),
+        "the server was still shutting down 9 s after the signal (shutdown_grace 0.5 s)"
+    );
+    Ok(())
+}
+
+/// A client that resumed `/v1/events` at the head and saw nothing new gets a final
+/// `shutdown` whose `id` is still its cursor. An empty `id:` line clears a browser's
+/// last event id, so its reconnect would not resume.
+#[tokio::test]
+async fn events_shutdown_after_an_empty_replay_keeps_the_cursor() -> Result<()> {
+    let server = TestServer::start().await?;
+    let mut first = server.sse("/v1/events", &[]).await?;
+    let snapshot = first.next_event().await?;
+    assert_eq!(snapshot.event, "snapshot");
+    let cursor = snapshot.id.context("the snapshot has an id")?;
+    drop(first);
+
+    let mut resumed = server
+        .sse("/v1/events", &[("last-event-id", cursor.as_str())])
+        .await?;
+    // Let the subscription start before the shutdown.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.stop().await?;
+    let rest = resumed.rest(WAIT).await?;
+    let last = rest.last().context("the stream sent a final event")?;
+    assert_eq!(last.event, "shutdown", "{rest:?}");
+    assert_eq!(
+        last.id.as_deref(),
+        Some(cursor.as_str()),
+        "the final event must carry the resume point, not an empty id"
+    );
+    Ok(())
+}
+
+/// A spawn whose request was accepted before shutdown but whose body arrives after it is
+/// refused as shutdown refuses every change: `503 runtime_unavailable` (retryable), not a
+/// `409 conflict` from the stopped source.
+#[tokio::test]
+async fn a_spawn_body_that_arrives_during_shutdown_is_503() -> Result<()> {
+    let server = TestServer::start().await?;
+    let addr = server.addr;
+    let body = r#"{"profile": "shell", "args": ["exit 0"]}"#;
+    let (head, tail) = body.split_at(10);
+    let mut conn = TcpStream::connect(addr).await?;
+    conn.write_all(
+        format!(
+            "POST /v1/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+            addr.port(),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    // The handler now waits for the rest of the body.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(server.stop());
+    // Shutting down an idle registry takes a moment; the connection is drained for 5 s.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    conn.write_all(tail.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    stopping.await??;
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    assert!(
+        status.contains(" 503 "),
+        "a spawn during shutdown was answered {status:?}: {answer}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Held connections
+// ---------------------------------------------------------------------------------------
+
+/// A body that never arrives must not hold a connection (one of at most 1,024) and its
+/// handler for ever: after `body_timeout` the request is answered `400` and let go.
+#[tokio::test]
+async fn a_request_body_that_never_arrives_does_not_hold_the_connection_for_ever() -> Result<()> {
+    let options = ServeOptions {
+        body_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(common::config(""), options).await?;
+    let host = format!("127.0.0.1:{}", server.addr.port());
+    // A spawn whose body stops after one byte of the 100 announced.
+    let mut stalled = TcpStream::connect(server.addr).await?;
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/runtimes/local/workers HTTP/1.1\r\nHost: {host}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, stalled.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => bail!("reading the answer: {e}"),
+            Err(_) => bail!("a request whose body never arrives is still held"),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // Nothing was spawned from half a body.
+    let list = server.get("/v1/workers").await?.json()?;
+    assert_eq!(list["workers"].as_array().map(Vec::len), Some(0), "{list}");
+    Ok(())
+}
+
+/// A stream client that stops reading altogether holds nothing for long: once a frame has
+/// waited `stream_stall_timeout` for it, its stream ends and its connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_client_that_stops_reading_is_let_go() -> Result<()> {
+    let options = ServeOptions {
+        stream_stall_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(common::config(""), options).await?;
+    let host = format!("127.0.0.1:{}", server.addr.port());
+    let mut idle = TcpStream::connect(server.addr).await?;
+    idle.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    // Big events fill the socket buffers and the stream's own queue: each worker carries
+    // 200 KiB of arguments, and each of its events carries them again.
+    let arg = "x".repeat(100 << 10);
+    for _ in 0..40 {
+        let body = serde_json::json!({ "profile": "shell", "args": ["true", arg, arg] }).to_string();
+        let resp = server.post("/v1/runtimes/local/workers", &body).await?;
+        assert_eq!(resp.status, StatusCode::CREATED, "{}", resp.text());
+    }
+    // The server lets the idle client go: reading what was sent reaches the end.
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, idle.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => bail!("the connection of a client that stopped reading is still open"),
+        }
+    }
+    let metrics = server.get("/metrics").await?.text();
+    assert!(
+        metrics.contains("roster_sse_clients{stream=\"events\"} 0"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Config edge cases
+// ---------------------------------------------------------------------------------------
+
+/// An `sse_ping` beyond what a timer can hold is refused by the config, and one given to
+/// the library directly is kept within bounds: streams work either way.
+#[tokio::test]
+async fn a_huge_sse_ping_is_refused_by_the_config_and_harmless_in_the_library() -> Result<()> {
+    let err = Config::parse("[server]\nsse_ping = \"300000000000y\"\n").unwrap_err();
+    assert_eq!(err.line, Some(2), "{err}");
+    assert!(err.message.contains("sse_ping"), "{err}");
+    let options = ServeOptions {
+        sse_ping: Duration::MAX,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(common::config(""), options).await?;
+    let mut events = server.sse("/v1/events", &[]).await?;
+    let first = events
+        .next_event_within(Duration::from_secs(5))
+        .await?
+        .context("the event stream closed before its snapshot")?;
+    assert_eq!(first.event, "snapshot");
+    Ok(())
+}
+
+/// The config calls an IPv4-mapped loopback address loopback (no tokens needed); the
+/// server must agree rather than refuse at start what `check-config` passed.
+#[tokio::test]
+async fn a_mapped_loopback_listen_address_is_loopback_for_the_server_too() -> Result<()> {
+    let config = Config::parse("[server]\nlisten = \"[::ffff:127.0.0.1]:0\"\n")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    config
+        .check_listen(&[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Ok(listener) = TcpListener::bind(config.server.listen).await else {
+        // No IPv6 here: nothing to compare.
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let registry = Registry::new(RegistryConfig::new(dir.path().join("state")))?;
+    let served =
+        server_bin::serve_with(listener, registry, ServeOptions::default(), async {}).await;
+    assert!(
+        served.is_ok(),
+        "check_listen passed, serve_with refused: {served:?}"
+    );
+    Ok(())
+}
