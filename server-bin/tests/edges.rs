@@ -286,7 +286,8 @@ async fn a_stream_client_that_stops_reading_is_let_go() -> Result<()> {
     // 200 KiB of arguments, and each of its events carries them again.
     let arg = "x".repeat(100 << 10);
     for _ in 0..40 {
-        let body = serde_json::json!({ "profile": "shell", "args": ["true", arg, arg] }).to_string();
+        let body =
+            serde_json::json!({ "profile": "shell", "args": ["true", arg, arg] }).to_string();
         let resp = server.post("/v1/runtimes/local/workers", &body).await?;
         assert_eq!(resp.status, StatusCode::CREATED, "{}", resp.text());
     }
