@@ -1195,6 +1195,27 @@ async fn foreign_origin_cannot_post_but_the_same_origin_can() -> Result<()> {
         )
         .await?;
     assert_eq!(resp.status, StatusCode::OK);
+    // …because no answer ever opens itself to other origins (no CORS), preflight included.
+    let no_cors = |resp: &common::TestResponse| {
+        !resp
+            .headers
+            .keys()
+            .any(|k| k.as_str().starts_with("access-control-"))
+    };
+    assert!(no_cors(&resp), "{:?}", resp.headers);
+    let preflight = server
+        .request(
+            Method::OPTIONS,
+            SPAWN,
+            &[
+                ("origin", "http://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
+            None,
+        )
+        .await?;
+    assert_eq!(preflight.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(no_cors(&preflight), "{:?}", preflight.headers);
     let same = format!("http://127.0.0.1:{}", server.addr.port());
     let resp = server
         .request(Method::POST, SPAWN, &[("origin", &same)], Some(body))
