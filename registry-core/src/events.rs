@@ -150,6 +150,10 @@ impl EventPayload {
     }
 }
 
+/// The largest subscriber queue: a bound per client must stay a bound (and tokio's
+/// channels refuse capacities near `usize::MAX`).
+pub(crate) const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
+
 /// One item of a subscription: an event and the cursor to resume after it.
 #[derive(Clone, Debug)]
 pub struct StreamItem {
@@ -204,7 +208,7 @@ impl EventLog {
             bytes: 0,
             retention: retention.max(1),
             max_bytes,
-            queue_capacity: queue_capacity.max(1),
+            queue_capacity: queue_capacity.clamp(1, MAX_SUBSCRIBER_QUEUE),
             subscribers: Vec::new(),
         }
     }

@@ -141,19 +141,34 @@ pub mod de {
 
     /// A size in bytes: an integer, or a string such as `"1MiB"`, `"512KiB"`, `"64kB"`.
     pub fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
+        d.deserialize_any(SizeVisitor)
+    }
+
+    /// Reads a size from an integer or a string, and says what a size is otherwise.
+    struct SizeVisitor;
+
+    impl serde::de::Visitor<'_> for SizeVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size: bytes as a whole number, or a string such as \"1MiB\"")
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(n),
-            Raw::Text(t) => parse_byte_size(&t).ok_or_else(|| {
-                serde::de::Error::custom(format!(
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n)
+                .map_err(|_| E::custom(format!("{n} is not a size: a size is not negative")))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<u64, E> {
+            parse_byte_size(t).ok_or_else(|| {
+                E::custom(format!(
                     "{t:?} is not a size; write bytes as a number, or e.g. \"1MiB\", \"512KiB\""
                 ))
-            }),
+            })
         }
     }
 

@@ -92,7 +92,8 @@ pub struct Profile {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Output bytes kept per worker; overrides [`RuntimeConfig::output_retention`].
-    #[serde(default)]
+    /// In config files a number of bytes or a size such as `"4MiB"`.
+    #[serde(default, deserialize_with = "deserialize_opt_size")]
     pub output_retention: Option<u64>,
     /// Time between SIGTERM and SIGKILL; overrides [`RuntimeConfig::default_grace`].
     /// In config files a human duration such as `"10s"` or `"500ms"`.
@@ -142,9 +143,74 @@ where
         .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
 }
 
+/// A size: bytes as a number, or a string with a unit (B, kB, KiB, MB, MiB, GB, GiB).
+///
+/// The registry's config helpers read sizes the same way; this crate keeps its own copy so
+/// that it depends on no registry crate.
+fn deserialize_opt_size<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Size;
+    impl serde::de::Visitor<'_> for Size {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size: bytes as a whole number, or a string such as \"4MiB\"")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n)
+                .map_err(|_| E::custom(format!("{n} is not a size: a size is not negative")))
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
+            let t = text.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let mult: Option<u64> = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => Some(1),
+                "kb" => Some(1_000),
+                "kib" => Some(1 << 10),
+                "mb" => Some(1_000_000),
+                "mib" => Some(1 << 20),
+                "gb" => Some(1_000_000_000),
+                "gib" => Some(1 << 30),
+                _ => None,
+            };
+            num.parse::<u64>()
+                .ok()
+                .zip(mult)
+                .and_then(|(n, m)| n.checked_mul(m))
+                .ok_or_else(|| {
+                    E::custom(format!(
+                        "{text:?} is not a size; write bytes as a number, or e.g. \"4MiB\""
+                    ))
+                })
+        }
+    }
+    deserializer.deserialize_any(Size).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_profile_reads_its_output_retention_as_a_size() {
+        let p: Profile =
+            toml::from_str("command = [\"/bin/sh\"]\noutput_retention = \"4MiB\"").unwrap();
+        assert_eq!(p.output_retention, Some(4 << 20));
+        let p: Profile =
+            toml::from_str("command = [\"/bin/sh\"]\noutput_retention = 4096").unwrap();
+        assert_eq!(p.output_retention, Some(4096));
+        let e = toml::from_str::<Profile>("command = [\"/bin/sh\"]\noutput_retention = \"lots\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("not a size"), "{e}");
+        let e = toml::from_str::<Profile>("command = [\"/bin/sh\"]\noutput_retention = -1")
+            .unwrap_err();
+        assert!(e.to_string().contains("negative"), "{e}");
+    }
 
     #[test]
     fn a_profile_reads_from_config_with_a_human_grace() {
