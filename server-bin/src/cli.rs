@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use registry_core::SourceFactories;
 
@@ -42,11 +43,23 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Directory for the registry's state (the id key).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = state_dir())]
     pub state_dir: Option<PathBuf>,
     /// Log format on stderr; `RUST_LOG` sets the filter (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// The parser of `--state-dir`: any path (not only UTF-8 ones) but an empty one, which
+/// would put the id key in the working directory.
+fn state_dir() -> impl TypedValueParser<Value = PathBuf> {
+    OsStringValueParser::new().try_map(|value| {
+        if value.is_empty() {
+            return Err("the state directory is empty; give a directory, e.g. \
+                        --state-dir /var/lib/roster, or leave the flag out");
+        }
+        Ok(PathBuf::from(value))
+    })
 }
 
 /// Log line formats.
@@ -159,5 +172,31 @@ pub fn check_config(file: &std::path::Path, factories: &SourceFactories) -> Exit
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["roster", "serve"].iter().chain(args))?;
+        match cli.command {
+            Some(Command::Serve(args)) => Ok(args),
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_state_dir_flag_is_refused() {
+        for args in [&["--state-dir", ""][..], &["--state-dir="][..]] {
+            let err = serve_args(args).unwrap_err();
+            assert!(
+                err.to_string().contains("state directory is empty"),
+                "{err}"
+            );
+        }
+        let args = serve_args(&["--state-dir", "/var/lib/roster"]).unwrap();
+        assert_eq!(args.state_dir, Some(PathBuf::from("/var/lib/roster")));
     }
 }

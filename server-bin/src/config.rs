@@ -37,7 +37,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,7 +92,9 @@ pub struct ServerSection {
     pub state_dir: PathBuf,
     /// The bearer tokens, `[[server.tokens]]`. None by default.
     pub tokens: Vec<TokenSection>,
-    /// `Host` names accepted besides the loopback names. Empty by default.
+    /// `Host` names accepted besides the loopback names, compared without the port. Read
+    /// lower-cased, without trailing dots, an IPv6 address without its brackets. Empty by
+    /// default.
     pub allowed_hosts: Vec<String>,
     /// Origins (`scheme://host[:port]`) accepted on requests with a body besides the
     /// server's own. Compared exactly. Empty by default.
@@ -249,9 +251,15 @@ impl RuntimeSection {
         }
     }
 
-    /// The config error `err` of this runtime's factory as a file error: at the line of
-    /// the key the message names, else at the runtime's own line (or, for an unknown kind,
-    /// the line of `source`).
+    /// The config error `err` of this runtime's factory as a file error (or, for an unknown
+    /// kind, at the line of `source`).
+    ///
+    /// A message that ends with the table it is about (``… in `profiles.shell` ``, as toml
+    /// writes it) is placed by that table: at the line of a key of that table the message
+    /// names, else at the table's own line (its header), else at the runtime's line. A
+    /// message without one is placed at the key it names: a key path of the runtime's
+    /// table, else a key of the runtime's table itself, else a key of that name at any
+    /// depth (and the message then says which table), else at the runtime's line.
     fn factory_error(&self, err: &ConfigError, kind_known: bool) -> ConfigFileError {
         let message = err.message.trim();
         let runtime = format!("runtime \"{}\"", self.id);
@@ -261,9 +269,22 @@ impl RuntimeSection {
                 format!("{runtime}: {message}"),
             );
         }
+        let plain = || ConfigFileError::new(known_line(self.line), format!("{runtime}: {message}"));
+        let line_of_path = |path: &str| self.keys.iter().find(|k| k.path == path).map(|k| k.line);
+
+        if let Some((head, context)) = split_context(message) {
+            let line = backticked(head)
+                .find_map(|name| line_of_path(&format!("{context}.{name}")))
+                .or_else(|| line_of_path(context));
+            return match line {
+                Some(line) => ConfigFileError::new(Some(line), format!("{runtime}: {message}")),
+                None => plain(),
+            };
+        }
+
         for quoted in backticked(message) {
-            if let Some(key) = self.keys.iter().find(|k| k.path == quoted) {
-                return ConfigFileError::new(Some(key.line), format!("{runtime}: {message}"));
+            if let Some(line) = line_of_path(quoted) {
+                return ConfigFileError::new(Some(line), format!("{runtime}: {message}"));
             }
             if let Some(key) = self.keys.iter().find(|k| k.leaf == quoted) {
                 let message = match parent(&key.path) {
@@ -273,7 +294,7 @@ impl RuntimeSection {
                 return ConfigFileError::new(Some(key.line), message);
             }
         }
-        ConfigFileError::new(known_line(self.line), format!("{runtime}: {message}"))
+        plain()
     }
 }
 
@@ -392,20 +413,23 @@ impl Config {
     ///
     /// Checked here: the TOML syntax; every key and value of `[server]`,
     /// `[[server.tokens]]` and the top level (an unknown key is an error); each token has
-    /// a non-empty unique `name` and exactly one of `token_env` / `token_file`; the numbers
-    /// `max_body`, `sse_ping`, `event_retention`, `event_retention_bytes` and
-    /// `subscriber_queue` are not zero; each allowed host is a bare host name and each
-    /// allowed origin is `scheme://host[:port]`; each runtime has a valid unique `name`
-    /// and a `source`. The other keys of a runtime are checked by its source in
-    /// [`Config::build_sources`].
+    /// a non-empty unique `name` and exactly one of `token_env` / `token_file`;
+    /// `state_dir` is not empty; the numbers `max_body`, `event_retention`,
+    /// `event_retention_bytes` and `subscriber_queue` are not zero, `sse_ping` is at least
+    /// 1ms, `sse_ping` and `shutdown_grace` are at most 1h and `subscriber_queue` at most
+    /// 1 048 576; each allowed host is a bare host name without a port (kept lower-cased,
+    /// without trailing dots and an IPv6 address without brackets, as the server compares
+    /// it) and each allowed origin is `scheme://host[:port]` without a default or empty
+    /// port; each runtime has a valid unique `name` and a `source`. The other keys of a
+    /// runtime are checked by its source in [`Config::build_sources`].
     pub fn parse(text: &str) -> Result<Config, ConfigFileError> {
         let doc = DeTable::parse(text).map_err(|e| syntax_error(text, &e))?;
         let mut index = Vec::new();
         index_table(doc.get_ref(), "", &mut index);
 
-        let raw = RawFile::deserialize(toml::Deserializer::from(doc.clone()))
+        let mut raw = RawFile::deserialize(toml::Deserializer::from(doc.clone()))
             .map_err(|e| value_error(text, &index, &e))?;
-        check_server(&raw.server, text, &index)?;
+        check_server(&mut raw.server, text, &index)?;
 
         let runtimes = if raw.runtimes.is_empty() {
             vec![default_runtime()]
@@ -446,8 +470,10 @@ impl Config {
     /// (without `name` and `source`) and `<state_dir>/runtimes/<id>` as its state
     /// directory.
     ///
-    /// A factory's error becomes an error naming the runtime, at the line of the key its
-    /// message names (at any depth of the runtime's table), else at the runtime's line; an
+    /// A factory's error becomes an error naming the runtime. A message that ends with the
+    /// table it is about (``… in `profiles.shell` ``) is placed at the line of the key of
+    /// that table it names, else at the table's line; any other at the line of the key it
+    /// names (at any depth of the runtime's table); else at the runtime's line. An
     /// unknown kind is reported at the line of `source` with the known kinds. On an error
     /// the sources built so far are dropped without a shutdown: call this before anything
     /// depends on them. Call it inside a Tokio runtime: a source such as `embedded` starts
@@ -712,9 +738,10 @@ fn parse_runtimes(
     Ok(runtimes)
 }
 
-/// The checks on `[server]` that serde does not make.
+/// The checks on `[server]` that serde does not make. The allowed hosts are written back
+/// in the form the server compares (see [`allowed_host`]).
 fn check_server(
-    server: &ServerSection,
+    server: &mut ServerSection,
     text: &str,
     index: &[KeySpan],
 ) -> Result<(), ConfigFileError> {
@@ -730,10 +757,17 @@ fn check_server(
             format!("`server.{key}` must be at least {what}"),
         )
     };
+    if server.state_dir.as_os_str().is_empty() {
+        return Err(ConfigFileError::new(
+            key_line("server.state_dir"),
+            "`server.state_dir` is empty; give a directory, e.g. \"/var/lib/roster\", or \
+             leave the key out for the default ./.roster",
+        ));
+    }
     if server.max_body == 0 {
         return Err(zero("max_body", "1 byte"));
     }
-    if server.sse_ping.is_zero() {
+    if server.sse_ping < MIN_SSE_PING {
         return Err(zero("sse_ping", "1ms"));
     }
     if server.sse_ping > MAX_INTERVAL {
@@ -757,20 +791,20 @@ fn check_server(
     if server.subscriber_queue == 0 {
         return Err(zero("subscriber_queue", "1"));
     }
+    if server.subscriber_queue > MAX_SUBSCRIBER_QUEUE {
+        return Err(ConfigFileError::new(
+            key_line("server.subscriber_queue"),
+            format!("`server.subscriber_queue` must be at most {MAX_SUBSCRIBER_QUEUE}"),
+        ));
+    }
 
-    for host in &server.allowed_hosts {
-        if host.is_empty()
-            || host.contains(['/', '@'])
-            || host.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(ConfigFileError::new(
+    for host in &mut server.allowed_hosts {
+        *host = allowed_host(host).map_err(|message| {
+            ConfigFileError::new(
                 key_line("server.allowed_hosts"),
-                format!(
-                    "`server.allowed_hosts`: {host:?} is not a host name; write the bare \
-                     name, e.g. \"roster.internal\""
-                ),
-            ));
-        }
+                format!("`server.allowed_hosts`: {message}"),
+            )
+        })?;
     }
     for origin in &server.allowed_origins {
         if !is_origin(origin) {
@@ -780,6 +814,21 @@ fn check_server(
                     "`server.allowed_origins`: {origin:?} is not an origin; write \
                      scheme://host[:port] without a path or a trailing slash, e.g. \
                      \"https://console.example\""
+                ),
+            ));
+        }
+        if let Some(port) = origin_port(origin).filter(|p| is_default_port(origin, p)) {
+            let port = if port.is_empty() {
+                "an empty port".to_string()
+            } else {
+                format!("the default port {port}")
+            };
+            return Err(ConfigFileError::new(
+                key_line("server.allowed_origins"),
+                format!(
+                    "`server.allowed_origins`: {origin:?} has {port}, which browsers never \
+                     send in an Origin; drop the port, e.g. \"{}\"",
+                    without_port(origin)
                 ),
             ));
         }
@@ -828,7 +877,95 @@ fn one_source_message(name: &str) -> String {
     )
 }
 
-/// Whether `origin` is `scheme://host[:port]` with nothing after the authority.
+/// `entry` of `allowed_hosts` in the form the server compares a `Host` header in: lower
+/// case, without trailing dots, an IPv6 address without its brackets. An entry that could
+/// never match is an error message naming it: an empty one, one with a port (the port is
+/// not compared), one that is not a bare host name.
+fn allowed_host(entry: &str) -> Result<String, String> {
+    let not_a_name = || {
+        format!(
+            "{entry:?} is not a host name; write the bare name, e.g. \"roster.internal\", or \
+             an IP address"
+        )
+    };
+    if entry.contains(['/', '@']) || entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(not_a_name());
+    }
+    let lower = entry.to_ascii_lowercase();
+    let host = match lower.strip_prefix('[') {
+        Some(rest) => match rest.strip_suffix(']') {
+            Some(inside) if inside.parse::<Ipv6Addr>().is_ok() => inside,
+            _ if rest.contains("]:") => return Err(with_port(entry)),
+            _ => return Err(not_a_name()),
+        },
+        None => lower.trim_end_matches('.'),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "{entry:?} is empty; write a host name, e.g. \"roster.internal\""
+        ));
+    }
+    if host.contains(':') && host.parse::<Ipv6Addr>().is_err() {
+        return Err(
+            if host.contains(['[', ']']) || host.matches(':').count() > 1 {
+                not_a_name()
+            } else {
+                with_port(entry)
+            },
+        );
+    }
+    if host.contains(['[', ']']) {
+        return Err(not_a_name());
+    }
+    Ok(host.to_string())
+}
+
+/// The message for an `allowed_hosts` entry with a port.
+fn with_port(entry: &str) -> String {
+    format!(
+        "{entry:?} has a port, but a Host header is compared without its port, so this \
+         entry would never match; drop the port, e.g. \"roster.internal\" or \"[fd00::1]\""
+    )
+}
+
+/// The port of an origin written `scheme://host:port` (empty for `scheme://host:`), or
+/// `None` without one.
+fn origin_port(origin: &str) -> Option<&str> {
+    let (_, authority) = origin.split_once("://")?;
+    let after_host = match authority.strip_prefix('[') {
+        Some(rest) => &rest[rest.find(']')? + 1..],
+        None => authority,
+    };
+    after_host.rsplit_once(':').map(|(_, port)| port)
+}
+
+/// Whether `port`, written in `origin`, is one a browser leaves out of an `Origin`: empty,
+/// or the default port of an `http` or `https` origin.
+fn is_default_port(origin: &str, port: &str) -> bool {
+    if port.is_empty() {
+        return true;
+    }
+    let scheme = origin.split_once("://").map_or("", |(s, _)| s);
+    let default = if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        return false;
+    };
+    port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>() == Ok(default)
+}
+
+/// `origin` without its port (and the `:` before it).
+fn without_port(origin: &str) -> &str {
+    match origin_port(origin) {
+        Some(port) => &origin[..origin.len() - port.len() - 1],
+        None => origin,
+    }
+}
+
+/// Whether `origin` is `scheme://host[:port]` with nothing after the authority and, if it
+/// has a port, a port number (an empty port is left to the caller, which says to drop it).
 fn is_origin(origin: &str) -> bool {
     let Some((scheme, authority)) = origin.split_once("://") else {
         return false;
@@ -842,7 +979,16 @@ fn is_origin(origin: &str) -> bool {
         && !authority
             .chars()
             .any(|c| c.is_whitespace() || c.is_control())
+        && origin_port(origin).is_none_or(|port| {
+            port.is_empty()
+                || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
+        })
 }
+
+/// The shortest `sse_ping`.
+const MIN_SSE_PING: Duration = Duration::from_millis(1);
+/// The longest `subscriber_queue`.
+const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// The longest `sse_ping` and `shutdown_grace`.
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
@@ -981,6 +1127,17 @@ fn known_line(line: usize) -> Option<usize> {
 /// The path without its last part, if it has more than one.
 fn parent(path: &str) -> Option<&str> {
     path.rsplit_once('.').map(|(parent, _)| parent)
+}
+
+/// `message` split before its trailing ``in `P` `` (the table or key it is about, as toml
+/// ends its messages): the text before it and `P`. `None` when it does not end so.
+fn split_context(message: &str) -> Option<(&str, &str)> {
+    let body = message.strip_suffix('`')?;
+    let open = body.rfind('`')?;
+    let context = &body[open + 1..];
+    let head = body[..open].strip_suffix("in ")?;
+    let separated = head.is_empty() || head.ends_with(char::is_whitespace);
+    (separated && !context.is_empty()).then_some((head.trim_end(), context))
 }
 
 /// The `backtick-quoted` parts of `message`, in order.
@@ -1315,6 +1472,98 @@ spool_dir = "/run/legacy-workers"
         assert_eq!(err.line, Some(4), "{err}");
     }
 
+    /// A runtime `p` of kind `probe` with two profiles: `a` (header on line 5, `command` on
+    /// 6) and `b` (header on 7, `cwd` on 8).
+    const TWO_PROFILES: &str = "[[runtimes]]\nname = \"p\"\nsource = \"probe\"\nmax = 1\n\
+                                [runtimes.profiles.a]\ncommand = [\"/bin/true\"]\n\
+                                [runtimes.profiles.b]\ncwd = \"/tmp\"\n";
+
+    #[test]
+    fn a_factory_error_about_a_table_is_placed_in_that_table() {
+        let config = Config::parse(TWO_PROFILES).unwrap();
+        // The key is missing from `b`: at `b`'s header, not at `a`'s `command`.
+        let err = config
+            .build_sources(&failing_with("missing field `command` in `profiles.b`"))
+            .unwrap_err();
+        assert_eq!(err.line, Some(7), "{err}");
+        assert_eq!(
+            err.message,
+            "runtime \"p\": missing field `command` in `profiles.b`"
+        );
+        // A key of `b` the message names: at its line.
+        let err = config
+            .build_sources(&failing_with(
+                "unknown field `cwd`, expected one of `command`, `env` in `profiles.b`",
+            ))
+            .unwrap_err();
+        assert_eq!(err.line, Some(8), "{err}");
+        assert!(!err.message.contains("profiles.a"), "{err}");
+        // The table is named once.
+        assert_eq!(err.message.matches("profiles.b").count(), 1, "{err}");
+        // A key path as the context: at that key.
+        let err = config
+            .build_sources(&failing_with(
+                "invalid type: integer `5`, expected a sequence\nin `profiles.a.command`",
+            ))
+            .unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+    }
+
+    #[test]
+    fn a_factory_error_about_an_unknown_table_falls_back_to_the_runtime_line() {
+        let config = Config::parse(TWO_PROFILES).unwrap();
+        // `command` is a key of `a`, but the message is about `c`, which is not written.
+        let err = config
+            .build_sources(&failing_with("missing field `command` in `profiles.c`"))
+            .unwrap_err();
+        assert_eq!(err.line, Some(1), "{err}");
+        assert_eq!(
+            err.message,
+            "runtime \"p\": missing field `command` in `profiles.c`"
+        );
+    }
+
+    #[test]
+    fn a_factory_error_without_a_table_names_the_table_of_the_nested_key_it_names() {
+        let config = Config::parse(
+            "[[runtimes]]\nname = \"p\"\nsource = \"probe\"\n\
+             [runtimes.profiles.a]\ncwd = \"/\"\n[runtimes.more]\ncwd = \"/\"\n",
+        )
+        .unwrap();
+        // Only nested keys have the name: the first one, with its table named.
+        let err = config
+            .build_sources(&failing_with("`cwd` is wrong"))
+            .unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert_eq!(
+            err.message,
+            "runtime \"p\": in `profiles.a`: `cwd` is wrong"
+        );
+    }
+
+    #[test]
+    fn a_trailing_table_is_split_from_a_message() {
+        assert_eq!(
+            split_context("missing field `command` in `profiles.b`"),
+            Some(("missing field `command`", "profiles.b"))
+        );
+        assert_eq!(
+            split_context("invalid type: integer `5`\nin `profiles.a.command`"),
+            Some(("invalid type: integer `5`", "profiles.a.command"))
+        );
+        assert_eq!(split_context("in `x`"), Some(("", "x")));
+        for message in [
+            "unknown field `maxworkers`, expected `max_workers`",
+            "`command` is wrong",
+            "see `x`",
+            "the value within `x`",
+            "empty in ``",
+            "no key",
+        ] {
+            assert_eq!(split_context(message), None, "{message}");
+        }
+    }
+
     // ---- unknown keys ----
 
     #[test]
@@ -1468,6 +1717,101 @@ spool_dir = "/run/legacy-workers"
             assert!(err.message.contains("allowed_origins"), "{err}");
         }
         Config::parse("[server]\nallowed_origins = [\"http://127.0.0.1:3000\"]\n").unwrap();
+    }
+
+    #[test]
+    fn allowed_hosts_are_kept_as_the_server_compares_them() {
+        let config = Config::parse(
+            "[server]\nallowed_hosts = [\"Roster.Internal.\", \"[FD00::1]\", \"fd00::2\", \
+             \"10.0.0.1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.server.allowed_hosts,
+            ["roster.internal", "fd00::1", "fd00::2", "10.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn allowed_hosts_that_could_never_match_are_refused_naming_the_entry() {
+        for (entry, says) in [
+            ("roster.internal:7411", "drop the port"),
+            ("roster.internal:", "drop the port"),
+            ("10.0.0.1:80", "drop the port"),
+            ("[fd00::1]:7411", "drop the port"),
+            ("", "empty"),
+            (".", "empty"),
+            ("[roster.internal]", "not a host name"),
+            ("[fd00::1", "not a host name"),
+            ("a:b:c", "not a host name"),
+            ("roster]internal", "not a host name"),
+        ] {
+            let err = parse_err(&format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\nallowed_hosts = [\"ok\", \"{entry}\"]\n"
+            ));
+            assert_eq!(err.line, Some(3), "{err}");
+            assert!(err.message.contains("`server.allowed_hosts`"), "{err}");
+            assert!(err.message.contains(&format!("{entry:?}")), "{err}");
+            assert!(err.message.contains(says), "{entry:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn allowed_origins_with_a_port_browsers_never_send_are_refused() {
+        for (origin, fixed) in [
+            ("http://console.example:80", "http://console.example"),
+            ("https://console.example:443", "https://console.example"),
+            ("HTTPS://console.example:0443", "HTTPS://console.example"),
+            ("https://console.example:", "https://console.example"),
+            ("http://[::1]:80", "http://[::1]"),
+        ] {
+            let err = parse_err(&format!("[server]\n\nallowed_origins = [\"{origin}\"]\n"));
+            assert_eq!(err.line, Some(3), "{err}");
+            assert!(err.message.contains(&format!("{origin:?}")), "{err}");
+            assert!(err.message.contains("drop the port"), "{err}");
+            assert!(err.message.contains(&format!("{fixed:?}")), "{err}");
+        }
+        for origin in ["https://console.example:99999", "https://console.example:x"] {
+            let err = parse_err(&format!("[server]\nallowed_origins = [\"{origin}\"]\n"));
+            assert_eq!(err.line, Some(2), "{err}");
+            assert!(err.message.contains("not an origin"), "{err}");
+        }
+        let config = Config::parse(
+            "[server]\nallowed_origins = [\"http://console.example:443\", \
+             \"https://console.example:80\", \"http://[::1]:3000\", \"http://[::1]\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.server.allowed_origins.len(), 4);
+    }
+
+    #[test]
+    fn an_sse_ping_below_1ms_is_refused_and_1ms_is_accepted() {
+        for value in ["1ns", "999us"] {
+            let err = parse_err(&format!("[server]\nsse_ping = \"{value}\"\n"));
+            assert_eq!(err.line, Some(2), "{err}");
+            assert!(err.message.contains("at least 1ms"), "{err}");
+        }
+        let config = Config::parse("[server]\nsse_ping = \"1ms\"\n").unwrap();
+        assert_eq!(config.server.sse_ping, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn an_empty_state_dir_is_refused_at_its_line() {
+        let err = parse_err("[server]\nlisten = \"127.0.0.1:1\"\nstate_dir = \"\"\n");
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.message.contains("`server.state_dir` is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_subscriber_queue_over_the_maximum_is_refused_at_its_line() {
+        let config = Config::parse("[server]\nsubscriber_queue = 1048576\n").unwrap();
+        assert_eq!(config.server.subscriber_queue, 1 << 20);
+        for value in ["1048577", "9223372036854775807"] {
+            let err = parse_err(&format!("[server]\n\nsubscriber_queue = {value}\n"));
+            assert_eq!(err.line, Some(3), "{err}");
+            assert!(err.message.contains("`server.subscriber_queue`"), "{err}");
+            assert!(err.message.contains("at most 1048576"), "{err}");
+        }
     }
 
     #[test]
