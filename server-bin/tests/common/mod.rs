@@ -1,6 +1,7 @@
 //! A real `roster` server on 127.0.0.1:0 for tests, and a small HTTP + SSE client over hyper.
 #![allow(dead_code)]
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -26,6 +27,57 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
+    /// Every header and body byte this server sent to the harness's clients.
+    seen: Seen,
+}
+
+/// The bytes a server sent, kept for the search that [`TestServer::stop`] makes: nothing a
+/// client gets may name the state directory or `/proc`. Bounded: past 64 MiB the oldest
+/// half is dropped.
+#[derive(Clone, Default)]
+pub struct Seen(Arc<Mutex<Vec<u8>>>);
+
+impl Seen {
+    const LIMIT: usize = 64 << 20;
+
+    pub fn record(&self, bytes: &[u8]) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() + bytes.len() > Self::LIMIT {
+            let half = seen.len() / 2;
+            seen.drain(..half);
+        }
+        seen.extend_from_slice(bytes);
+    }
+
+    fn record_headers(&self, headers: &HeaderMap) {
+        for (k, v) in headers {
+            self.record(k.as_str().as_bytes());
+            self.record(b": ");
+            self.record(v.as_bytes());
+            self.record(b"\n");
+        }
+    }
+
+    /// Fails when the recorded bytes hold one of `needles`.
+    pub fn assert_free_of(&self, needles: &[String]) -> Result<()> {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let text = String::from_utf8_lossy(&seen);
+        for needle in needles.iter().filter(|n| !n.is_empty()) {
+            if let Some(i) = text.find(needle.as_str()) {
+                let from = text[..i]
+                    .char_indices()
+                    .rev()
+                    .nth(120)
+                    .map_or(0, |(j, _)| j);
+                let to = (i + needle.len() + 120).min(text.len());
+                let to = (to..=text.len())
+                    .find(|&j| text.is_char_boundary(j))
+                    .unwrap_or(text.len());
+                bail!("a client got {needle:?}: …{}…", &text[from..to]);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The default config (one `embedded` runtime `local`, profile `shell`, commands allowed)
@@ -77,12 +129,16 @@ impl TestServer {
             dir,
             stop: Some(tx),
             task: Some(task),
+            seen: Seen::default(),
         })
     }
 
-    /// Shuts the server down as SIGTERM would and waits for it.
+    /// Shuts the server down as SIGTERM would and waits for it, then checks that nothing
+    /// a client got names the state directory or `/proc`.
     pub async fn stop(mut self) -> Result<tempfile::TempDir> {
         self.shutdown().await?;
+        self.seen
+            .assert_free_of(&[self.dir.path().display().to_string(), "/proc/".to_string()])?;
         let dir = tempfile::tempdir()?;
         Ok(std::mem::replace(&mut self.dir, dir))
     }
@@ -113,6 +169,8 @@ impl TestServer {
             .await
             .context("body timed out")??
             .to_bytes();
+        self.seen.record_headers(&parts.headers);
+        self.seen.record(&body);
         Ok(TestResponse {
             status: parts.status,
             headers: parts.headers,
@@ -192,18 +250,22 @@ impl TestServer {
         if resp.status() != StatusCode::OK {
             let (parts, body) = resp.into_parts();
             let body = body.collect().await?.to_bytes();
+            self.seen.record_headers(&parts.headers);
+            self.seen.record(&body);
             bail!(
                 "stream answered {}: {}",
                 parts.status,
                 String::from_utf8_lossy(&body)
             );
         }
+        self.seen.record_headers(resp.headers());
         Ok(SseClient {
             headers: resp.headers().clone(),
             body: resp.into_body(),
             buf: Vec::new(),
             raw: Vec::new(),
             ended: false,
+            seen: self.seen.clone(),
         })
     }
 }
@@ -258,6 +320,7 @@ pub struct SseClient {
     buf: Vec<u8>,
     /// Every byte received so far.
     pub raw: Vec<u8>,
+    seen: Seen,
     ended: bool,
 }
 
@@ -284,6 +347,7 @@ impl SseClient {
                     if let Ok(data) = frame.into_data() {
                         self.buf.extend_from_slice(&data);
                         self.raw.extend_from_slice(&data);
+                        self.seen.record(&data);
                     }
                 }
                 Some(Err(e)) => bail!("stream error: {e}"),
@@ -369,6 +433,7 @@ impl TestServer {
             dir,
             stop: Some(tx),
             task: Some(task),
+            seen: Seen::default(),
         })
     }
 }
