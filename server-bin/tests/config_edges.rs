@@ -49,7 +49,10 @@ fn the_readme_embedded_runtime_example_passes_check_config() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("roster.toml");
     std::fs::write(&file, readme_toml_after("### The embedded runtime")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_roster"))
+    // Under `timeout`: a check that hangs must fail, not stall the suite.
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_roster"))
         .arg("check-config")
         .arg(&file)
         .output()
@@ -83,6 +86,7 @@ fn an_error_in_a_later_profile_points_at_that_profile_not_an_earlier_one() {
     );
     let names_zeta = err.message.contains("profiles.zeta");
     let names_alpha = err.message.contains("profiles.alpha");
+    assert!(names_zeta || names_alpha, "no profile named: {err}");
     assert!(!(names_zeta && names_alpha), "two profiles named: {err}");
     if names_alpha {
         assert_eq!(err.line, Some(7), "{err}");

@@ -169,6 +169,14 @@ impl Roster {
     /// Waits for the process to end and for its pipes to be read to their end; returns the
     /// status, stdout and stderr.
     fn finish(mut self, within: Duration) -> Result<(ExitStatus, String, String)> {
+        let status = self.wait_exit_and_output(within)?;
+        Ok((status, self.stdout.text(), self.stderr.text()))
+    }
+
+    /// Waits for the process to end and then for its pipes to be read to their end: the
+    /// last log lines are written just before the exit and may still be in the pipe when
+    /// the exit is seen.
+    fn wait_exit_and_output(&mut self, within: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + within;
         let status = self.wait_exit(within)?;
         while !(self.stdout.done.load(Ordering::Acquire)
@@ -177,7 +185,7 @@ impl Roster {
             ensure!(Instant::now() < deadline, "roster's pipes stayed open");
             std::thread::sleep(POLL);
         }
-        Ok((status, self.stdout.text(), self.stderr.text()))
+        Ok(status)
     }
 
     /// The address in the `roster is serving listen=…` log line, once it is there; a
@@ -204,10 +212,10 @@ impl Roster {
         }
     }
 
-    /// SIGTERM, then the exit status.
+    /// SIGTERM, then the exit status once the process and its output have ended.
     fn terminate(&mut self) -> Result<ExitStatus> {
         self.signal(libc::SIGTERM)?;
-        self.wait_exit(WAIT)
+        self.wait_exit_and_output(WAIT)
     }
 }
 
@@ -761,8 +769,13 @@ fn sigint_also_shuts_down_gracefully() -> Result<()> {
     let marker = unique("marker-sigint");
     let (mut roster, http) = Roster::serve(dir.path(), &[], &[])?;
     let (ids, tree) = start_sleepers(&roster, &http, &marker)?;
+    let mut events = http.sse("/v1/events", &[])?;
+    let first = events.next()?;
+    assert_eq!(first.event, "snapshot", "{first:?}");
+
     roster.signal(libc::SIGINT)?;
-    let status = roster.wait_exit(WAIT)?;
+    let rest = events.rest(Duration::from_secs(30))?;
+    let status = roster.wait_exit_and_output(Duration::from_secs(30))?;
     assert_eq!(
         status.code(),
         Some(0),
@@ -770,7 +783,20 @@ fn sigint_also_shuts_down_gracefully() -> Result<()> {
         roster.stderr.text()
     );
     wait_all_gone(&tree, &marker, WAIT)?;
-    assert_eq!(ids.len(), 4);
+    // Gracefully: each worker's end reached the stream before its final `shutdown`.
+    assert_eq!(
+        rest.last().map(|e| e.event.as_str()),
+        Some("shutdown"),
+        "{rest:#?}"
+    );
+    for id in &ids {
+        assert!(
+            rest.iter().any(|e| e.event == "worker.upserted"
+                && e.data["worker"]["id"] == id.as_str()
+                && is_terminal(e.data["worker"]["state"].as_str().unwrap_or_default())),
+            "no terminal state of {id} in {rest:#?}"
+        );
+    }
     let log = roster.stderr.text();
     assert!(log.contains("SIGINT") && log.contains("shut down"), "{log}");
     Ok(())

@@ -934,8 +934,14 @@ async fn idle_streams_carry_ping_comments() -> Result<()> {
                 "no ping: {:?}",
                 stream.raw_text()
             );
-            // Pings are comments, not events: reading just collects the bytes.
-            let _ = stream.next_event_within(Duration::from_millis(100)).await;
+            // Pings are comments, not events: reading just collects the bytes, and a read
+            // that finds no event in a while is cut short to look again.
+            if let Ok(read) =
+                tokio::time::timeout(Duration::from_millis(100), stream.next_event_within(WAIT))
+                    .await
+            {
+                ensure!(read?.is_some(), "the stream ended: {:?}", stream.raw_text());
+            }
         }
     }
     stop_worker(&server, &id).await?;
