@@ -9,6 +9,7 @@ use http::header::{HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use registry_core::{RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -163,10 +164,13 @@ fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Result<Option<&'a st
     Ok(first)
 }
 
-async fn body(
+/// Reads the request's JSON body into `T` (see [`h::parse_json`]); `None` only for an absent
+/// body where it is `optional`.
+async fn json_body<T: DeserializeOwned>(
     app: &Arc<App>,
     req: Request<Incoming>,
-) -> Result<(http::HeaderMap, Bytes), RegistryError> {
+    optional: bool,
+) -> Result<Option<T>, RegistryError> {
     let (parts, body) = req.into_parts();
     let bytes = h::read_body(
         &parts.headers,
@@ -182,7 +186,17 @@ async fn body(
             None,
         ));
     }
-    Ok((parts.headers, bytes))
+    h::parse_json(&parts.headers, &bytes, optional)
+}
+
+/// [`json_body`] for a body that must be there.
+async fn required_body<T: DeserializeOwned>(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<T, RegistryError> {
+    json_body(app, req, false)
+        .await?
+        .ok_or_else(|| RegistryError::InvalidJson("the request body is empty".into()))
 }
 
 async fn spawn(
@@ -194,9 +208,7 @@ async fn spawn(
     let runtime = runtime_id(runtime)?;
     // The runtime must exist before its body is worth reading.
     app.registry.runtime(&runtime)?;
-    let (headers, bytes) = body(app, req).await?;
-    let request: SpawnRequest = h::parse_json(&headers, &bytes, false)?
-        .ok_or_else(|| RegistryError::InvalidJson("the request body is empty".into()))?;
+    let request: SpawnRequest = required_body(app, req).await?;
     let worker = app.registry.spawn(&runtime, request).await?;
     let mut resp = h::json(StatusCode::CREATED, &worker);
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/workers/{}", worker.id)) {
@@ -218,9 +230,7 @@ async fn input(
 ) -> Result<Response<Body>, RegistryError> {
     no_query(&req)?;
     let id = worker_id(id)?;
-    let (headers, bytes) = body(app, req).await?;
-    let input: InputBody = h::parse_json(&headers, &bytes, false)?
-        .ok_or_else(|| RegistryError::InvalidJson("the request body is empty".into()))?;
+    let input: InputBody = required_body(app, req).await?;
     let n = input.data.len();
     app.registry.input(&id, Bytes::from(input.data)).await?;
     Ok(h::json(
@@ -246,8 +256,7 @@ async fn stop(
 ) -> Result<Response<Body>, RegistryError> {
     no_query(&req)?;
     let id = worker_id(id)?;
-    let (headers, bytes) = body(app, req).await?;
-    let stop: Option<StopBody> = h::parse_json(&headers, &bytes, true)?;
+    let stop: Option<StopBody> = json_body(app, req, true).await?;
     let grace = match stop.and_then(|s| s.grace_ms) {
         Some(ms) if ms > MAX_GRACE_MS => {
             return Err(RegistryError::InvalidRequest(format!(

@@ -129,7 +129,6 @@ async fn handle(
     req.extensions_mut().insert(abort);
     let request_id = client_request_id(&req).unwrap_or_else(|| app.next_request_id());
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
     let (route, result) = pipeline(&app, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
@@ -137,13 +136,7 @@ async fn handle(
             if let Some(detail) = error.internal_detail() {
                 tracing::error!(request_id = %request_id, %method, route, detail, "internal error");
             }
-            let mut resp = error_response(&error);
-            if let RegistryError::MethodNotAllowed(_) = error {
-                if let Some(allow) = allow_header(&path) {
-                    resp.headers_mut().insert(ALLOW, allow);
-                }
-            }
-            resp
+            error_response(&error)
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -161,16 +154,6 @@ async fn handle(
         "request"
     );
     Ok(resp)
-}
-
-fn allow_header(path: &str) -> Option<HeaderValue> {
-    match resolve(&http::Method::OPTIONS, path) {
-        Resolution::WrongMethod(_, allowed) => {
-            let list: Vec<&str> = allowed.iter().map(http::Method::as_str).collect();
-            HeaderValue::from_str(&list.join(", ")).ok()
-        }
-        _ => None,
-    }
 }
 
 /// Host → route → token → origin → handler. Returns the route template for the metrics.
@@ -192,15 +175,19 @@ async fn pipeline(
             params.into_iter().map(str::to_string).collect::<Vec<_>>(),
         ),
         Resolution::WrongMethod(template, allowed) => {
-            let list: Vec<&str> = allowed.iter().map(http::Method::as_str).collect();
-            return (
-                template,
-                Err(RegistryError::MethodNotAllowed(format!(
-                    "{} is not allowed here; this path takes {}",
-                    req.method(),
-                    list.join(", ")
-                ))),
-            );
+            let list = allowed
+                .iter()
+                .map(http::Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut resp = error_response(&RegistryError::MethodNotAllowed(format!(
+                "{} is not allowed here; this path takes {list}",
+                req.method()
+            )));
+            if let Ok(allow) = HeaderValue::from_str(&list) {
+                resp.headers_mut().insert(ALLOW, allow);
+            }
+            return (template, Ok(resp));
         }
         Resolution::NotFound => {
             return (
