@@ -112,25 +112,7 @@ impl TestServer {
         config.server.state_dir = dir.path().join("state");
         let registry =
             server_bin::build_registry(&config, &server_bin::default_factories()).await?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server_bin::serve_with(
-            listener,
-            registry.clone(),
-            options,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        Ok(TestServer {
-            addr,
-            registry,
-            dir,
-            stop: Some(tx),
-            task: Some(task),
-            seen: Seen::default(),
-        })
+        Self::start_registry(registry, dir, options).await
     }
 
     /// Shuts the server down as SIGTERM would and waits for it, then checks that nothing
