@@ -38,10 +38,11 @@ pub use api::OPENAPI;
 pub use config::Config;
 pub use server::{serve, serve_with, ServeOptions};
 
-/// The source kinds that ship with `roster`: `embedded`.
+/// The source kinds that ship with `roster`: `embedded` and `remote`.
 pub fn default_factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
     source_embedded::register(&mut factories).expect("a fresh set of kinds has no embedded yet");
+    source_remote::register(&mut factories).expect("a fresh set of kinds has no remote yet");
     factories
 }
 

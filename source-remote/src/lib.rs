@@ -1,9 +1,77 @@
 //! # source-remote
 //!
-//! A `RuntimeSource` over one runtime of another `roster` process, reached through its
-//! public HTTP + SSE API: it lists, follows the event stream with resume, reconnects with
-//! capped exponential backoff and jitter, and keeps worker ids stable across outages.
+//! The `remote` source of Roster: one runtime of another `roster` process, reached through
+//! its public HTTP + SSE API (hyper's client). Because the other process serves this same
+//! API, registries stack: a registry can front registries.
 //!
-//! Not built yet: this crate is a placeholder in the workspace until the remote source
-//! lands (see the project README). It exports nothing.
+//! - **Following.** The source opens the remote's `/v1/events?runtime=…`. The first answer
+//!   is a `snapshot`: the whole truth, consistent with the stream's cursor (a separate
+//!   list call could not be). After that it applies `worker.upserted`, `worker.removed`
+//!   and `runtime.updated`, keeps the cursor, and on reconnect resumes with
+//!   `Last-Event-ID`. A `reset` (the remote restarted, or the cursor expired) is followed
+//!   by a fresh snapshot, handed to the registry as a `Resync`.
+//! - **Identity.** Each worker is keyed by its id on the remote; the registry issues its
+//!   own id from that key, so remote ids never reach a client, and ids stay the same
+//!   across outages.
+//! - **Outages.** A transport error, or silence on the event stream for longer than
+//!   `heartbeat_timeout`, marks the runtime `unavailable` (with `retry_at`) at once; live
+//!   workers turn `unknown` with `last_seen_at`. Spawn, input, stop, remove and opening
+//!   output answer `runtime_unavailable` with a `Retry-After` meanwhile. The source
+//!   reconnects with exponential backoff and full jitter (`backoff_base`, doubling up to
+//!   `backoff_cap`). On heal, workers get their states back and the events missed are
+//!   replayed from the cursor.
+//! - **A restarted remote.** Workers the restarted remote no longer knows become `failed`
+//!   with reason `lost` if they were live, and are removed `retain_lost` (default 1 h)
+//!   later; ended ones are removed at once, as the remote removed them.
+//! - **Output.** `/v1/workers/{id}/output?after=<seq>` is proxied keeping the worker's own
+//!   `seq`, so resuming works through any number of hops. Readers of one worker share one
+//!   upstream stream (see [`RING_BYTES`]).
+//! - **Errors.** The remote's error codes keep their meaning; transport failures become
+//!   `runtime_unavailable` or `upstream_timeout`. No message names the remote's address,
+//!   token, runtime name or ids.
 #![warn(missing_docs)]
+
+mod client;
+mod config;
+mod output;
+mod source;
+mod sse;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_core::{ConfigError, RegistryError, RuntimeSource, SourceConfig, SourceFactories};
+
+pub use config::RemoteConfig;
+pub use output::RING_BYTES;
+pub use source::{RemoteSource, EVENTS_BUFFER};
+pub use sse::{Event as SseEvent, Item as SseItem, Parser as SseParser, TooLarge};
+
+/// The source kind this crate adds: `source = "remote"` in a `[[runtimes]]` table.
+pub const KIND: &str = "remote";
+
+/// How long a worker lost in a restart of the remote stays listed as `failed (lost)`.
+pub const RETAIN_LOST: Duration = Duration::from_secs(3600);
+
+impl RemoteSource {
+    /// Builds a source from a runtime's config: parses and checks the table (an unknown
+    /// key is an error naming it) and reads the token. Inside a tokio runtime it starts
+    /// following the remote at once; otherwise when first asked.
+    pub fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
+        let parsed = config::parse(config)?;
+        let runtime = config.runtime_id.to_string();
+        let settings = parsed.settings(&runtime)?;
+        let retain = parsed.retain_lost;
+        Ok(RemoteSource::new(&runtime, settings, retain))
+    }
+}
+
+/// Adds the `remote` kind to `factories`. Registering the kind twice is refused
+/// (`conflict`).
+pub fn register(factories: &mut SourceFactories) -> Result<(), RegistryError> {
+    factories.register(KIND, |config: SourceConfig| {
+        let source = RemoteSource::from_config(&config)?;
+        Ok(Arc::new(source) as Arc<dyn RuntimeSource>)
+    })
+}
