@@ -29,6 +29,10 @@ use crate::stream::{Backoff, EventReader, ReadError};
 /// it is owed a fresh `Resync` in their place.
 pub const EVENTS_BUFFER: usize = 256;
 
+/// How long a resumed event stream may take to say whether the remote restarted (its
+/// first event is then `reset`) before workers get their last known states back.
+const HEAL_WAIT: Duration = Duration::from_millis(250);
+
 /// How often lost workers past `retain_lost` are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -357,19 +361,28 @@ impl Shared {
 
     /// The event stream answered: back up. Workers shown `unknown` get their last known
     /// state again; events the remote replays from the cursor move them on.
-    fn mark_up(&self) {
+    ///
+    /// Returns whether workers wait to be healed: then the caller calls [`heal`](Self::heal)
+    /// unless the stream starts with a `reset` (a restarted remote, whose snapshot decides
+    /// instead — a worker it lost must not show as running in between).
+    fn mark_up(&self) -> bool {
         let mut st = self.lock();
         let was_down = matches!(st.link, Link::Down { .. });
         st.link = Link::Up;
         st.retry_at = None;
         st.last_seen = OffsetDateTime::now_utc();
-        if was_down && st.synced {
-            let workers = st.views();
-            self.emit(&mut st, SourceEvent::Resync(workers));
-        }
         self.refresh_health(&mut st);
+        let healing = was_down && st.synced;
         drop(st);
         self.bump();
+        healing
+    }
+
+    /// Gives workers shown `unknown` their last known state back.
+    fn heal(&self) {
+        let mut st = self.lock();
+        let workers = st.views();
+        self.emit(&mut st, SourceEvent::Resync(workers));
     }
 
     /// The link broke: live workers turn `unknown` (with `last_seen_at`) until it is back.
@@ -708,11 +721,35 @@ async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> Stri
             return e.to_string();
         }
     };
-    shared.mark_up();
+    // Only a resumed stream can need healing: a fresh one starts with a snapshot.
+    let mut healing = shared.mark_up() && cursor.is_some();
     let mut reader = EventReader::new(body, settings.max_event_bytes, settings.heartbeat_timeout);
     let mut delivered = false;
     loop {
-        let item = match reader.next().await {
+        let next = if healing {
+            // A resumed stream starts at once with what it replays, or with `reset`.
+            match tokio::time::timeout(HEAL_WAIT, reader.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    healing = false;
+                    shared.heal();
+                    continue;
+                }
+            }
+        } else {
+            reader.next().await
+        };
+        if healing {
+            match &next {
+                Ok(Some(Item::Event(e))) if e.event == "reset" => healing = false,
+                Ok(Some(Item::Event(_))) | Ok(Some(Item::Comment(_))) => {
+                    healing = false;
+                    shared.heal();
+                }
+                _ => {}
+            }
+        }
+        let item = match next {
             Ok(Some(item)) => item,
             Ok(None) => return "the remote runtime closed its event stream; reconnecting".into(),
             Err(e) => {
