@@ -168,6 +168,8 @@ pub(crate) async fn open(
         }
         Some(false) => {}
     }
+    // Before sharing too: whether a new stream opens must not depend on other readers.
+    shared.require_up().await?;
     if request.follow {
         if let Some(hub) = shared.hubs.get(key.as_str()) {
             if let Some(rx) = join(shared, &hub, key, request.after) {
@@ -175,7 +177,6 @@ pub(crate) async fn open(
             }
         }
     }
-    shared.require_up().await?;
     let query = if request.follow { "" } else { "&follow=0" };
     let body = shared
         .upstream

@@ -914,11 +914,9 @@ impl RuntimeSource for RemoteSource {
         // again later, while the link keeps trying.
         let settings = self.shared.settings();
         let limit = settings.connect_timeout + settings.request_timeout;
-        if !self
-            .shared
-            .wait_for(limit, |st| st.synced || st.closed)
-            .await
-        {
+        // A first attempt that failed ends the wait: the registry shows why at once.
+        let settled = |st: &State| st.synced || st.closed || matches!(st.link, Link::Down { .. });
+        if !self.shared.wait_for(limit, settled).await || !self.shared.lock().synced {
             return Err(self.shared.check_up().err().unwrap_or_else(|| {
                 RegistryError::unavailable("the remote runtime has not answered yet", None)
             }));
