@@ -385,6 +385,12 @@ impl Subscription {
         }
     }
 
+    /// Whether items of the start — the snapshot, the replay from a cursor, or a reset and
+    /// its snapshot — are still to be taken; `false` once what follows is live.
+    pub fn catching_up(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The next item; `None` once the registry has shut down.
     pub async fn next(&mut self) -> Option<StreamItem> {
         loop {

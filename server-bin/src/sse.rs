@@ -33,6 +33,10 @@ const FINAL_STATE_WAIT: Duration = Duration::from_secs(2);
 const RETRY: &[u8] = b"retry: 1000\n\n";
 /// The keep-alive comment.
 const PING: &[u8] = b": ping\n\n";
+/// Sent once on `/v1/events` when the start (snapshot, replay, or reset and snapshot) has
+/// gone out: what follows is live. A client that resumed can tell from it that nothing
+/// more was missed.
+const LIVE: &[u8] = b": live\n\n";
 
 /// One event frame. `data` is one line of JSON (serde_json never writes a raw newline).
 pub fn frame(id: &str, event: &str, data: &str) -> Bytes {
@@ -120,7 +124,14 @@ pub fn events(
         if !out.send(Bytes::from_static(RETRY)).await {
             return;
         }
+        let mut live = false;
         loop {
+            if !live && !sub.catching_up() {
+                live = true;
+                if !out.send(Bytes::from_static(LIVE)).await {
+                    return;
+                }
+            }
             tokio::select! {
                 biased;
                 item = sub.next() => {

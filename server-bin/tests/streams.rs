@@ -997,3 +997,61 @@ async fn shutdown_ends_streams_with_final_events_and_leaves_no_process() -> Resu
     .await?;
     Ok(())
 }
+
+/// Reads comments and events until the raw text holds `: live`, or fails after `WAIT`.
+async fn read_until_live(stream: &mut SseClient) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !stream.raw_text().contains("\n: live\n\n") {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no `: live` comment: {:?}",
+            stream.raw_text()
+        );
+        // Events may or may not come; only the raw text matters here.
+        let _ = stream.next_event_within(Duration::from_millis(50)).await;
+    }
+    Ok(stream.raw_text())
+}
+
+#[tokio::test]
+async fn events_say_live_once_after_the_snapshot_or_the_replay() -> Result<()> {
+    let server = TestServer::start().await?;
+    let mut fresh = server.sse("/v1/events", &[]).await?;
+    let snapshot = fresh.next_event().await?;
+    ensure!(snapshot.event == "snapshot", "{snapshot:?}");
+    let raw = read_until_live(&mut fresh).await?;
+    let at = |needle: &str| {
+        raw.find(needle)
+            .with_context(|| format!("{needle} in {raw:?}"))
+    };
+    ensure!(at("retry: 1000")? < at("event: snapshot")? && at("event: snapshot")? < at(": live")?);
+    let cursor = snapshot.id.context("the snapshot's id")?;
+
+    // A worker's whole life happens; a client resuming from the snapshot gets it replayed,
+    // then `: live` — once, and after the replay.
+    let id = server.spawn_shell("exit 0").await?;
+    wait_terminal(&server, &id).await?;
+    let mut resumed = server
+        .sse("/v1/events", &[("last-event-id", cursor.as_str())])
+        .await?;
+    let raw = read_until_live(&mut resumed).await?;
+    let live = raw.find(": live").context("live")?;
+    let exited = raw
+        .rfind("\"exited\"")
+        .context("the replayed exited state")?;
+    ensure!(
+        exited < live,
+        "`: live` came before the replay ended: {raw:?}"
+    );
+    ensure!(!raw.contains("event: reset"), "{raw:?}");
+    // Live events after it carry no second `: live`.
+    let second = server.spawn_shell("exit 0").await?;
+    wait_terminal(&server, &second).await?;
+    while !resumed.raw_text().contains(&second) {
+        resumed.next_event().await?;
+    }
+    ensure!(resumed.raw_text().matches(": live").count() == 1);
+    drop((fresh, resumed));
+    server.stop().await?;
+    Ok(())
+}

@@ -30,8 +30,10 @@ use crate::stream::{Backoff, EventReader, ReadError};
 pub const EVENTS_BUFFER: usize = 256;
 
 /// How long a resumed event stream may take to say whether the remote restarted (its
-/// first event is then `reset`) before workers get their last known states back.
-const HEAL_WAIT: Duration = Duration::from_millis(250);
+/// first event is then `reset`) before workers get their last known states back. A roster
+/// says it at once: its replay, or its reset and snapshot, then a `: live` comment; the
+/// wait only matters for a remote that sends neither.
+const HEAL_WAIT: Duration = Duration::from_secs(2);
 
 /// How often lost workers past `retain_lost` are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -727,7 +729,8 @@ async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> Stri
     let mut delivered = false;
     loop {
         let next = if healing {
-            // A resumed stream starts at once with what it replays, or with `reset`.
+            // A resumed stream starts at once with what it replays, with `reset`, or (with
+            // nothing to replay) with the `: live` comment.
             match tokio::time::timeout(HEAL_WAIT, reader.next()).await {
                 Ok(next) => next,
                 Err(_) => {
