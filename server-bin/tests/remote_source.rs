@@ -88,6 +88,12 @@ async fn readers_of_one_worker_share_one_upstream_stream_and_a_slow_one_loses_no
     )
     .await?;
     let source = remote_at(up.addr, "")?;
+    // Its Debug names neither the address nor the port.
+    let shown = format!("{source:?}");
+    ensure!(
+        !shown.contains(&up.addr.ip().to_string()) && !shown.contains(&up.addr.port().to_string()),
+        "{shown}"
+    );
     // About 3 MiB in 2000 lines, waiting for a go-ahead first so every reader is in place.
     let script = "read go; i=0; while [ $i -lt 2000 ]; do i=$((i+1)); \
                   printf '%05d %01500d\\n' $i 0; done";
