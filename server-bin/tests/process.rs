@@ -6,234 +6,29 @@
 //! talks to it over plain HTTP/1.1. Workers carry a marker unique to the test in their command
 //! line, so the test finds them (and only them) in `/proc`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 
-/// How long a test waits for the server to answer, start or stop.
-const WAIT: Duration = Duration::from_secs(15);
-/// The pause between two looks at a condition that is polled.
-const POLL: Duration = Duration::from_millis(20);
+use common::process::{descendants, wait_all_gone, Process, Roster, POLL};
+use common::{parse_block, unique, SseEvent, WAIT};
 
 // ---------------------------------------------------------------------------------------------
 // The roster process
 
-/// A string no other test (or test run) uses.
-fn unique(tag: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "{tag}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Everything a pipe of the child has written so far, read by a thread of its own.
-struct Captured {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    done: Arc<AtomicBool>,
-}
-
-impl Captured {
-    fn new(mut from: impl Read + Send + 'static) -> Captured {
-        let bytes = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(AtomicBool::new(false));
-        let (b, d) = (bytes.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => b.lock().unwrap().extend_from_slice(&buf[..n]),
-                }
-            }
-            d.store(true, Ordering::Release);
-        });
-        Captured { bytes, done }
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        self.bytes.lock().unwrap().clone()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes()).into_owned()
-    }
-}
-
-/// A `roster` process this test started. Dropping it SIGKILLs and reaps the process if it
-/// still runs, so a failing test leaves nothing behind (its workers die with it: §2).
-struct Roster {
-    child: Child,
-    stdout: Captured,
-    stderr: Captured,
-}
-
-impl Drop for Roster {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Roster {
-    /// Starts `roster args…` with `env` added; stdin is empty, stdout and stderr are captured.
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Result<Roster> {
-        Roster::spawn_in(None, args, env)
-    }
-
-    /// [`Roster::spawn`] in the working directory `cwd`.
-    fn spawn_in(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Result<Roster> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_roster"));
-        if let Some(cwd) = cwd {
-            cmd.current_dir(cwd);
-        }
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
-            cmd.env("RUST_LOG", "info");
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().context("starting roster")?;
-        let stdout = Captured::new(child.stdout.take().context("stdout")?);
-        let stderr = Captured::new(child.stderr.take().context("stderr")?);
-        Ok(Roster {
-            child,
-            stdout,
-            stderr,
-        })
-    }
-
-    /// `roster serve --listen 127.0.0.1:0 --state-dir <state> extra…`, once it serves.
-    fn serve(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<(Roster, Http)> {
-        let state = state.to_str().context("a UTF-8 state path")?;
-        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--state-dir", state];
-        args.extend_from_slice(extra);
-        let mut roster = Roster::spawn(&args, env)?;
-        let addr = roster.wait_serving()?;
-        Ok((roster, Http { addr }))
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("a pid fits in i32")
-    }
-
-    /// Sends `signal` to the process, which must not have been reaped yet (so the pid is
-    /// still this process's).
-    fn signal(&mut self, signal: i32) -> Result<()> {
-        ensure!(
-            self.child.try_wait()?.is_none(),
-            "roster already exited; stderr:\n{}",
-            self.stderr.text()
-        );
-        // SAFETY: kill(2) with a pid of our own unreaped child; no memory is involved.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
-        Ok(())
-    }
-
-    /// Waits for the process to end.
-    fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "roster did not exit within {within:?}; stderr:\n{}",
-                    self.stderr.text()
-                );
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Waits for the process to end and for its pipes to be read to their end; returns the
-    /// status, stdout and stderr.
-    fn finish(mut self, within: Duration) -> Result<(ExitStatus, String, String)> {
-        let status = self.wait_exit_and_output(within)?;
-        Ok((status, self.stdout.text(), self.stderr.text()))
-    }
-
-    /// Waits for the process to end and then for its pipes to be read to their end: the
-    /// last log lines are written just before the exit and may still be in the pipe when
-    /// the exit is seen.
-    fn wait_exit_and_output(&mut self, within: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + within;
-        let status = self.wait_exit(within)?;
-        while !(self.stdout.done.load(Ordering::Acquire)
-            && self.stderr.done.load(Ordering::Acquire))
-        {
-            ensure!(Instant::now() < deadline, "roster's pipes stayed open");
-            std::thread::sleep(POLL);
-        }
-        Ok(status)
-    }
-
-    /// The address in the `roster is serving listen=…` log line, once it is there; a
-    /// wildcard address becomes loopback with the same port.
-    fn wait_serving(&mut self) -> Result<SocketAddr> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(addr) = serving_addr(&self.stderr.text()) {
-                return Ok(addr);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "roster exited ({status}) before serving; stderr:\n{}",
-                    self.stderr.text()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "roster did not serve in time; stderr:\n{}",
-                    self.stderr.text()
-                );
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// SIGTERM, then the exit status once the process and its output have ended.
-    fn terminate(&mut self) -> Result<ExitStatus> {
-        self.signal(libc::SIGTERM)?;
-        self.wait_exit_and_output(WAIT)
-    }
-}
-
-/// The listen address of the serving line, in text (`listen=ADDR`) or JSON
-/// (`"listen":"ADDR"`) format.
-fn serving_addr(log: &str) -> Option<SocketAddr> {
-    let line = log.lines().find(|l| l.contains("roster is serving"))?;
-    let text = if let Some((_, rest)) = line.split_once("listen=") {
-        rest.split_whitespace().next()?
-    } else {
-        let (_, rest) = line.split_once("\"listen\":\"")?;
-        rest.split('"').next()?
-    };
-    let mut addr: SocketAddr = text.parse().ok()?;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    Some(addr)
+/// `roster serve --listen 127.0.0.1:0 --state-dir <state> extra…` once it serves, and a
+/// client of it.
+fn serve(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<(Roster, Http)> {
+    let (roster, addr) = Roster::serve(state, extra, env)?;
+    Ok((roster, Http { addr }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,14 +282,6 @@ fn read_some(stream: &mut TcpStream, raw: &mut Vec<u8>, deadline: Instant) -> Re
     }
 }
 
-/// One event of a stream.
-#[derive(Debug, Clone)]
-struct Event {
-    id: Option<String>,
-    event: String,
-    data: Value,
-}
-
 /// A Server-Sent-Events stream read from a socket.
 struct Sse {
     stream: TcpStream,
@@ -508,7 +295,7 @@ struct Sse {
 impl Sse {
     /// The next event (comments and `retry:` skipped); `None` once the server closed the
     /// stream. Fails at `deadline`.
-    fn next_event(&mut self, deadline: Instant) -> Result<Option<Event>> {
+    fn next_event(&mut self, deadline: Instant) -> Result<Option<SseEvent>> {
         loop {
             if !self.ended {
                 let (decoded, used, last) = dechunk(&self.raw)?;
@@ -518,7 +305,7 @@ impl Sse {
             }
             if let Some(pos) = self.body.windows(2).position(|w| w == b"\n\n") {
                 let block: Vec<u8> = self.body.drain(..pos + 2).collect();
-                if let Some(ev) = parse_event(&String::from_utf8_lossy(&block[..pos]))? {
+                if let Some(ev) = parse_block(&String::from_utf8_lossy(&block[..pos]))? {
                     return Ok(Some(ev));
                 }
                 continue;
@@ -538,7 +325,7 @@ impl Sse {
     }
 
     /// The events up to the end of the stream.
-    fn rest(&mut self, within: Duration) -> Result<Vec<Event>> {
+    fn rest(&mut self, within: Duration) -> Result<Vec<SseEvent>> {
         let deadline = Instant::now() + within;
         let mut out = Vec::new();
         while let Some(ev) = self.next_event(deadline)? {
@@ -548,126 +335,14 @@ impl Sse {
     }
 
     /// The next event, which must come within [`WAIT`].
-    fn next(&mut self) -> Result<Event> {
+    fn next(&mut self) -> Result<SseEvent> {
         self.next_event(Instant::now() + WAIT)?
             .context("the stream ended")
     }
 }
 
-fn parse_event(block: &str) -> Result<Option<Event>> {
-    let (mut id, mut event, mut data) = (None, None, None);
-    for line in block.lines() {
-        if let Some(v) = line.strip_prefix("id: ") {
-            id = Some(v.to_string());
-        } else if let Some(v) = line.strip_prefix("event: ") {
-            event = Some(v.to_string());
-        } else if let Some(v) = line.strip_prefix("data: ") {
-            ensure!(data.is_none(), "more than one data line: {block}");
-            data = Some(serde_json::from_str(v).with_context(|| format!("data is not JSON: {v}"))?);
-        }
-    }
-    Ok(match event {
-        Some(event) => Some(Event {
-            id,
-            event,
-            data: data.context("an event without data")?,
-        }),
-        None => None,
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
-// Processes in /proc
-
-/// One process: its pid and start time name it across pid reuse.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Process {
-    pid: i32,
-    ppid: i32,
-    start: u64,
-    zombie: bool,
-    cmdline: String,
-}
-
-/// Every process now, zombies included.
-fn processes() -> Vec<Process> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| {
-        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-        read_process(pid)
-    })
-    .collect()
-}
-
-fn read_process(pid: i32) -> Option<Process> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold anything: fields start after the last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    Some(Process {
-        pid,
-        zombie: *fields.first()? == "Z",
-        ppid: fields.get(1)?.parse().ok()?,
-        start: fields.get(19)?.parse().ok()?,
-        cmdline: String::from_utf8_lossy(&cmdline).replace('\0', " "),
-    })
-}
-
-/// Live (not zombie) processes whose command line holds `marker`.
-fn with_marker(marker: &str) -> Vec<Process> {
-    processes()
-        .into_iter()
-        .filter(|p| !p.zombie && p.cmdline.contains(marker))
-        .collect()
-}
-
-/// Every live descendant of `root`.
-fn descendants(root: i32) -> Vec<Process> {
-    let all = processes();
-    let mut found: Vec<Process> = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(parent) = frontier.pop() {
-        for p in all.iter().filter(|p| p.ppid == parent && !p.zombie) {
-            if !found.iter().any(|f| f.pid == p.pid) {
-                frontier.push(p.pid);
-                found.push(p.clone());
-            }
-        }
-    }
-    found
-}
-
-/// Those of `procs` that still run (same pid and start time, not a zombie).
-fn still_running(procs: &[Process]) -> Vec<Process> {
-    procs
-        .iter()
-        .filter_map(|p| read_process(p.pid).filter(|now| now.start == p.start && !now.zombie))
-        .collect()
-}
-
-/// Polls until none of `procs` and no process with `marker` runs.
-fn wait_all_gone(procs: &[Process], marker: &str, within: Duration) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut left = still_running(procs);
-        for p in with_marker(marker) {
-            if !left.iter().any(|l| l.pid == p.pid) {
-                left.push(p);
-            }
-        }
-        if left.is_empty() {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "processes left behind after {within:?}: {left:#?}"
-        );
-        std::thread::sleep(POLL);
-    }
-}
+// Workers in /proc
 
 /// Three workers `sh -c 'sleep 300; : MARKER'` and one that starts a grandchild in the
 /// background and waits for it; returns their ids once every process of theirs runs, and
@@ -718,7 +393,7 @@ fn is_terminal(state: &str) -> bool {
 fn stops_gracefully_on(signal: i32, name: &str) -> Result<String> {
     let dir = tempfile::tempdir()?;
     let marker = unique(name);
-    let (mut roster, http) = Roster::serve(dir.path(), &[], &[])?;
+    let (mut roster, http) = serve(dir.path(), &[], &[])?;
     let (ids, tree) = start_sleepers(&roster, &http, &marker)?;
     let mut events = http.sse("/v1/events", &[])?;
     let first = events.next()?;
@@ -759,7 +434,7 @@ fn sigterm_stops_every_worker_and_exits_zero() -> Result<()> {
 fn sigkill_of_roster_leaves_no_worker() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let marker = unique("marker-sigkill");
-    let (mut roster, http) = Roster::serve(dir.path(), &[], &[])?;
+    let (mut roster, http) = serve(dir.path(), &[], &[])?;
     let (_, tree) = start_sleepers(&roster, &http, &marker)?;
     roster.signal(libc::SIGKILL)?;
     let status = roster.wait_exit(WAIT)?;
@@ -984,7 +659,7 @@ token_file = {file}
     let operate_auth = format!("Bearer {operate}");
     let spawn_body = json!({ "profile": "shell", "args": ["echo token-ok"] }).to_string();
 
-    let (mut roster, http) = Roster::serve(&dir.path().join("state"), &["--config", config], &env)?;
+    let (mut roster, http) = serve(&dir.path().join("state"), &["--config", config], &env)?;
     let none = http.get("/v1/runtimes")?;
     assert_eq!((none.status, none.code().as_str()), (401, "unauthorized"));
     let wrong = http.request(
@@ -1072,7 +747,7 @@ token_file = {file}
 #[test]
 fn json_logs_are_one_object_per_line_with_the_request_id_of_the_response() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut roster, http) = Roster::serve(dir.path(), &["--log-format", "json"], &[])?;
+    let (mut roster, http) = serve(dir.path(), &["--log-format", "json"], &[])?;
     let client_id = unique("client-request");
     let replies = [
         http.get("/healthz")?,
@@ -1125,7 +800,7 @@ fn json_logs_are_one_object_per_line_with_the_request_id_of_the_response() -> Re
 #[test]
 fn with_no_config_the_default_runtime_is_embedded_local_with_shell_profile() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut roster, http) = Roster::serve(dir.path(), &[], &[])?;
+    let (mut roster, http) = serve(dir.path(), &[], &[])?;
     let runtimes = http.get("/v1/runtimes")?.json()?;
     let list = runtimes["runtimes"].as_array().context("a list")?;
     assert_eq!(list.len(), 1, "{runtimes}");
@@ -1157,7 +832,7 @@ fn with_no_config_the_default_runtime_is_embedded_local_with_shell_profile() -> 
 #[test]
 fn a_restart_keeps_the_id_key_and_resets_an_old_cursor_as_foreign_epoch() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut first, http) = Roster::serve(dir.path(), &[], &[])?;
+    let (mut first, http) = serve(dir.path(), &[], &[])?;
     let mut events = http.sse("/v1/events", &[])?;
     let snapshot = events.next()?;
     assert_eq!(snapshot.event, "snapshot");
@@ -1181,7 +856,7 @@ fn a_restart_keeps_the_id_key_and_resets_an_old_cursor_as_foreign_epoch() -> Res
         "the id key is readable by others: {mode:o}"
     );
 
-    let (mut second, http) = Roster::serve(dir.path(), &[], &[])?;
+    let (mut second, http) = serve(dir.path(), &[], &[])?;
     let by_header = http.sse("/v1/events", &[("Last-Event-ID", &cursor)])?;
     let by_query = http.sse(
         &format!(
@@ -1217,7 +892,7 @@ fn a_restart_keeps_the_id_key_and_resets_an_old_cursor_as_foreign_epoch() -> Res
 
 fn a_second_host_or_origin_line_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut roster, http) = Roster::serve(dir.path(), &[], &[])?;
+    let (mut roster, http) = serve(dir.path(), &[], &[])?;
     let port = http.addr.port();
     // `send` writes `Host: 127.0.0.1:PORT` first; these come after it.
     let two_hosts = http.request("GET", "/v1/runtimes", &[("Host", "evil.example")], None)?;

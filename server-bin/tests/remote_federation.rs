@@ -10,24 +10,21 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use server_bin::config::{Config, LoadedToken, Scope};
 use server_bin::ServeOptions;
-use tokio::net::TcpStream;
 
-use common::{Seen, SseClient, SseEvent, TestResponse, TestServer};
+use common::process::{with_marker, Roster};
+use common::{
+    header_bytes, request_to, unique, Seen, SseClient, SseEvent, TestResponse, TestServer,
+};
 
 /// How long a test waits for a condition before it fails.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -36,19 +33,6 @@ const POLL: Duration = Duration::from_millis(25);
 
 // ---------------------------------------------------------------------------------------------
 // Small tools
-
-/// A string no other test (or test run) uses.
-fn unique(tag: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "{tag}{}x{nanos}x{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// A loopback port that was free a moment ago (bound on port 0, then released), so that a
 /// server can be started — and restarted — on it.
@@ -77,75 +61,20 @@ where
     }
 }
 
-/// One request to a server this test did not start in-process.
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Result<TestResponse> {
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{}", addr.port()));
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_string())))?;
-    let resp = tokio::time::timeout(DEADLINE, sender.send_request(req))
-        .await
-        .context("request timed out")??;
-    let (parts, body) = resp.into_parts();
-    let body = tokio::time::timeout(DEADLINE, body.collect())
-        .await
-        .context("body timed out")??
-        .to_bytes();
-    Ok(TestResponse {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
-}
-
-fn record_headers(seen: &Seen, headers: &HeaderMap) {
-    for (k, v) in headers {
-        seen.record(k.as_str().as_bytes());
-        seen.record(b": ");
-        seen.record(v.as_bytes());
-        seen.record(b"\n");
-    }
-}
-
-/// Keeps a response's headers and body in `seen`, and hands it on.
-fn keep(seen: &Seen, resp: TestResponse) -> TestResponse {
-    record_headers(seen, &resp.headers);
-    seen.record(&resp.body);
-    resp
+/// The response must be an error with this status and `error.code`.
+#[track_caller]
+fn expect(resp: &TestResponse, status: u16, code: &str) {
+    assert_eq!(
+        (resp.status.as_u16(), resp.code().as_str()),
+        (status, code),
+        "{}",
+        resp.text()
+    );
 }
 
 /// A spawn body running `script` under the profile `shell`.
 fn shell(script: &str, name: &str) -> String {
     json!({ "profile": "shell", "args": [script], "name": name }).to_string()
-}
-
-fn id_of(resp: &TestResponse) -> Result<String> {
-    ensure!(
-        resp.status == StatusCode::CREATED,
-        "spawn answered {}: {}",
-        resp.status,
-        resp.text()
-    );
-    Ok(resp.json()?["id"].as_str().context("an id")?.to_string())
 }
 
 /// Waits until runtime `rt` of `server` is `ready`.
@@ -175,6 +104,11 @@ async fn by_name(server: &TestServer, name: &str) -> Result<Value> {
 /// Reads a stream until it closes.
 async fn read_all(stream: &mut SseClient) -> Result<Vec<SseEvent>> {
     stream.rest(DEADLINE).await
+}
+
+/// Whether `event` is a chunk of output.
+fn is_output(event: &SseEvent) -> bool {
+    event.event == "output"
 }
 
 /// `(seq, data)` of the `output` events.
@@ -252,178 +186,10 @@ fn states_of(events: &[SseEvent], id: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // The roster binary
 
-/// Everything a pipe of the child has written so far, read by a thread of its own.
-struct Captured {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    done: Arc<AtomicBool>,
-}
-
-impl Captured {
-    fn new(mut from: impl Read + Send + 'static) -> Captured {
-        let bytes = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(AtomicBool::new(false));
-        let (b, d) = (bytes.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => b
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&buf[..n]),
-                }
-            }
-            d.store(true, Ordering::Release);
-        });
-        Captured { bytes, done }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-/// A `roster serve` process this test started. Dropping it SIGKILLs and reaps it if it
-/// still runs (its workers die with it).
-struct Roster {
-    child: Child,
-    stdout: Captured,
-    stderr: Captured,
-}
-
-impl Drop for Roster {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Roster {
-    /// `roster serve --config <config> --state-dir <state>` with `env` added (`RUST_LOG`
-    /// is `info` unless given), once it serves; returns it and its address.
-    async fn serve(
-        config: &Path,
-        state: &Path,
-        env: &[(&str, &str)],
-    ) -> Result<(Roster, SocketAddr)> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_roster"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--state-dir")
-            .arg(state)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
-            cmd.env("RUST_LOG", "info");
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().context("starting roster")?;
-        let stdout = Captured::new(child.stdout.take().context("stdout")?);
-        let stderr = Captured::new(child.stderr.take().context("stderr")?);
-        let mut roster = Roster {
-            child,
-            stdout,
-            stderr,
-        };
-        let addr = roster.wait_serving().await?;
-        Ok((roster, addr))
-    }
-
-    /// The address of the `roster is serving listen=…` log line, once it is there.
-    async fn wait_serving(&mut self) -> Result<SocketAddr> {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let log = self.stderr.text();
-            let addr = log
-                .lines()
-                .find(|l| l.contains("roster is serving"))
-                .and_then(|l| l.split_once("listen=")?.1.split_whitespace().next())
-                .and_then(|a| a.parse().ok());
-            if let Some(addr) = addr {
-                return Ok(addr);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("roster exited ({status}) before serving; stderr:\n{log}");
-            }
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "roster did not serve in time; stderr:\n{log}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// SIGKILL, and waits for the process to be gone.
-    async fn kill(&mut self) -> Result<()> {
-        self.child.kill()?;
-        self.wait_exit().await
-    }
-
-    /// SIGTERM (a graceful stop), and waits for the process and its pipes to end.
-    async fn terminate(&mut self) -> Result<()> {
-        ensure!(self.child.try_wait()?.is_none(), "roster already exited");
-        let pid = i32::try_from(self.child.id())?;
-        // SAFETY: kill(2) on the pid of our own child, not reaped yet; no memory involved.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
-        self.wait_exit().await
-    }
-
-    async fn wait_exit(&mut self) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while self.child.try_wait()?.is_none() {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "roster did not exit; stderr:\n{}",
-                self.stderr.text()
-            );
-            tokio::time::sleep(POLL).await;
-        }
-        while !(self.stdout.done.load(Ordering::Acquire)
-            && self.stderr.done.load(Ordering::Acquire))
-        {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "roster's pipes stayed open"
-            );
-            tokio::time::sleep(POLL).await;
-        }
-        Ok(())
-    }
-
-    /// Everything the process wrote to stdout and stderr so far.
-    fn output(&self) -> String {
-        format!("{}{}", self.stdout.text(), self.stderr.text())
-    }
-}
-
-/// Live (not zombie) processes whose command line holds `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| {
-        let entry = entry.ok()?;
-        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (_, rest) = stat.rsplit_once(')')?;
-        if rest.split_whitespace().next()? == "Z" {
-            return None;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        cmdline
-            .contains(marker)
-            .then(|| format!("{pid}: {cmdline}"))
-    })
-    .collect()
+/// Runs a step of the process harness, which blocks while it polls, without holding up the
+/// other tasks of this runtime.
+fn blocking<T>(step: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(step)
 }
 
 /// A test server for a config written in TOML (server keys of the file apply too).
@@ -455,7 +221,7 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\nsse_ping = \"200ms\"\n"),
     )?;
     let state = dir.path().join("state");
-    let (mut up, up_addr) = Roster::serve(&config, &state, &[]).await?;
+    let (mut up, up_addr) = blocking(|| Roster::serve_config(&config, &state, &[]))?;
     ensure!(up_addr.port() == port, "{up_addr} is not on port {port}");
 
     let down = server_for(&remote_runtime(
@@ -472,24 +238,22 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
     let events = Collector::start(stream);
 
     let marker = unique("fedlive");
-    let live = id_of(
-        &down
-            .post(
-                "/v1/runtimes/far/workers",
-                &shell(&format!("sleep 300; : {marker}"), "live"),
-            )
-            .await?,
-    )?;
-    let quick = id_of(
-        &down
-            .post("/v1/runtimes/far/workers", &shell("echo quick", "quick"))
-            .await?,
-    )?;
+    let live = down
+        .post(
+            "/v1/runtimes/far/workers",
+            &shell(&format!("sleep 300; : {marker}"), "live"),
+        )
+        .await?
+        .created_id()?;
+    let quick = down
+        .post("/v1/runtimes/far/workers", &shell("echo quick", "quick"))
+        .await?
+        .created_id()?;
     down.wait_worker(&live, |w| w["state"] == "running").await?;
     let quick_before = down.wait_worker(&quick, |w| w["state"] == "exited").await?;
     let marker_ref = marker.as_str();
     eventually("the live worker's process", move || async move {
-        let found = processes_with(marker_ref);
+        let found = with_marker(marker_ref);
         Ok(((!found.is_empty()).then_some(()), format!("{found:?}")))
     })
     .await?;
@@ -502,9 +266,9 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
         })
         .await?;
     let before_kill = events.events().len();
-    up.kill().await?;
+    blocking(|| up.kill())?;
     eventually("the upstream's workers gone", move || async move {
-        let left = processes_with(marker_ref);
+        let left = with_marker(marker_ref);
         Ok((left.is_empty().then_some(()), format!("{left:?}")))
     })
     .await?;
@@ -531,12 +295,7 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
     let refused = down
         .post("/v1/runtimes/far/workers", &shell("echo during", "during"))
         .await?;
-    assert_eq!(
-        (refused.status, refused.code().as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, "runtime_unavailable"),
-        "{}",
-        refused.text()
-    );
+    expect(&refused, 503, "runtime_unavailable");
     assert!(
         refused.headers.contains_key("retry-after"),
         "{:?}",
@@ -544,7 +303,7 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
     );
 
     // The upstream comes back on the same port and state directory.
-    let (mut up, again) = Roster::serve(&config, &state, &[]).await?;
+    let (mut up, again) = blocking(|| Roster::serve_config(&config, &state, &[]))?;
     ensure!(again == up_addr, "restarted on {again}, not {up_addr}");
     wait_ready(&down, "far").await?;
     let lost = down.wait_worker(&live, |w| w["state"] == "failed").await?;
@@ -563,11 +322,10 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
     .await?;
 
     // New spawns work, and the lost worker's record goes on request.
-    let fresh = id_of(
-        &down
-            .post("/v1/runtimes/far/workers", &shell("echo again", "again"))
-            .await?,
-    )?;
+    let fresh = down
+        .post("/v1/runtimes/far/workers", &shell("echo again", "again"))
+        .await?
+        .created_id()?;
     let done = down.wait_worker(&fresh, |w| w["state"] == "exited").await?;
     assert_eq!(done["exit_code"], 0, "{done}");
     assert!(![live_id, quick_id].contains(&fresh.as_str()));
@@ -576,12 +334,7 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
         .await?;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text());
     let after = down.get(&format!("/v1/workers/{live_id}")).await?;
-    assert_eq!(
-        (after.status, after.code().as_str()),
-        (StatusCode::NOT_FOUND, "worker_not_found"),
-        "{}",
-        after.text()
-    );
+    expect(&after, 404, "worker_not_found");
 
     // A client of the downstream's events saw all of it, connected throughout.
     let removed = |events: &[SseEvent], id: &str| {
@@ -619,7 +372,7 @@ async fn an_upstream_killed_and_restarted_leaves_its_live_workers_lost_under_the
         "{unknown_event:?}"
     );
 
-    up.terminate().await?;
+    blocking(|| up.terminate())?;
     down.stop().await?;
     Ok(())
 }
@@ -643,7 +396,7 @@ async fn three_registries_in_a_chain_pass_output_input_stop_and_errors_through()
             &shell("echo first; read l; echo got:$l", &name),
         )
         .await?;
-    let c_id = id_of(&spawned)?;
+    let c_id = spawned.created_id()?;
     let body = spawned.json()?;
     assert_eq!(
         (&body["runtime_id"], &body["name"]),
@@ -651,14 +404,7 @@ async fn three_registries_in_a_chain_pass_output_input_stop_and_errors_through()
         "{body}"
     );
     let mut out = c.sse(&format!("/v1/workers/{c_id}/output"), &[]).await?;
-    let mut live = Vec::new();
-    loop {
-        let ev = out.next_event().await?;
-        live.push(ev.clone());
-        if ev.event == "output" {
-            break;
-        }
-    }
+    let mut live = out.read_until(is_output).await?;
     let input = c
         .post(
             &format!("/v1/workers/{c_id}/input"),
@@ -729,20 +475,15 @@ async fn three_registries_in_a_chain_pass_output_input_stop_and_errors_through()
             &json!({ "data": "late\n" }).to_string(),
         )
         .await?;
-    assert_eq!(
-        (late.status, late.code().as_str()),
-        (StatusCode::CONFLICT, "conflict"),
-        "{}",
-        late.text()
-    );
+    expect(&late, 409, "conflict");
 
     // A long-running worker: DELETE while it runs is a conflict; a stop through C stops it
     // at every hop.
     let long_name = unique("sleeper");
-    let long = id_of(
-        &c.post("/v1/runtimes/top/workers", &shell("sleep 300", &long_name))
-            .await?,
-    )?;
+    let long = c
+        .post("/v1/runtimes/top/workers", &shell("sleep 300", &long_name))
+        .await?
+        .created_id()?;
     c.wait_worker(&long, |w| w["state"] == "running").await?;
     let b_long = by_name(&b, &long_name).await?["id"]
         .as_str()
@@ -756,12 +497,7 @@ async fn three_registries_in_a_chain_pass_output_input_stop_and_errors_through()
     let busy = c
         .request(Method::DELETE, &format!("/v1/workers/{long}"), &[], None)
         .await?;
-    assert_eq!(
-        (busy.status, busy.code().as_str()),
-        (StatusCode::CONFLICT, "conflict"),
-        "{}",
-        busy.text()
-    );
+    expect(&busy, 409, "conflict");
     let stop = c
         .post(&format!("/v1/workers/{long}/stop"), r#"{"grace_ms": 2000}"#)
         .await?;
@@ -777,12 +513,7 @@ async fn three_registries_in_a_chain_pass_output_input_stop_and_errors_through()
             r#"{"profile": "no-such-profile", "args": []}"#,
         )
         .await?;
-    assert_eq!(
-        (bad_profile.status, bad_profile.code().as_str()),
-        (StatusCode::BAD_REQUEST, "invalid_request"),
-        "{}",
-        bad_profile.text()
-    );
+    expect(&bad_profile, 400, "invalid_request");
     let nobody = format!("w_{}", "0".repeat(26));
     for (path, body) in [
         (format!("/v1/workers/{nobody}/stop"), "{}".to_string()),
@@ -836,22 +567,14 @@ impl Transcript {
     }
 
     fn keep(&self, resp: TestResponse) -> TestResponse {
-        for (k, v) in &resp.headers {
-            self.record(format!("{k}: ").as_bytes());
-            self.record(v.as_bytes());
-            self.record(b"\n");
-        }
+        self.record(&header_bytes(&resp.headers));
         self.record(&resp.body);
         resp
     }
 
     /// Keeps what a stream sent (its headers and every byte read), once done with it.
     fn keep_stream(&self, stream: &SseClient) {
-        for (k, v) in &stream.headers {
-            self.record(format!("{k}: ").as_bytes());
-            self.record(v.as_bytes());
-            self.record(b"\n");
-        }
+        self.record(&header_bytes(&stream.headers));
         self.record(&stream.raw);
     }
 
@@ -885,15 +608,6 @@ async fn req(
     body: Option<&str>,
 ) -> Result<TestResponse> {
     Ok(t.keep(server.request(method, path, &[], body).await?))
-}
-
-fn expect(resp: &TestResponse, status: u16, code: &str) {
-    assert_eq!(
-        (resp.status.as_u16(), resp.code().as_str()),
-        (status, code),
-        "{}",
-        resp.text()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -970,8 +684,10 @@ async fn nothing_of_the_upstream_reaches_a_client_of_the_downstream() -> Result<
             .await
         }
     };
-    let long = id_of(&spawn("echo long-start; cat", "long").await?)?;
-    let short = id_of(&spawn("echo short-out; echo short-err >&2", "short").await?)?;
+    let long = spawn("echo long-start; cat", "long").await?.created_id()?;
+    let short = spawn("echo short-out; echo short-err >&2", "short")
+        .await?
+        .created_id()?;
     down.wait_worker(&short, |w| w["state"] == "exited").await?;
     down.wait_worker(&long, |w| w["state"] == "running").await?;
     for path in [
@@ -1009,12 +725,7 @@ async fn nothing_of_the_upstream_reaches_a_client_of_the_downstream() -> Result<
     t.keep_stream(&done);
     assert_eq!(chunks(&short_out).len(), 2, "{short_out:#?}");
     let mut out = down.sse(&format!("/v1/workers/{long}/output"), &[]).await?;
-    let first = loop {
-        let ev = out.next_event().await?;
-        if ev.event == "output" {
-            break ev;
-        }
-    };
+    let first = out.read_until(is_output).await?.pop().context("an event")?;
     assert_eq!(first.data["data"], "long-start\n");
     let accepted = req(
         &t,
@@ -1187,7 +898,7 @@ async fn nothing_of_the_upstream_reaches_a_client_of_the_downstream() -> Result<
         )
         .await?;
         if resp.status == StatusCode::CREATED {
-            sleepers.push(id_of(&resp)?);
+            sleepers.push(resp.created_id()?);
         } else {
             refused = Some(resp);
             break;
@@ -1329,7 +1040,7 @@ async fn spawn_body(t: &Transcript, server: &TestServer, body: &Value) -> Result
 // 4. Tokens between registries
 
 /// A `roster serve` on `127.0.0.1:0` for `toml`, in a directory of its own.
-async fn serve_file(
+fn serve_file(
     dir: &Path,
     name: &str,
     toml: &str,
@@ -1337,7 +1048,7 @@ async fn serve_file(
 ) -> Result<(Roster, SocketAddr)> {
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(&config, toml)?;
-    Roster::serve(&config, &dir.join(format!("{name}-state")), env).await
+    blocking(|| Roster::serve_config(&config, &dir.join(format!("{name}-state")), env))
 }
 
 /// An upstream `roster` that requires `secret` (from its environment) and two downstream
@@ -1356,9 +1067,9 @@ struct TokenSetup {
 }
 
 impl TokenSetup {
-    async fn start() -> Result<TokenSetup> {
+    fn start() -> Result<TokenSetup> {
         let dir = tempfile::tempdir()?;
-        let u = unique("t");
+        let u = unique("t").replace('-', "_");
         let up_var = format!("ROSTER_FED_UP_TOKEN_{u}");
         let down_var = format!("ROSTER_FED_DOWN_TOKEN_{u}");
         let secret = format!("federation-secret-{u}-0123456789");
@@ -1371,8 +1082,7 @@ impl TokenSetup {
                  scope = \"operate\"\ntoken_env = \"{up_var}\"\n"
             ),
             &[(&up_var, &secret)],
-        )
-        .await?;
+        )?;
         let downstream = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n{}",
             remote_runtime(
@@ -1388,15 +1098,13 @@ impl TokenSetup {
             "good",
             &downstream,
             &[(&down_var, &secret), trace],
-        )
-        .await?;
+        )?;
         let (bad, bad_addr) = serve_file(
             dir.path(),
             "bad",
             &downstream,
             &[(&down_var, &wrong), trace],
-        )
-        .await?;
+        )?;
         Ok(TokenSetup {
             up,
             up_addr,
@@ -1413,22 +1121,22 @@ impl TokenSetup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> Result<()> {
-    let mut s = TokenSetup::start().await?;
-    let unauthenticated = call(s.up_addr, Method::GET, "/v1/runtimes", &[], None).await?;
+    let mut s = TokenSetup::start()?;
+    let unauthenticated = request_to(s.up_addr, Method::GET, "/v1/runtimes", &[], None).await?;
     assert_eq!(unauthenticated.status, StatusCode::UNAUTHORIZED);
     let mut answers: Vec<TestResponse> = Vec::new();
 
     // With the right token the runtime works.
     let good = s.good_addr;
     let ready = eventually("the runtime behind the right token", || async {
-        let v = call(good, Method::GET, "/v1/runtimes/far", &[], None).await?;
+        let v = request_to(good, Method::GET, "/v1/runtimes/far", &[], None).await?;
         let text = v.text();
         let ok = v.json()?["health"]["status"] == "ready";
         Ok((ok.then_some(v), text))
     })
     .await?;
     answers.push(ready);
-    let spawned = call(
+    let spawned = request_to(
         good,
         Method::POST,
         "/v1/runtimes/far/workers",
@@ -1436,12 +1144,12 @@ async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> R
         Some(&shell("echo token-ok", "tok")),
     )
     .await?;
-    let id = id_of(&spawned)?;
+    let id = spawned.created_id()?;
     answers.push(spawned);
     let path = format!("/v1/workers/{id}");
     let path = path.as_str();
     let ended = eventually("the worker behind the right token", || async {
-        let w = call(good, Method::GET, path, &[], None).await?;
+        let w = request_to(good, Method::GET, path, &[], None).await?;
         let text = w.text();
         let done = w.json()?["state"] == "exited";
         Ok((done.then_some(w), text))
@@ -1449,7 +1157,7 @@ async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> R
     .await?;
     assert_eq!(ended.json()?["exit_code"], 0, "{}", ended.text());
     answers.push(ended);
-    let output = call(
+    let output = request_to(
         good,
         Method::GET,
         &format!("{path}/output?follow=0"),
@@ -1462,7 +1170,7 @@ async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> R
 
     // With a wrong one the runtime is unavailable and spawning is refused.
     let bad = s.bad_addr;
-    let unavailable = call(bad, Method::GET, "/v1/runtimes/far", &[], None).await?;
+    let unavailable = request_to(bad, Method::GET, "/v1/runtimes/far", &[], None).await?;
     assert_eq!(
         unavailable.json()?["health"]["status"],
         "unavailable",
@@ -1470,7 +1178,7 @@ async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> R
         unavailable.text()
     );
     answers.push(unavailable);
-    let spawn = call(
+    let spawn = request_to(
         bad,
         Method::POST,
         "/v1/runtimes/far/workers",
@@ -1478,23 +1186,18 @@ async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> R
         Some(&shell("echo never", "never")),
     )
     .await?;
-    assert_eq!(
-        (spawn.status, spawn.code().as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, "runtime_unavailable"),
-        "{}",
-        spawn.text()
-    );
+    expect(&spawn, 503, "runtime_unavailable");
     assert!(spawn.text().contains("token"), "{}", spawn.text());
     answers.push(spawn);
-    answers.push(call(bad, Method::GET, "/metrics", &[], None).await?);
-    answers.push(call(good, Method::GET, "/metrics", &[], None).await?);
+    answers.push(request_to(bad, Method::GET, "/metrics", &[], None).await?);
+    answers.push(request_to(good, Method::GET, "/metrics", &[], None).await?);
 
-    s.good.terminate().await?;
-    s.bad.terminate().await?;
-    s.up.terminate().await?;
+    blocking(|| s.good.terminate())?;
+    blocking(|| s.bad.terminate())?;
+    blocking(|| s.up.terminate())?;
     let seen = Seen::default();
     for answer in answers {
-        keep(&seen, answer);
+        seen.record_response(&answer);
     }
     seen.assert_free_of(&[s.secret.clone(), s.wrong.clone()])?;
     for (who, roster) in [
@@ -1522,10 +1225,10 @@ async fn a_token_between_registries_opens_the_upstream_and_is_never_shown() -> R
 /// connection): the runtime's health says so, and soon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_shows_on_the_runtime_as_refused() -> Result<()> {
-    let mut s = TokenSetup::start().await?;
+    let mut s = TokenSetup::start()?;
     let bad = s.bad_addr;
     let refused = eventually("the runtime behind a wrong token", || async {
-        let v = call(bad, Method::GET, "/v1/runtimes", &[], None).await?;
+        let v = request_to(bad, Method::GET, "/v1/runtimes", &[], None).await?;
         let json = v.json()?;
         let health = &json["runtimes"][0]["health"];
         let message = health["message"].as_str().unwrap_or_default();
@@ -1536,7 +1239,7 @@ async fn a_wrong_token_shows_on_the_runtime_as_refused() -> Result<()> {
     })
     .await?;
     assert!(!refused.text().contains(&s.wrong), "{}", refused.text());
-    s.bad.terminate().await?;
+    blocking(|| s.bad.terminate())?;
     ensure!(!s.bad.output().contains(&s.wrong), "{}", s.bad.output());
     Ok(())
 }
@@ -1642,7 +1345,7 @@ async fn client_scenario(server: &TestServer) -> Result<(Vec<Step>, Vec<String>)
             .to_string(),
         )
         .await?;
-    let id = id_of(&spawned)?;
+    let id = spawned.created_id()?;
     // The answer shows the worker as the registry knows it when the answer is made:
     // `starting`, or already `running` (without or with `started_at`) — a race either kind
     // of runtime may win either way.
@@ -1669,14 +1372,7 @@ async fn client_scenario(server: &TestServer) -> Result<(Vec<Step>, Vec<String>)
     step("get running", StatusCode::OK, running);
 
     let mut out = server.sse(&format!("/v1/workers/{id}/output"), &[]).await?;
-    let mut live = Vec::new();
-    loop {
-        let ev = out.next_event().await?;
-        live.push(ev.clone());
-        if ev.event == "output" {
-            break;
-        }
-    }
+    let mut live = out.read_until(is_output).await?;
     let input = server
         .post(&format!("/v1/workers/{id}/input"), r#"{"data": "there\n"}"#)
         .await?;
@@ -1704,15 +1400,9 @@ async fn client_scenario(server: &TestServer) -> Result<(Vec<Step>, Vec<String>)
     let runtimes = server.get("/v1/runtimes").await?;
     step("runtimes", runtimes.status, runtimes.json()?);
 
-    let mut seen_events = Vec::new();
-    loop {
-        let ev = events.next_event().await?;
-        let last = ev.event == "worker.upserted" && ev.data["worker"]["state"] == "exited";
-        seen_events.push(ev);
-        if last {
-            break;
-        }
-    }
+    let seen_events = events
+        .read_until(|ev| ev.event == "worker.upserted" && ev.data["worker"]["state"] == "exited")
+        .await?;
     step("events", StatusCode::OK, events_json(&seen_events, false));
 
     let mut ids = HashMap::new();

@@ -1,8 +1,11 @@
 //! A real `roster` server on 127.0.0.1:0 for tests, and a small HTTP + SSE client over hyper.
 #![allow(dead_code)]
 
+pub mod process;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
@@ -19,6 +22,19 @@ use tokio::task::JoinHandle;
 
 /// How long a test waits for anything before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A string no other test (or test run) uses.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// A running server with its own state directory.
 pub struct TestServer {
@@ -49,13 +65,10 @@ impl Seen {
         seen.extend_from_slice(bytes);
     }
 
-    fn record_headers(&self, headers: &HeaderMap) {
-        for (k, v) in headers {
-            self.record(k.as_str().as_bytes());
-            self.record(b": ");
-            self.record(v.as_bytes());
-            self.record(b"\n");
-        }
+    /// Records a whole response: its headers and its body.
+    pub fn record_response(&self, resp: &TestResponse) {
+        self.record(&header_bytes(&resp.headers));
+        self.record(&resp.body);
     }
 
     /// Fails when the recorded bytes hold one of `needles`.
@@ -78,6 +91,18 @@ impl Seen {
         }
         Ok(())
     }
+}
+
+/// Headers as the lines `name: value\n`, for a search of what a client got.
+pub fn header_bytes(headers: &HeaderMap) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.push(b'\n');
+    }
+    out
 }
 
 /// The default config (one `embedded` runtime `local`, profile `shell`, commands allowed)
@@ -145,19 +170,9 @@ impl TestServer {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Result<TestResponse> {
-        let resp = self.send(method, path, headers, body).await?;
-        let (parts, body) = resp.into_parts();
-        let body = tokio::time::timeout(WAIT, body.collect())
-            .await
-            .context("body timed out")??
-            .to_bytes();
-        self.seen.record_headers(&parts.headers);
-        self.seen.record(&body);
-        Ok(TestResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        let resp = request_to(self.addr, method, path, headers, body).await?;
+        self.seen.record_response(&resp);
+        Ok(resp)
     }
 
     /// Sends a request and returns the response with its body unread.
@@ -168,29 +183,7 @@ impl TestServer {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Result<hyper::Response<Incoming>> {
-        let stream = TcpStream::connect(self.addr).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("127.0.0.1:{}", self.addr.port()));
-        let has_type = headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-        if body.is_some() && !has_type {
-            req = req.header("content-type", "application/json");
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_string())))?;
-        Ok(tokio::time::timeout(WAIT, sender.send_request(req))
-            .await
-            .context("request timed out")??)
+        send_to(self.addr, method, path, headers, body).await
     }
 
     pub async fn get(&self, path: &str) -> Result<TestResponse> {
@@ -204,11 +197,9 @@ impl TestServer {
     /// Spawns `sh -c script` in runtime `local` and returns the worker's id.
     pub async fn spawn_shell(&self, script: &str) -> Result<String> {
         let body = serde_json::json!({ "profile": "shell", "args": [script] }).to_string();
-        let resp = self.post("/v1/runtimes/local/workers", &body).await?;
-        if resp.status != StatusCode::CREATED {
-            bail!("spawn answered {}: {}", resp.status, resp.text());
-        }
-        Ok(resp.json()?["id"].as_str().context("an id")?.to_string())
+        self.post("/v1/runtimes/local/workers", &body)
+            .await?
+            .created_id()
     }
 
     /// Polls `GET /v1/workers/{id}` until `check` holds, or fails after [`WAIT`].
@@ -232,7 +223,7 @@ impl TestServer {
         if resp.status() != StatusCode::OK {
             let (parts, body) = resp.into_parts();
             let body = body.collect().await?.to_bytes();
-            self.seen.record_headers(&parts.headers);
+            self.seen.record(&header_bytes(&parts.headers));
             self.seen.record(&body);
             bail!(
                 "stream answered {}: {}",
@@ -240,7 +231,7 @@ impl TestServer {
                 String::from_utf8_lossy(&body)
             );
         }
-        self.seen.record_headers(resp.headers());
+        self.seen.record(&header_bytes(resp.headers()));
         Ok(SseClient {
             headers: resp.headers().clone(),
             body: resp.into_body(),
@@ -260,6 +251,65 @@ impl Drop for TestServer {
     }
 }
 
+/// Sends `req`, built in full by the caller, to the server at `addr` on a new connection;
+/// returns the response with its body unread.
+pub async fn send_request_to<B>(
+    addr: std::net::SocketAddr,
+    req: Request<B>,
+) -> Result<hyper::Response<Incoming>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .context("request timed out")??)
+}
+
+/// Sends one request to the server at `addr` and returns the response with its body unread;
+/// `body` is sent as JSON unless the headers name another type.
+pub async fn send_to(
+    addr: std::net::SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<hyper::Response<Incoming>> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("127.0.0.1:{}", addr.port()));
+    let has_type = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    if body.is_some() && !has_type {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_string())))?;
+    send_request_to(addr, req).await
+}
+
+/// One request to the server at `addr` (one a [`TestServer`] does not stand for, e.g. a
+/// `roster` process), read to the end of the response.
+pub async fn request_to(
+    addr: std::net::SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<TestResponse> {
+    TestResponse::read(send_to(addr, method, path, headers, body).await?).await
+}
+
 /// A whole response.
 #[derive(Debug)]
 pub struct TestResponse {
@@ -269,6 +319,20 @@ pub struct TestResponse {
 }
 
 impl TestResponse {
+    /// Reads the body of `resp` to its end.
+    pub async fn read(resp: hyper::Response<Incoming>) -> Result<TestResponse> {
+        let (parts, body) = resp.into_parts();
+        let body = tokio::time::timeout(WAIT, body.collect())
+            .await
+            .context("body timed out")??
+            .to_bytes();
+        Ok(TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
     pub fn json(&self) -> Result<Value> {
         serde_json::from_slice(&self.body)
             .with_context(|| format!("not JSON ({}): {}", self.status, self.text()))
@@ -284,6 +348,14 @@ impl TestResponse {
             .ok()
             .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
             .unwrap_or_default()
+    }
+
+    /// The `id` of the worker a spawn created; fails unless the answer is `201 Created`.
+    pub fn created_id(&self) -> Result<String> {
+        if self.status != StatusCode::CREATED {
+            bail!("spawn answered {}: {}", self.status, self.text());
+        }
+        Ok(self.json()?["id"].as_str().context("an id")?.to_string())
     }
 }
 
@@ -345,6 +417,20 @@ impl SseClient {
             .context("the stream ended")
     }
 
+    /// Reads events up to and including the first one for which `last` holds; returns them
+    /// all. Each must come within [`WAIT`].
+    pub async fn read_until(&mut self, last: impl Fn(&SseEvent) -> bool) -> Result<Vec<SseEvent>> {
+        let mut events = Vec::new();
+        loop {
+            let ev = self.next_event().await?;
+            let done = last(&ev);
+            events.push(ev);
+            if done {
+                return Ok(events);
+            }
+        }
+    }
+
     /// Reads until the stream closes (or `timeout`), returning the remaining events.
     pub async fn rest(&mut self, timeout: Duration) -> Result<Vec<SseEvent>> {
         let mut out = Vec::new();
@@ -366,7 +452,9 @@ impl SseClient {
     }
 }
 
-fn parse_block(block: &str) -> Result<Option<SseEvent>> {
+/// The event of one block of a stream (the lines between two blank lines); `None` for a
+/// block without an `event:` line (a comment or `retry:`).
+pub fn parse_block(block: &str) -> Result<Option<SseEvent>> {
     let (mut id, mut event, mut data) = (None, None, None);
     for line in block.lines() {
         if let Some(v) = line.strip_prefix("id: ") {
