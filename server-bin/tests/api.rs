@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use common::{TestResponse, TestServer};
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Frame;
 use registry_core::{
     Capabilities, OutputRequest, OutputStream, Registry, RegistryConfig, RegistryError, RuntimeId,
@@ -165,16 +165,7 @@ where
     let resp = tokio::time::timeout(common::WAIT, sender.send_request(req))
         .await
         .context("request timed out")??;
-    let (parts, body) = resp.into_parts();
-    let body = tokio::time::timeout(common::WAIT, body.collect())
-        .await
-        .context("body timed out")??
-        .to_bytes();
-    Ok(TestResponse {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    TestResponse::read(resp).await
 }
 
 /// A request body in pieces with no announced length: it goes out chunked.
