@@ -524,6 +524,31 @@ fn check_config_accepts_a_non_loopback_listen_with_a_token() -> Result<()> {
 }
 
 #[test]
+fn check_config_builds_a_remote_runtime_and_ends_without_reaching_it() -> Result<()> {
+    // Port 9 (discard) on loopback: nothing answers there, and check-config must not wait.
+    let (status, stdout, stderr) = check_config(
+        "[[runtimes]]\nname = \"far\"\nsource = \"remote\"\n\
+         url = \"http://127.0.0.1:9\"\nremote_runtime = \"local\"\n",
+        &[],
+    )?;
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.contains("far"), "{stdout}");
+    assert_refused(
+        "[[runtimes]]\nname = \"far\"\nsource = \"remote\"\n\
+         url = \"http://127.0.0.1:9\"\nremote_runtime = \"local\"\n\
+         token_env = \"ROSTER_TEST_UNSET_REMOTE_TOKEN\"\n",
+        &[],
+        &["far", "ROSTER_TEST_UNSET_REMOTE_TOKEN", "token_env"],
+    )?;
+    assert_refused(
+        "[[runtimes]]\nname = \"far\"\nsource = \"remote\"\n\
+         url = \"https://127.0.0.1:9\"\nremote_runtime = \"local\"\n",
+        &[],
+        &["far", "https", "line 4"],
+    )
+}
+
+#[test]
 fn check_config_names_an_unknown_key_and_its_line() -> Result<()> {
     assert_refused(
         "[server]\nlisten = \"127.0.0.1:7411\"\nbogus_key = 1\n",

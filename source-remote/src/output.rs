@@ -400,7 +400,7 @@ async fn pump(
                 let item = tokio::select! {
                     item = r.next() => item,
                     _ = target.abandoned() => return,
-                    _ = shutdown.changed() => { target.close(); return; }
+                    _ = shutdown.wait_for(|stop| *stop) => { target.close(); return; }
                 };
                 let Ok(Some(item)) = item else { break };
                 let Item::Event(event) = item else { continue };
@@ -429,7 +429,7 @@ async fn pump(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = target.abandoned() => return,
-            _ = shutdown.changed() => { target.close(); return; }
+            _ = shutdown.wait_for(|stop| *stop) => { target.close(); return; }
         }
         match shared.is_lost(key.as_str()) {
             None => {
@@ -453,7 +453,7 @@ async fn pump(
         let opened = tokio::select! {
             opened = shared.upstream.open_stream(&resume, None) => opened,
             _ = target.abandoned() => return,
-            _ = shutdown.changed() => { target.close(); return; }
+            _ = shutdown.wait_for(|stop| *stop) => { target.close(); return; }
         };
         match opened {
             Ok(body) => {

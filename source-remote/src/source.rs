@@ -697,14 +697,14 @@ async fn link(shared: Arc<Shared>) {
         }
         let reason = tokio::select! {
             reason = follow(&shared, &path, &mut backoff) => reason,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         };
         let delay = backoff.next_delay();
         tracing::warn!(runtime = %shared.runtime, %reason, retry_in = ?delay, "remote runtime unavailable");
         shared.mark_down(reason, delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }
@@ -789,7 +789,7 @@ async fn sweep(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let mut st = shared.lock();
         let expired: Vec<String> = st
