@@ -35,6 +35,9 @@ pub const EVENTS_BUFFER: usize = 256;
 /// wait only matters for a remote that sends neither.
 const HEAL_WAIT: Duration = Duration::from_secs(2);
 
+/// The most workers kept as lost at once (they are removed after `retain_lost` anyway).
+const MAX_LOST: usize = 4096;
+
 /// How often lost workers past `retain_lost` are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -460,6 +463,17 @@ impl Shared {
                     }
                     if old.lost_at.is_some() {
                         table.insert(key, old);
+                    }
+                }
+                // Lost workers are bounded too: past MAX_LOST, the longest lost go first.
+                let mut lost: Vec<(Instant, String)> = table
+                    .iter()
+                    .filter_map(|(k, e)| Some((e.lost_at?, k.clone())))
+                    .collect();
+                if lost.len() > MAX_LOST {
+                    lost.sort();
+                    for (_, key) in &lost[..lost.len() - MAX_LOST] {
+                        table.remove(key);
                     }
                 }
                 st.table = table;
