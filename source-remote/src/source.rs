@@ -341,7 +341,7 @@ impl Shared {
             return;
         };
         let mut st = self.lock();
-        let health = st.health(self.settings());
+        let health = st.health();
         let workers = st.views();
         let mut permits = permits;
         if let Some(p) = permits.next() {
@@ -357,7 +357,7 @@ impl Shared {
 
     /// Reports the health on the lifecycle streams if it changed.
     fn refresh_health(&self, st: &mut State) {
-        let health = st.health(self.settings());
+        let health = st.health();
         if st.reported.as_ref() != Some(&health) {
             st.reported = Some(health.clone());
             self.emit(st, SourceEvent::Health(health));
@@ -607,8 +607,7 @@ impl State {
         Some(wait.max(Duration::from_secs(1)))
     }
 
-    fn health(&self, settings: &Settings) -> SourceHealth {
-        let _ = settings;
+    fn health(&self) -> SourceHealth {
         let retry_at = self.retry_at.map(|(_, at)| at);
         match &self.link {
             Link::Connecting => {
@@ -828,7 +827,7 @@ impl RuntimeSource for RemoteSource {
     async fn health(&self) -> SourceHealth {
         self.shared.start();
         let st = self.shared.lock();
-        st.health(self.shared.settings())
+        st.health()
     }
 
     async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
@@ -944,7 +943,7 @@ impl RuntimeSource for RemoteSource {
             return Err(RegistryError::unavailable("the source is shut down", None));
         }
         let workers = st.views();
-        let health = st.health(self.shared.settings());
+        let health = st.health();
         // A fresh channel has room for both.
         let _ = tx.try_send(SourceEvent::Resync(workers));
         let _ = tx.try_send(SourceEvent::Health(health));
