@@ -275,7 +275,8 @@ pub(crate) fn scrub(message: &str, remote_runtime: &str) -> String {
     out
 }
 
-fn is_worker_id(s: &str) -> bool {
+/// Whether `s` has the shape of a worker id (`w_` and 26 upper-case letters or digits).
+pub(crate) fn is_worker_id(s: &str) -> bool {
     s.len() == 28
         && s.starts_with("w_")
         && s[2..]

@@ -21,7 +21,7 @@ use registry_core::{
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::source::{worker_path, Shared};
+use crate::source::{worker_path, Known, Shared};
 use crate::sse::{Event, Item};
 use crate::stream::{Backoff, EventReader};
 
@@ -158,15 +158,11 @@ pub(crate) async fn open(
     request: OutputRequest,
 ) -> Result<OutputStream, RegistryError> {
     let path = worker_path(key, "/output")?;
-    match shared.is_lost(key.as_str()) {
-        None => return Err(RegistryError::WorkerNotFound("worker not found".into())),
-        Some(true) => {
-            // Its output went with the remote's restart: nothing more will come.
-            let (tx, rx) = mpsc::channel(1);
-            let _ = tx.try_send(OutputEvent::End);
-            return Ok(rx);
-        }
-        Some(false) => {}
+    if shared.known(key.as_str())? == Known::Lost {
+        // Its output went with the remote's restart: nothing more will come.
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(OutputEvent::End);
+        return Ok(rx);
     }
     // Before sharing too: whether a new stream opens must not depend on other readers.
     shared.require_up().await?;
@@ -186,7 +182,16 @@ pub(crate) async fn open(
     let reader = EventReader::new(body, settings.max_event_bytes, settings.heartbeat_timeout);
     let (tx, rx) = mpsc::channel(READER_QUEUE);
     if !request.follow {
-        tokio::spawn(pump_once(shared.clone(), reader, tx));
+        // What is retained now, then close: nothing to share or reopen.
+        let target = Target::Direct(tx);
+        tokio::spawn(pump(
+            shared.clone(),
+            key.clone(),
+            Some(reader),
+            request.after,
+            target,
+            false,
+        ));
         return Ok(rx);
     }
     let core = Core::new(request.after);
@@ -205,6 +210,7 @@ pub(crate) async fn open(
         Some(reader),
         request.after,
         target,
+        true,
     ));
     tokio::spawn(read_ring(
         hub,
@@ -247,7 +253,7 @@ async fn read_ring(
     if let Some(pos) = drain(&hub, &tx, after).await {
         drop(hub);
         tracing::debug!(runtime = %shared.runtime, "an output reader fell behind the shared stream and reads its own");
-        pump(shared, key, None, pos, Target::Direct(tx)).await;
+        pump(shared, key, None, pos, Target::Direct(tx), true).await;
     }
 }
 
@@ -294,28 +300,6 @@ async fn drain(hub: &Arc<Hub>, tx: &mpsc::Sender<OutputEvent>, mut pos: u64) -> 
                 return None;
             }
             pos = covered;
-        }
-    }
-}
-
-/// A follow=0 stream: what the remote retains, then close.
-async fn pump_once(shared: Arc<Shared>, mut reader: EventReader, tx: mpsc::Sender<OutputEvent>) {
-    let mut head = 0;
-    while let Ok(Some(item)) = reader.next().await {
-        let Item::Event(event) = item else { continue };
-        match parse(&event) {
-            Parsed::Output(out) => {
-                if !fresh(&out, &mut head) {
-                    continue;
-                }
-                let end = out == OutputEvent::End;
-                if tx.send(out).await.is_err() || end {
-                    return;
-                }
-            }
-            Parsed::State(worker) => shared.learn_view(&worker),
-            Parsed::Other => {}
-            Parsed::Break => return,
         }
     }
 }
@@ -378,15 +362,16 @@ impl Target {
     }
 }
 
-/// Reads a worker's upstream output stream after `head` into `target`, and reopens it
-/// after the last `seq` when it breaks, with backoff, while anyone reads and the worker
-/// is known.
+/// Reads a worker's upstream output stream after `head` into `target`. With `reopen`, it
+/// reopens the stream after the last `seq` when it breaks, with backoff, while anyone
+/// reads and the worker is known; without, it ends with the stream.
 async fn pump(
     shared: Arc<Shared>,
     key: SourceKey,
     mut reader: Option<EventReader>,
     mut head: u64,
     mut target: Target,
+    reopen: bool,
 ) {
     let Ok(path) = worker_path(&key, "/output") else {
         return;
@@ -423,6 +408,9 @@ async fn pump(
                 }
             }
         }
+        if !reopen {
+            return;
+        }
         // Broken (or not yet open): wait, then reopen after the last seq — unless the
         // worker is gone.
         let delay = backoff.next_delay();
@@ -431,16 +419,16 @@ async fn pump(
             _ = target.abandoned() => return,
             _ = shutdown.wait_for(|stop| *stop) => { target.close(); return; }
         }
-        match shared.is_lost(key.as_str()) {
-            None => {
+        match shared.known(key.as_str()) {
+            Err(_) => {
                 target.close();
                 return;
             }
-            Some(true) => {
+            Ok(Known::Lost) => {
                 target.put(OutputEvent::End).await;
                 return;
             }
-            Some(false) => {}
+            Ok(_) => {}
         }
         if shared.is_closed() {
             target.close();

@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::client::{scrub, Upstream};
+use crate::client::{is_worker_id, scrub, Upstream};
 use crate::config::Settings;
 use crate::output::Hubs;
 use crate::sse::{Event, Item};
@@ -103,6 +103,15 @@ struct Entry {
     /// Set once the remote restarted without it: then it is `failed (lost)` here, and
     /// removed `retain_lost` later.
     lost_at: Option<Instant>,
+}
+
+impl Entry {
+    fn live(worker: SourceWorker) -> Self {
+        Entry {
+            worker,
+            lost_at: None,
+        }
+    }
 }
 
 struct Sub {
@@ -250,17 +259,17 @@ impl Shared {
         }
     }
 
-    /// Whether the worker is one the remote lost in a restart.
-    pub(crate) fn is_lost(&self, key: &str) -> Option<bool> {
-        self.lock().table.get(key).map(|e| e.lost_at.is_some())
-    }
-
-    /// Whether the worker is known and terminal here.
-    pub(crate) fn is_terminal(&self, key: &str) -> bool {
-        self.lock()
-            .table
-            .get(key)
-            .is_some_and(|e| e.worker.state.is_terminal())
+    /// What this side knows of a worker; `worker_not_found` for one it does not know.
+    pub(crate) fn known(&self, key: &str) -> Result<Known, RegistryError> {
+        let st = self.lock();
+        let entry = st.table.get(key).ok_or_else(not_found)?;
+        Ok(if entry.lost_at.is_some() {
+            Known::Lost
+        } else if entry.worker.state.is_terminal() {
+            Known::Ended
+        } else {
+            Known::Live
+        })
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -277,19 +286,18 @@ impl Shared {
             None => true,
         };
         if newer {
-            st.table.insert(
-                key.clone(),
-                Entry {
-                    worker,
-                    lost_at: None,
-                },
-            );
-            let view = st.view(&key);
-            if let Some(view) = view.clone() {
-                self.emit(&mut st, SourceEvent::Upsert(view));
-            }
+            self.store(&mut st, worker);
         }
         st.view(&key).expect("just looked at")
+    }
+
+    /// Puts a worker into the table and reports it.
+    fn store(&self, st: &mut State, worker: SourceWorker) {
+        let key = worker.key.as_str().to_string();
+        st.table.insert(key.clone(), Entry::live(worker));
+        if let Some(view) = st.view(&key) {
+            self.emit(st, SourceEvent::Upsert(view));
+        }
     }
 
     /// As [`learn`](Self::learn), for a view the remote sent (only this runtime's).
@@ -364,8 +372,7 @@ impl Shared {
         }
     }
 
-    /// The event stream answered: back up. Workers shown `unknown` get their last known
-    /// state again; events the remote replays from the cursor move them on.
+    /// The event stream answered: back up.
     ///
     /// Returns whether workers wait to be healed: then the caller calls [`heal`](Self::heal)
     /// unless the stream starts with a `reset` (a restarted remote, whose snapshot decides
@@ -438,16 +445,7 @@ impl Shared {
                     .workers
                     .iter()
                     .filter(|w| w.runtime_id.as_str() == remote_runtime)
-                    .map(|w| {
-                        let worker = from_view(w);
-                        (
-                            worker.key.as_str().to_string(),
-                            Entry {
-                                worker,
-                                lost_at: None,
-                            },
-                        )
-                    })
+                    .map(|w| (w.id.as_str().to_string(), Entry::live(from_view(w))))
                     .collect();
                 let now = OffsetDateTime::now_utc();
                 for (key, mut old) in std::mem::take(&mut st.table) {
@@ -504,23 +502,12 @@ impl Shared {
                 let up: Upserted = serde_json::from_str(&event.data)
                     .map_err(|e| not_understood("worker.upserted", e))?;
                 if up.worker.runtime_id.as_str() == remote_runtime {
-                    let worker = from_view(&up.worker);
-                    let key = worker.key.as_str().to_string();
                     let frozen = st
                         .table
-                        .get(&key)
+                        .get(up.worker.id.as_str())
                         .is_some_and(|e| e.lost_at.is_some() || e.worker.state.is_terminal());
                     if !frozen {
-                        st.table.insert(
-                            key.clone(),
-                            Entry {
-                                worker,
-                                lost_at: None,
-                            },
-                        );
-                        if let Some(view) = st.view(&key) {
-                            self.emit(&mut st, SourceEvent::Upsert(view));
-                        }
+                        self.store(&mut st, from_view(&up.worker));
                     }
                 }
             }
@@ -528,12 +515,11 @@ impl Shared {
                 #[derive(Deserialize)]
                 struct Removed {
                     worker_id: String,
-                    #[allow(dead_code)]
                     runtime_id: String,
                 }
                 let gone: Removed = serde_json::from_str(&event.data)
                     .map_err(|e| not_understood("worker.removed", e))?;
-                if st.table.remove(&gone.worker_id).is_some() {
+                if gone.runtime_id == remote_runtime && st.table.remove(&gone.worker_id).is_some() {
                     self.emit(
                         &mut st,
                         SourceEvent::Removed(SourceKey::new(gone.worker_id)),
@@ -579,6 +565,22 @@ impl Shared {
 enum Flow {
     Go,
     Closing,
+}
+
+/// A worker as far as a call needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    /// Not terminal (as last known).
+    Live,
+    /// Terminal, and the remote has its record.
+    Ended,
+    /// Lost in a restart of the remote: only this side has its record.
+    Lost,
+}
+
+/// The one answer for a worker this side does not know (the registry words it).
+pub(crate) fn not_found() -> RegistryError {
+    RegistryError::WorkerNotFound("worker not found".into())
 }
 
 impl State {
@@ -685,13 +687,8 @@ fn mirror(view: &RuntimeView, remote_runtime: &str) -> SourceHealth {
 /// The path of a worker on the remote; a key that is no remote id is no worker.
 pub(crate) fn worker_path(key: &SourceKey, rest: &str) -> Result<String, RegistryError> {
     let id = key.as_str();
-    let valid = id.len() == 28
-        && id.starts_with("w_")
-        && id[2..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
-    if !valid {
-        return Err(RegistryError::WorkerNotFound("worker not found".into()));
+    if !is_worker_id(id) {
+        return Err(not_found());
     }
     Ok(format!("/v1/workers/{id}{rest}"))
 }
@@ -705,9 +702,6 @@ async fn link(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
     let path = format!("/v1/events?runtime={}", settings.remote_runtime);
     loop {
-        if *shutdown.borrow() {
-            return;
-        }
         let reason = tokio::select! {
             reason = follow(&shared, &path, &mut backoff) => reason,
             _ = shutdown.wait_for(|stop| *stop) => return,
@@ -835,10 +829,7 @@ impl RuntimeSource for RemoteSource {
     }
 
     async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
-        self.shared
-            .lock()
-            .view(key.as_str())
-            .ok_or_else(|| RegistryError::WorkerNotFound("worker not found".into()))
+        self.shared.lock().view(key.as_str()).ok_or_else(not_found)
     }
 
     async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
@@ -862,12 +853,7 @@ impl RuntimeSource for RemoteSource {
 
     async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
         let path = worker_path(key, "/stop")?;
-        match self.shared.is_lost(key.as_str()) {
-            None => return Err(RegistryError::WorkerNotFound("worker not found".into())),
-            Some(true) => return Ok(()),
-            Some(false) => {}
-        }
-        if self.shared.is_terminal(key.as_str()) {
+        if self.shared.known(key.as_str())? != Known::Live {
             return Ok(());
         }
         self.shared.require_up().await?;
@@ -886,14 +872,10 @@ impl RuntimeSource for RemoteSource {
 
     async fn input(&self, key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
         let path = worker_path(key, "/input")?;
-        match self.shared.is_lost(key.as_str()) {
-            None => return Err(RegistryError::WorkerNotFound("worker not found".into())),
-            Some(true) => {
-                return Err(RegistryError::Conflict(
-                    "the worker was lost when its runtime restarted; it takes no input".into(),
-                ))
-            }
-            Some(false) => {}
+        if self.shared.known(key.as_str())? == Known::Lost {
+            return Err(RegistryError::Conflict(
+                "the worker was lost when its runtime restarted; it takes no input".into(),
+            ));
         }
         self.shared.require_up().await?;
         let body = serde_json::json!({ "data": String::from_utf8_lossy(&data) });
@@ -906,13 +888,9 @@ impl RuntimeSource for RemoteSource {
 
     async fn remove(&self, key: &SourceKey) -> Result<(), RegistryError> {
         let path = worker_path(key, "")?;
-        match self.shared.is_lost(key.as_str()) {
-            None => return Err(RegistryError::WorkerNotFound("worker not found".into())),
-            Some(true) => {
-                self.shared.forget(key.as_str());
-                return Ok(());
-            }
-            Some(false) => {}
+        if self.shared.known(key.as_str())? == Known::Lost {
+            self.shared.forget(key.as_str());
+            return Ok(());
         }
         self.shared.require_up().await?;
         self.shared
