@@ -48,6 +48,19 @@ impl WorkerState {
         )
     }
 
+    /// Where the state stands in the lifecycle `starting → running → stopping →
+    /// exited | stopped | failed`: 0 to 3, the terminal states alike. `None` for `unknown`,
+    /// which stands outside that order (any live state may become it and come back).
+    pub fn progress(self) -> Option<u8> {
+        match self {
+            WorkerState::Starting => Some(0),
+            WorkerState::Running => Some(1),
+            WorkerState::Stopping => Some(2),
+            WorkerState::Exited | WorkerState::Stopped | WorkerState::Failed => Some(3),
+            WorkerState::Unknown => None,
+        }
+    }
+
     /// The wire name (`running`, …).
     pub fn as_str(self) -> &'static str {
         match self {

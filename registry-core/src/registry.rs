@@ -775,19 +775,10 @@ impl State {
 
 /// Whether a worker whose furthest state so far is `old` may be reported in state `new`.
 fn may_follow(old: WorkerState, new: WorkerState) -> bool {
-    fn rank(s: WorkerState) -> Option<u8> {
-        match s {
-            WorkerState::Starting => Some(0),
-            WorkerState::Running => Some(1),
-            WorkerState::Stopping => Some(2),
-            WorkerState::Exited | WorkerState::Stopped | WorkerState::Failed => Some(3),
-            WorkerState::Unknown => None,
-        }
-    }
     if old.is_terminal() {
         return false;
     }
-    match (rank(old), rank(new)) {
+    match (old.progress(), new.progress()) {
         (Some(a), Some(b)) => b >= a,
         _ => true,
     }

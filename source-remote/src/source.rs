@@ -632,16 +632,15 @@ impl State {
 /// Whether `new` is further along than `old` (so an answer may replace what the stream
 /// said).
 fn later(old: WorkerState, new: WorkerState) -> bool {
-    fn rank(s: WorkerState) -> u8 {
-        match s {
-            WorkerState::Unknown => 0,
-            WorkerState::Starting => 1,
-            WorkerState::Running => 2,
-            WorkerState::Stopping => 3,
-            WorkerState::Exited | WorkerState::Stopped | WorkerState::Failed => 4,
-        }
+    if old.is_terminal() {
+        return false;
     }
-    !old.is_terminal() && rank(new) > rank(old)
+    match (old.progress(), new.progress()) {
+        (Some(a), Some(b)) => b > a,
+        // Any known state is later than `unknown`; `unknown` is later than nothing.
+        (None, Some(_)) => true,
+        (_, None) => false,
+    }
 }
 
 /// The remote's view of a worker, keyed by its id there.
