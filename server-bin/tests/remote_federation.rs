@@ -550,20 +550,15 @@ fn find_number(text: &str, needle: &str) -> Option<usize> {
     })
 }
 
-/// The bytes a client got, kept in a [`Seen`] and as text for the number search.
+/// The bytes a client got.
 #[derive(Clone, Default)]
 struct Transcript {
     seen: Seen,
-    text: Arc<Mutex<String>>,
 }
 
 impl Transcript {
     fn record(&self, bytes: &[u8]) {
         self.seen.record(bytes);
-        self.text
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_str(&String::from_utf8_lossy(bytes));
     }
 
     fn keep(&self, resp: TestResponse) -> TestResponse {
@@ -582,7 +577,7 @@ impl Transcript {
     fn assert_free_of(&self, needles: &[String], port: Option<u16>) -> Result<()> {
         self.seen.assert_free_of(needles)?;
         let Some(port) = port else { return Ok(()) };
-        let text = self.text.lock().unwrap_or_else(|e| e.into_inner());
+        let text = self.seen.text();
         if let Some(i) = find_number(&text, &port.to_string()) {
             let from = text[..i]
                 .char_indices()

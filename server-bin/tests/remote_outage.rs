@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use server_bin::ServeOptions;
@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use common::{config, Seen, SseClient, SseEvent, TestResponse, TestServer};
+use common::{config, SseClient, SseEvent, TestResponse, TestServer};
 
 /// How long any condition may take to show (generous: the machine may be busy).
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -230,43 +230,12 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
 // The two rosters
 // ---------------------------------------------------------------------------------------
 
-/// Upstream, proxy, downstream, and every byte the downstream sent to this test's clients.
+/// Upstream, proxy and downstream. The downstream's [`TestServer`] records every byte it
+/// sent to this test's clients.
 struct Rig {
     up: TestServer,
     proxy: Proxy,
     down: TestServer,
-    seen: Seen,
-}
-
-/// An event stream of the downstream whose bytes go to the rig's record.
-struct Stream {
-    client: SseClient,
-    seen: Seen,
-    recorded: usize,
-}
-
-impl Stream {
-    async fn next_within(&mut self, timeout: Duration) -> Result<Option<SseEvent>> {
-        let next = self.client.next_event_within(timeout).await;
-        self.seen.record(&self.client.raw[self.recorded..]);
-        self.recorded = self.client.raw.len();
-        next
-    }
-
-    async fn next(&mut self) -> Result<SseEvent> {
-        self.next_within(DEADLINE)
-            .await?
-            .context("the stream ended")
-    }
-}
-
-fn record_headers(seen: &Seen, headers: &HeaderMap) {
-    for (k, v) in headers {
-        seen.record(k.as_str().as_bytes());
-        seen.record(b": ");
-        seen.record(v.as_bytes());
-        seen.record(b"\n");
-    }
 }
 
 /// Polls `probe` every [`POLL`] until it finds something (`Ok(Ok(_))`), or fails after
@@ -356,12 +325,7 @@ request_timeout = "2s"
             "the downstream has only the remote runtime"
         );
         let down = TestServer::start_with(down_config, options).await?;
-        let rig = Rig {
-            up,
-            proxy,
-            down,
-            seen: Seen::default(),
-        };
+        let rig = Rig { up, proxy, down };
         rig.wait_health("ready").await?;
         Ok(rig)
     }
@@ -372,9 +336,7 @@ request_timeout = "2s"
         self.proxy.restore();
         self.wait_health("ready").await?;
         self.assert_no_leaks().await?;
-        let Rig {
-            up, proxy, down, ..
-        } = self;
+        let Rig { up, proxy, down } = self;
         down.stop().await?;
         drop(proxy);
         up.stop().await?;
@@ -397,7 +359,8 @@ request_timeout = "2s"
             .next()
             .context("the downstream has workers")?;
         ensure!(
-            self.seen
+            self.down
+                .seen()
                 .assert_free_of(std::slice::from_ref(down_id))
                 .is_err(),
             "the record of what the downstream sent is empty"
@@ -409,7 +372,7 @@ request_timeout = "2s"
             format!(":{}", self.proxy.addr.port()),
         ];
         needles.extend(up_ids);
-        self.seen.assert_free_of(&needles)
+        self.down.seen().assert_free_of(&needles)
     }
 
     async fn request(
@@ -418,10 +381,7 @@ request_timeout = "2s"
         path: &str,
         body: Option<&str>,
     ) -> Result<TestResponse> {
-        let resp = self.down.request(method, path, &[], body).await?;
-        record_headers(&self.seen, &resp.headers);
-        self.seen.record(&resp.body);
-        Ok(resp)
+        self.down.request(method, path, &[], body).await
     }
 
     async fn post(&self, path: &str, body: &str) -> Result<TestResponse> {
@@ -447,7 +407,6 @@ request_timeout = "2s"
             .send(Method::GET, path, &[], None)
             .await?
             .into_parts();
-        record_headers(&self.seen, &parts.headers);
         let body = if parts.status == StatusCode::OK {
             Bytes::new()
         } else {
@@ -456,29 +415,17 @@ request_timeout = "2s"
                 .context("body timed out")??
                 .to_bytes()
         };
-        self.seen.record(&body);
-        Ok(TestResponse {
+        let resp = TestResponse {
             status: parts.status,
             headers: parts.headers,
             body,
-        })
+        };
+        self.down.seen().record_response(&resp);
+        Ok(resp)
     }
 
-    async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> Result<Stream> {
-        match self.down.sse(path, headers).await {
-            Ok(client) => {
-                record_headers(&self.seen, &client.headers);
-                Ok(Stream {
-                    client,
-                    seen: self.seen.clone(),
-                    recorded: 0,
-                })
-            }
-            Err(e) => {
-                self.seen.record(e.to_string().as_bytes());
-                Err(e)
-            }
-        }
+    async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> Result<SseClient> {
+        self.down.sse(path, headers).await
     }
 
     /// Spawns `sh -c script` in `far` through the downstream; the downstream's worker id.
@@ -604,9 +551,9 @@ fn timestamp(value: &Value) -> Result<OffsetDateTime> {
 }
 
 /// Reads an event stream up to the first `runtime.updated` that shows `far` unavailable.
-async fn first_unavailable(events: &mut Stream) -> Result<SseEvent> {
+async fn first_unavailable(events: &mut SseClient) -> Result<SseEvent> {
     loop {
-        let ev = events.next().await?;
+        let ev = events.next_event().await?;
         if health_of(&ev) == Some("unavailable") {
             return Ok(ev);
         }
@@ -630,11 +577,11 @@ fn ids(list: &Value) -> Result<BTreeSet<String>> {
 
 /// Reads an output stream until `end` (and the close after it); every event read. Each
 /// chunk's `seq` goes to `progress`.
-async fn read_output(mut stream: Stream, progress: watch::Sender<u64>) -> Result<Vec<SseEvent>> {
+async fn read_output(mut stream: SseClient, progress: watch::Sender<u64>) -> Result<Vec<SseEvent>> {
     let mut events = Vec::new();
     loop {
         let ev = stream
-            .next()
+            .next_event()
             .await
             .with_context(|| format!("output stream, after {} events: {events:?}", events.len()))?;
         if ev.event == "output" {
@@ -646,7 +593,7 @@ async fn read_output(mut stream: Stream, progress: watch::Sender<u64>) -> Result
             break;
         }
     }
-    let rest = stream.next_within(DEADLINE).await?;
+    let rest = stream.next_event_within(DEADLINE).await?;
     ensure!(rest.is_none(), "an event after `end`: {rest:?}");
     Ok(events)
 }
@@ -697,7 +644,7 @@ async fn cut_link_makes_runtime_unavailable_and_worker_unknown_then_heals_with_t
     rig.wait_state(&ended, "exited").await?;
     let before = rig.worker_ids().await?;
     let mut events = rig.sse("/v1/events", &[]).await?;
-    ensure!(events.next().await?.event == "snapshot");
+    ensure!(events.next_event().await?.event == "snapshot");
 
     rig.proxy.cut().await?;
     // The closed connection tells at once: no waiting for the heartbeat window.
@@ -736,7 +683,7 @@ async fn silent_link_is_noticed_by_the_heartbeat_window_and_heals_with_the_same_
     rig.wait_state(&id, "running").await?;
     let before = rig.worker_ids().await?;
     let mut events = rig.sse("/v1/events", &[]).await?;
-    ensure!(events.next().await?.event == "snapshot");
+    ensure!(events.next_event().await?.event == "snapshot");
 
     rig.proxy.blackhole();
     let silent_since = Instant::now();
@@ -769,7 +716,7 @@ async fn events_resumed_across_the_outage_equal_those_of_a_client_that_stayed() 
     let rig = Rig::start().await?;
     // A stays connected from before anything happens to the end.
     let mut a = rig.sse("/v1/events", &[]).await?;
-    let mut seen_by_a = vec![a.next().await?];
+    let mut seen_by_a = vec![a.next_event().await?];
     ensure!(seen_by_a[0].event == "snapshot", "{:?}", seen_by_a[0]);
 
     let id = rig.spawn("sleep 300").await?;
@@ -779,7 +726,7 @@ async fn events_resumed_across_the_outage_equal_those_of_a_client_that_stayed() 
     let resume_from = {
         let mut b = rig.sse("/v1/events", &[]).await?;
         loop {
-            let ev = b.next().await?;
+            let ev = b.next_event().await?;
             if worker_of(&ev, &id).is_some_and(|w| w["state"] == "running") {
                 break ev.id.context("an event id")?;
             }
@@ -823,7 +770,7 @@ async fn events_resumed_across_the_outage_equal_those_of_a_client_that_stayed() 
     // again, the worker running again, the new worker exited.
     let (mut down, mut unknown, mut up, mut back, mut new) = (false, false, false, false, false);
     while !(down && unknown && up && back && new) {
-        let ev = a.next().await.context("A's stream")?;
+        let ev = a.next_event().await.context("A's stream")?;
         match health_of(&ev) {
             Some("unavailable") => down = true,
             Some("ready") if down => up = true,
@@ -865,7 +812,7 @@ async fn events_resumed_across_the_outage_equal_those_of_a_client_that_stayed() 
         .await?;
     let mut resumed = Vec::new();
     while resumed.len() < expected.len() {
-        let ev = b.next().await.context("B's resumed stream")?;
+        let ev = b.next_event().await.context("B's resumed stream")?;
         ensure!(
             ev.event != "reset" && ev.event != "snapshot",
             "B needed a {}: {:?}",
@@ -966,14 +913,14 @@ async fn output_asked_for_during_an_outage_is_503_also_while_another_reader_foll
     rig.wait_state(&id, "running").await?;
     let before = rig.worker_ids().await?;
     let mut reader = rig.sse(&format!("/v1/workers/{id}/output"), &[]).await?;
-    while reader.next().await?.event != "output" {}
+    while reader.next_event().await?.event != "output" {}
 
     rig.proxy.cut().await?;
     rig.assert_outage(&id).await?;
 
     rig.proxy.restore();
     rig.assert_healed(&id, &before).await?;
-    while reader.next().await?.event != "end" {}
+    while reader.next_event().await?.event != "end" {}
     drop(reader);
     rig.finish().await
 }
@@ -982,7 +929,7 @@ async fn output_asked_for_during_an_outage_is_503_also_while_another_reader_foll
 async fn nothing_the_downstream_sends_names_the_upstream_address_port_or_ids() -> Result<()> {
     let rig = Rig::start().await?;
     let mut events = rig.sse("/v1/events", &[]).await?;
-    ensure!(events.next().await?.event == "snapshot");
+    ensure!(events.next_event().await?.event == "snapshot");
 
     // A worker that takes input and echoes it; one on the upstream itself.
     let cat = rig.spawn("cat").await?;
@@ -1011,7 +958,7 @@ async fn nothing_the_downstream_sends_names_the_upstream_address_port_or_ids() -
     // Output, then both kinds of outage with everything a client might ask meanwhile.
     let mut output = rig.sse(&format!("/v1/workers/{cat}/output"), &[]).await?;
     loop {
-        let ev = output.next().await?;
+        let ev = output.next_event().await?;
         if ev.event == "output" {
             ensure!(ev.data["data"] == "hello\n", "{ev:?}");
             break;
@@ -1036,7 +983,7 @@ async fn nothing_the_downstream_sends_names_the_upstream_address_port_or_ids() -
     let stop = rig.post(&format!("/v1/workers/{cat}/stop"), "{}").await?;
     ensure!(stop.status == StatusCode::ACCEPTED, "{}", stop.text());
     loop {
-        let ev = output.next().await?;
+        let ev = output.next_event().await?;
         if ev.event == "end" {
             break;
         }
@@ -1051,7 +998,7 @@ async fn nothing_the_downstream_sends_names_the_upstream_address_port_or_ids() -
         late.text()
     );
     loop {
-        let ev = events.next().await?;
+        let ev = events.next_event().await?;
         if worker_of(&ev, &cat).is_some_and(|w| w["state"] == "stopped") {
             break;
         }

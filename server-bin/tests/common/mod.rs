@@ -71,6 +71,12 @@ impl Seen {
         self.record(&resp.body);
     }
 
+    /// The recorded bytes as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
     /// Fails when the recorded bytes hold one of `needles`.
     pub fn assert_free_of(&self, needles: &[String]) -> Result<()> {
         let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -160,6 +166,11 @@ impl TestServer {
                 .context("server did not stop")???;
         }
         Ok(())
+    }
+
+    /// Every byte this server sent to the harness's clients so far.
+    pub fn seen(&self) -> &Seen {
+        &self.seen
     }
 
     /// One request; `body` is sent as JSON when given.
