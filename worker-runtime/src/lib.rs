@@ -57,7 +57,8 @@
 //! - processes the leader started are not covered by that, so each runtime runs a small
 //!   watchdog process (`/bin/sh`) that knows the live process groups and SIGKILLs them when the
 //!   runtime's process goes away, however it went ([`Runtime::health`] reports it if it is
-//!   gone).
+//!   gone). A worker turns `running` only once the watchdog's pipe holds its group (or after
+//!   5 s, with a warning, if the watchdog takes nothing).
 //!
 //! The one limit: supervision acts on the worker's process group (stop, the kill when the
 //! leader exits, and the watchdog all signal the group), so a process that deliberately leaves

@@ -283,7 +283,7 @@ impl Runtime {
         problems
     }
 
-    /// The pid of the runtime's watchdog process. For tests of [`Runtime::health`] only.
+    /// The pid of the runtime's watchdog process. For tests only.
     #[doc(hidden)]
     pub fn watchdog_pid(&self) -> u32 {
         self.inner.watchdog.pid()
@@ -979,6 +979,26 @@ fn check_bounds(spec: &SpawnSpec) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// How long a new worker waits for the watchdog's pipe to hold its group before it is
+/// reported running anyway. The writer thread takes a line within microseconds unless the
+/// machine is starved or the watchdog stopped reading.
+const WATCHED_WITHIN: Duration = Duration::from_secs(5);
+
+/// Waits until the watchdog's pipe holds a new worker's group, so that a worker reported
+/// running has its children protected against this process being SIGKILLed (otherwise a
+/// client could see `running` and kill the host before the line was written). Gives up after
+/// [`WATCHED_WITHIN`]; the line stays queued and is written when the writer can.
+async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>) {
+    match tokio::time::timeout(WATCHED_WITHIN, watched).await {
+        // Written, or the watchdog was given up on (that is reported by `health`).
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            "the worker watchdog has not taken a new worker within {WATCHED_WITHIN:?}; the \
+             worker runs, its children unprotected until it does"
+        ),
+    }
+}
+
 /// Forks the process (on the spawner thread) and wires it up. Runs as its own task.
 async fn start_worker(
     weak: Weak<Inner>,
@@ -994,6 +1014,15 @@ async fn start_worker(
         Ok(reply) => reply
             .await
             .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone"))),
+        Err(e) => Err(e),
+    };
+    let result = match result {
+        Ok(spawned) => {
+            if let Some(watched) = spawned.watched {
+                wait_until_watched(watched).await;
+            }
+            Ok(spawned.child)
+        }
         Err(e) => Err(e),
     };
     // If the runtime is gone, the child (if any) is dropped here and dies with the spawner

@@ -12,7 +12,16 @@ use crate::watchdog::Watchdog;
 
 struct Job {
     command: Command,
-    reply: oneshot::Sender<io::Result<Child>>,
+    reply: oneshot::Sender<io::Result<Spawned>>,
+}
+
+/// A freshly forked worker.
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    /// Resolves once the watchdog's pipe holds the worker's group (see [`Watchdog::add`]);
+    /// `None` when there is no watchdog to wait for.
+    pub(crate) watched: Option<oneshot::Receiver<()>>,
 }
 
 /// Hands commands to a dedicated, long-lived std thread that spawns them.
@@ -46,13 +55,14 @@ impl Spawner {
             .spawn(move || {
                 let _entered = handle.enter();
                 while let Ok(mut job) = queue.recv() {
-                    let result = job.command.spawn();
-                    if let Some(pid) = result.as_ref().ok().and_then(Child::id) {
+                    let result = job.command.spawn().map(|child| {
                         // The worker's process group id is its leader's pid.
-                        if let Ok(pgid) = i32::try_from(pid) {
-                            watchdog.add(pgid);
-                        }
-                    }
+                        let watched = child
+                            .id()
+                            .and_then(|pid| i32::try_from(pid).ok())
+                            .and_then(|pgid| watchdog.add(pgid));
+                        Spawned { child, watched }
+                    });
                     // The caller may have gone away; the child is then dropped, and tokio
                     // reaps it in the background.
                     let _ = job.reply.send(result);
@@ -70,7 +80,7 @@ impl Spawner {
     pub(crate) fn submit(
         &self,
         command: Command,
-    ) -> io::Result<oneshot::Receiver<io::Result<Child>>> {
+    ) -> io::Result<oneshot::Receiver<io::Result<Spawned>>> {
         let (reply, result) = oneshot::channel();
         self.jobs
             .send(Job { command, reply })

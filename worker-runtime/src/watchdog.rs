@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::oneshot;
+
 use crate::sys;
 use crate::util::lock;
 
@@ -51,10 +53,11 @@ done
 /// stopped) and its pipe (about 6000 lines) is full too.
 const QUEUE: usize = 4096;
 
-/// One line for the watchdog.
-#[derive(Debug, Clone, Copy)]
+/// One line for the watchdog. An `Add` may carry a sender that is told once the line is in
+/// the watchdog's pipe.
+#[derive(Debug)]
 enum Line {
-    Add(i32),
+    Add(i32, Option<oneshot::Sender<()>>),
     Del(i32),
 }
 
@@ -120,9 +123,14 @@ impl Watchdog {
         })
     }
 
-    /// Tells the watchdog about a new worker process group.
-    pub(crate) fn add(&self, pgid: i32) {
-        self.send(Line::Add(pgid));
+    /// Tells the watchdog about a new worker process group. The receiver resolves once the
+    /// line is in the watchdog's pipe: from then on the watchdog sees it even if this process
+    /// is killed, since it reads its pipe to the end before it acts. It fails (the sender is
+    /// dropped) when the watchdog was given up on; `None` if it already was.
+    pub(crate) fn add(&self, pgid: i32) -> Option<oneshot::Receiver<()>> {
+        let (written, receiver) = oneshot::channel();
+        self.send(Line::Add(pgid, Some(written)))
+            .then_some(receiver)
     }
 
     /// Tells the watchdog that a worker process group is gone.
@@ -130,16 +138,19 @@ impl Watchdog {
         self.send(Line::Del(pgid));
     }
 
-    /// Queues a line; never blocks.
-    fn send(&self, line: Line) {
+    /// Queues a line; never blocks. Whether the line was queued.
+    fn send(&self, line: Line) -> bool {
         let mut queue = lock(&self.queue);
         let Some(tx) = queue.as_ref() else {
-            return;
+            return false;
         };
         match tx.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => true,
             // The writer ended after a failed write, and said so.
-            Err(TrySendError::Disconnected(_)) => *queue = None,
+            Err(TrySendError::Disconnected(_)) => {
+                *queue = None;
+                false
+            }
             Err(TrySendError::Full(_)) => {
                 *queue = None;
                 drop(queue);
@@ -151,6 +162,7 @@ impl Watchdog {
                 if let Some(child) = lock(&self.child).as_mut() {
                     let _ = child.kill();
                 }
+                false
             }
         }
     }
@@ -188,12 +200,19 @@ impl Watchdog {
 
 /// The writer thread: writes each queued line to the watchdog's stdin, until the queue is
 /// closed (then the pipe closes with `stdin`) or a write fails (the watchdog is gone).
+///
+/// Each line goes in one `write` (far below `PIPE_BUF`, so the kernel keeps it whole): were
+/// this process killed between the pieces of a line, the watchdog would read half of it.
 fn write_lines(lines: Receiver<Line>, mut stdin: ChildStdin, failed: &AtomicBool) {
     for line in lines {
-        let written = match line {
-            Line::Add(pgid) => writeln!(stdin, "add {pgid}"),
-            Line::Del(pgid) => writeln!(stdin, "del {pgid}"),
+        let (text, written_tx) = match line {
+            Line::Add(pgid, written) => (format!("add {pgid}\n"), written),
+            Line::Del(pgid) => (format!("del {pgid}\n"), None),
         };
+        let written = stdin.write_all(text.as_bytes());
+        if let (Ok(()), Some(tx)) = (&written, written_tx) {
+            let _ = tx.send(());
+        }
         if let Err(e) = written {
             failed.store(true, Ordering::Release);
             tracing::warn!(
@@ -237,7 +256,7 @@ mod tests {
             let watchdog = Arc::clone(&watchdog);
             std::thread::spawn(move || {
                 for _ in 0..10_000 {
-                    watchdog.add(1_000_000);
+                    let _ = watchdog.add(1_000_000);
                     watchdog.del(1_000_000);
                 }
                 let _ = done_tx.send(());

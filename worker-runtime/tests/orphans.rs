@@ -147,14 +147,21 @@ async fn sigkill_of_the_host_leaves_no_worker_and_no_grandchild_behind() -> Resu
     // SIGKILL: the host gets no chance to clean up.
     host.kill()?;
     host.wait()?;
-    let procs = found?;
-    assert_eq!(procs.len(), 4, "two leaders and two grandchildren");
-    all_gone(&procs).await
+    let mut procs = found?;
+    assert_eq!(
+        procs.len(),
+        5,
+        "the watchdog, two leaders and two grandchildren"
+    );
+    let watchdog = procs.remove(0);
+    all_gone(&procs)
+        .await
+        .with_context(|| format!("the host's watchdog: {}", watchdog.describe()))
 }
 
 async fn run_as_host() -> Result<()> {
     let rt = runtime();
-    let mut all = String::new();
+    let mut all = format!("{} ", rt.watchdog_pid());
     for _ in 0..2 {
         let w = rt.spawn(sh(LEADER_AND_CHILD)).await?;
         all.push_str(&eventually_two_lines(&rt, w.id).await?);

@@ -168,6 +168,24 @@ impl Proc {
         Ok(Proc { pid, start_time })
     }
 
+    /// The pid with what `/proc` says of it (state, parent, group and command line), for
+    /// failure messages.
+    pub fn describe(&self) -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rfind(')')
+            .map(|at| stat[at + 1..].split_whitespace().take(4).collect())
+            .unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        format!(
+            "{} (state, ppid, pgid, sid: {fields:?}; {})",
+            self.pid,
+            cmdline.trim()
+        )
+    }
+
     /// Whether the process is gone: no such pid, a zombie (dead, waiting to be reaped by
     /// whoever inherited it), or the pid now belongs to another process.
     pub fn is_gone(&self) -> bool {
@@ -187,10 +205,10 @@ pub async fn all_gone(procs: &[Proc]) -> Result<()> {
     })
     .await
     .with_context(|| {
-        let alive: Vec<i32> = procs
+        let alive: Vec<String> = procs
             .iter()
             .filter(|p| !p.is_gone())
-            .map(|p| p.pid)
+            .map(Proc::describe)
             .collect();
         format!("still alive: {alive:?}")
     })
