@@ -53,11 +53,11 @@ done
 /// stopped) and its pipe (about 6000 lines) is full too.
 const QUEUE: usize = 4096;
 
-/// One line for the watchdog. An `Add` may carry a sender that is told once the line is in
-/// the watchdog's pipe.
+/// One line for the watchdog. An `Add` carries a sender that is told once the line is in the
+/// watchdog's pipe.
 #[derive(Debug)]
 enum Line {
-    Add(i32, Option<oneshot::Sender<()>>),
+    Add(i32, oneshot::Sender<()>),
     Del(i32),
 }
 
@@ -129,8 +129,7 @@ impl Watchdog {
     /// dropped) when the watchdog was given up on; `None` if it already was.
     pub(crate) fn add(&self, pgid: i32) -> Option<oneshot::Receiver<()>> {
         let (written, receiver) = oneshot::channel();
-        self.send(Line::Add(pgid, Some(written)))
-            .then_some(receiver)
+        self.send(Line::Add(pgid, written)).then_some(receiver)
     }
 
     /// Tells the watchdog that a worker process group is gone.
@@ -205,15 +204,11 @@ impl Watchdog {
 /// this process killed between the pieces of a line, the watchdog would read half of it.
 fn write_lines(lines: Receiver<Line>, mut stdin: ChildStdin, failed: &AtomicBool) {
     for line in lines {
-        let (text, written_tx) = match line {
-            Line::Add(pgid, written) => (format!("add {pgid}\n"), written),
+        let (text, written) = match line {
+            Line::Add(pgid, written) => (format!("add {pgid}\n"), Some(written)),
             Line::Del(pgid) => (format!("del {pgid}\n"), None),
         };
-        let written = stdin.write_all(text.as_bytes());
-        if let (Ok(()), Some(tx)) = (&written, written_tx) {
-            let _ = tx.send(());
-        }
-        if let Err(e) = written {
+        if let Err(e) = stdin.write_all(text.as_bytes()) {
             failed.store(true, Ordering::Release);
             tracing::warn!(
                 error = %e,
@@ -221,6 +216,9 @@ fn write_lines(lines: Receiver<Line>, mut stdin: ChildStdin, failed: &AtomicBool
                  the runtime's process being killed"
             );
             return;
+        }
+        if let Some(written) = written {
+            let _ = written.send(());
         }
     }
 }

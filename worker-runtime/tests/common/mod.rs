@@ -147,11 +147,17 @@ pub struct Proc {
     start_time: u64,
 }
 
-fn stat_fields(pid: i32) -> Option<(char, u64)> {
+/// The fields of `/proc/<pid>/stat` from the state on (field 3); `None` if there is no
+/// such process.
+fn stat_fields_after_name(pid: i32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses; fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn stat_fields(pid: i32) -> Option<(char, u64)> {
+    let fields = stat_fields_after_name(pid)?;
     let state = fields.first()?.chars().next()?;
     // Field 22 of stat (starttime) is index 19 after the state field at index 0.
     let start_time = fields.get(19)?.parse().ok()?;
@@ -171,11 +177,8 @@ impl Proc {
     /// The pid with what `/proc` says of it (state, parent, group and command line), for
     /// failure messages.
     pub fn describe(&self) -> String {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rfind(')')
-            .map(|at| stat[at + 1..].split_whitespace().take(4).collect())
-            .unwrap_or_default();
+        let mut fields = stat_fields_after_name(self.pid).unwrap_or_default();
+        fields.truncate(4);
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid))
             .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
             .unwrap_or_default();
