@@ -33,8 +33,8 @@ use crate::types::{
 use crate::util::lock;
 use crate::watchdog::Watchdog;
 
-/// PATH given to workers when the host has none.
-const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// PATH given to workers when the host has none, and to the watchdog.
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
 /// a process that left the group (and so escaped the kill) can hold them open; the worker then
@@ -1018,9 +1018,7 @@ async fn start_worker(
     };
     let result = match result {
         Ok(spawned) => {
-            if let Some(watched) = spawned.watched {
-                wait_until_watched(watched).await;
-            }
+            wait_until_watched(spawned.watched).await;
             Ok(spawned.child)
         }
         Err(e) => Err(e),

@@ -19,9 +19,8 @@ struct Job {
 #[derive(Debug)]
 pub(crate) struct Spawned {
     pub(crate) child: Child,
-    /// Resolves once the watchdog's pipe holds the worker's group (see [`Watchdog::add`]);
-    /// `None` when there is no watchdog to wait for.
-    pub(crate) watched: Option<oneshot::Receiver<()>>,
+    /// Resolves once the watchdog's pipe holds the worker's group (see [`Watchdog::add`]).
+    pub(crate) watched: oneshot::Receiver<()>,
 }
 
 /// Hands commands to a dedicated, long-lived std thread that spawns them.
@@ -57,10 +56,11 @@ impl Spawner {
                 while let Ok(mut job) = queue.recv() {
                     let result = job.command.spawn().map(|child| {
                         // The worker's process group id is its leader's pid.
-                        let watched = child
-                            .id()
-                            .and_then(|pid| i32::try_from(pid).ok())
-                            .and_then(|pgid| watchdog.add(pgid));
+                        let watched = match child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                            Some(pgid) => watchdog.add(pgid),
+                            // No pid (not so right after a spawn): nothing to wait for.
+                            None => oneshot::channel().1,
+                        };
                         Spawned { child, watched }
                     });
                     // The caller may have gone away; the child is then dropped, and tokio

@@ -90,7 +90,7 @@ impl Watchdog {
             .arg("-c")
             .arg(SCRIPT)
             .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("PATH", crate::runtime::DEFAULT_PATH)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -126,10 +126,11 @@ impl Watchdog {
     /// Tells the watchdog about a new worker process group. The receiver resolves once the
     /// line is in the watchdog's pipe: from then on the watchdog sees it even if this process
     /// is killed, since it reads its pipe to the end before it acts. It fails (the sender is
-    /// dropped) when the watchdog was given up on; `None` if it already was.
-    pub(crate) fn add(&self, pgid: i32) -> Option<oneshot::Receiver<()>> {
+    /// dropped with the line) when the watchdog is or was given up on.
+    pub(crate) fn add(&self, pgid: i32) -> oneshot::Receiver<()> {
         let (written, receiver) = oneshot::channel();
-        self.send(Line::Add(pgid, written)).then_some(receiver)
+        self.send(Line::Add(pgid, written));
+        receiver
     }
 
     /// Tells the watchdog that a worker process group is gone.
@@ -137,19 +138,16 @@ impl Watchdog {
         self.send(Line::Del(pgid));
     }
 
-    /// Queues a line; never blocks. Whether the line was queued.
-    fn send(&self, line: Line) -> bool {
+    /// Queues a line; never blocks. A line that can't be queued is dropped.
+    fn send(&self, line: Line) {
         let mut queue = lock(&self.queue);
         let Some(tx) = queue.as_ref() else {
-            return false;
+            return;
         };
         match tx.try_send(line) {
-            Ok(()) => true,
+            Ok(()) => {}
             // The writer ended after a failed write, and said so.
-            Err(TrySendError::Disconnected(_)) => {
-                *queue = None;
-                false
-            }
+            Err(TrySendError::Disconnected(_)) => *queue = None,
             Err(TrySendError::Full(_)) => {
                 *queue = None;
                 drop(queue);
@@ -161,7 +159,6 @@ impl Watchdog {
                 if let Some(child) = lock(&self.child).as_mut() {
                     let _ = child.kill();
                 }
-                false
             }
         }
     }
@@ -254,7 +251,7 @@ mod tests {
             let watchdog = Arc::clone(&watchdog);
             std::thread::spawn(move || {
                 for _ in 0..10_000 {
-                    let _ = watchdog.add(1_000_000);
+                    drop(watchdog.add(1_000_000));
                     watchdog.del(1_000_000);
                 }
                 let _ = done_tx.send(());
