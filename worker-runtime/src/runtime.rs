@@ -881,6 +881,12 @@ impl Table {
 
     /// Removes a record, its request_id and its place in the finished queue, with an event.
     fn remove_record(&mut self, id: LocalId) {
+        // The sweep and the cap remove the oldest, at the front: taken off first, so that their
+        // loops always move on; only a client's remove needs the search below.
+        let oldest = self.finished.front().is_some_and(|(first, _)| *first == id);
+        if oldest {
+            self.finished.pop_front();
+        }
         let Some(record) = self.workers.remove(&id) else {
             return;
         };
@@ -890,7 +896,9 @@ impl Table {
             }
         }
         if record.info.state.is_terminal() {
-            self.finished.retain(|(finished, _)| *finished != id);
+            if !oldest {
+                self.finished.retain(|(finished, _)| *finished != id);
+            }
         } else {
             self.live -= 1;
         }
@@ -899,7 +907,7 @@ impl Table {
 
     fn enforce_max_finished(&mut self, max_finished: usize) {
         while self.finished.len() > max_finished {
-            let Some((id, _)) = self.finished.pop_front() else {
+            let Some(&(id, _)) = self.finished.front() else {
                 break;
             };
             self.remove_record(id);
