@@ -605,11 +605,11 @@ impl Inner {
                     .filter(|(id, r)| &r.view.runtime_id == runtime && !present.contains(*id))
                     .map(|(id, _)| id.clone())
                     .collect();
+                // `ids` follows `workers` in upsert_locked and remove_locked: nothing more to
+                // sweep.
                 for id in gone {
                     self.remove_locked(&mut st, &id);
                 }
-                self.ids
-                    .retain(|id, (rt, _)| rt != runtime || present.contains(id));
                 if let Some(rec) = st.runtimes.get_mut(runtime) {
                     rec.answered = true;
                 }
