@@ -151,8 +151,8 @@ impl EventPayload {
 }
 
 /// The largest subscriber queue: a bound per client must stay a bound (and tokio's
-/// channels refuse capacities near `usize::MAX`).
-pub(crate) const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
+/// channels refuse capacities near `usize::MAX`). Larger capacities are clamped to it.
+pub const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// One item of a subscription: an event and the cursor to resume after it.
 #[derive(Clone, Debug)]
@@ -174,8 +174,8 @@ pub(crate) struct EventLog {
     epoch: u64,
     last_seq: u64,
     ring: VecDeque<StreamItem>,
-    /// Approximate bytes of each retained event, in ring order, and their sum.
-    sizes: VecDeque<usize>,
+    /// Approximate bytes of the retained events (a payload never changes, so its size is the
+    /// same when it is evicted as when it came).
     bytes: usize,
     retention: usize,
     max_bytes: usize,
@@ -204,7 +204,6 @@ impl EventLog {
             epoch,
             last_seq: 0,
             ring: VecDeque::with_capacity(retention.min(1024)),
-            sizes: VecDeque::with_capacity(retention.min(1024)),
             bytes: 0,
             retention: retention.max(1),
             max_bytes,
@@ -240,15 +239,14 @@ impl EventLog {
             cursor: self.head(),
             payload: Arc::new(payload),
         };
-        let size = item.payload.approx_size();
+        self.bytes += item.payload.approx_size();
         self.ring.push_back(item.clone());
-        self.sizes.push_back(size);
-        self.bytes += size;
         while self.ring.len() > self.retention
             || (self.bytes > self.max_bytes && self.ring.len() > 1)
         {
-            self.ring.pop_front();
-            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+            if let Some(oldest) = self.ring.pop_front() {
+                self.bytes -= oldest.payload.approx_size();
+            }
         }
         let runtime = item.payload.runtime_id().cloned();
         self.subscribers.retain(|sub| {
