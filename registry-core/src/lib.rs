@@ -38,14 +38,16 @@ mod source;
 pub mod conformance;
 
 pub use error::{RegistryError, ERROR_CODES};
-pub use events::{Cursor, EventPayload, ResetReason, StreamItem, Subscription};
+pub use events::{
+    Cursor, EventPayload, ResetReason, StreamItem, Subscription, MAX_SUBSCRIBER_QUEUE,
+};
 pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory};
 pub use id::{IdIssuer, RuntimeId, SourceKey, WorkerId, KEY_FILE};
 pub use model::{
     limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, RuntimeView,
     SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
 };
-pub use registry::{Page, Registry, RegistryConfig, WorkerFilter};
+pub use registry::{Page, Registry, RegistryConfig, WorkerFilter, MAX_PAGE};
 pub use sanitize::{sanitize_message, REDACTED};
 pub use source::{
     OutputChunk, OutputEvent, OutputRequest, OutputStream, RuntimeSource, SourceEvent, SourceEvents,

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::header::{HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use registry_core::{RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState};
+use registry_core::{
+    RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState, MAX_PAGE,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -296,8 +298,7 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
     let limit = match single(&pairs, "limit")? {
         Some(l) => l.parse::<usize>().map_err(|_| {
             RegistryError::InvalidRequest(format!(
-                "`limit` must be a number between 1 and {}",
-                1000
+                "`limit` must be a number between 1 and {MAX_PAGE}"
             ))
         })?,
         None => DEFAULT_LIMIT,

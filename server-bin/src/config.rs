@@ -43,7 +43,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use registry_core::{de, ConfigError, RuntimeId, RuntimeSource, SourceConfig, SourceFactories};
+use registry_core::{
+    de, ConfigError, RuntimeId, RuntimeSource, SourceConfig, SourceFactories, MAX_SUBSCRIBER_QUEUE,
+};
 use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
@@ -987,8 +989,6 @@ fn is_origin(origin: &str) -> bool {
 
 /// The shortest `sse_ping`.
 const MIN_SSE_PING: Duration = Duration::from_millis(1);
-/// The longest `subscriber_queue`.
-const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// The longest `sse_ping` and `shutdown_grace`.
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
