@@ -243,7 +243,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 pub async fn serve_with(
     listener: TcpListener,
     registry: Registry,
-    options: ServeOptions,
+    mut options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
@@ -259,10 +259,11 @@ pub async fn serve_with(
     let app = Arc::new(App {
         registry: registry.clone(),
         metrics: Arc::new(Metrics::new()),
-        tokens: Tokens::new(&options.tokens),
+        // Moved out of the options: the secrets are kept only as the hashes `Tokens` holds.
+        tokens: Tokens::new(&std::mem::take(&mut options.tokens)),
         allowed: Allowed {
-            hosts: options.allowed_hosts.clone(),
-            origins: options.allowed_origins.clone(),
+            hosts: std::mem::take(&mut options.allowed_hosts),
+            origins: std::mem::take(&mut options.allowed_origins),
         },
         closing: closing_rx,
         stopping: AtomicBool::new(false),
