@@ -74,6 +74,14 @@ const WORKER_ID_CHARS: usize = 26;
 pub struct WorkerId(String);
 
 impl WorkerId {
+    /// Whether `text` has the shape of a worker id: `w_` and 26 characters of Crockford
+    /// base32.
+    pub fn has_shape(text: &str) -> bool {
+        text.len() == 2 + WORKER_ID_CHARS
+            && text.starts_with("w_")
+            && text[2..].bytes().all(|b| CROCKFORD.contains(&b))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -97,10 +105,7 @@ impl WorkerId {
 impl FromStr for WorkerId {
     type Err = RegistryError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let ok = s.len() == 2 + WORKER_ID_CHARS
-            && s.starts_with("w_")
-            && s[2..].bytes().all(|b| CROCKFORD.contains(&b));
-        if ok {
+        if WorkerId::has_shape(s) {
             Ok(WorkerId(s.to_string()))
         } else {
             Err(RegistryError::WorkerNotFound(format!(

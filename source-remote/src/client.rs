@@ -9,10 +9,11 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use registry_core::RegistryError;
+use registry_core::{RegistryError, WorkerId};
 use serde::Deserialize;
 
 use crate::config::Settings;
+use crate::stream::EventReader;
 
 /// The most bytes of a plain (non-stream) answer that are read.
 const MAX_ANSWER_BYTES: usize = 8 << 20;
@@ -132,12 +133,13 @@ impl Upstream {
     }
 
     /// Opens an event stream: waits (within `request_timeout`) for a `200` with
-    /// `text/event-stream`, and returns its body to be read as it comes.
+    /// `text/event-stream`, and returns a reader of its events as they come, bounded by
+    /// `max_event_bytes` and `heartbeat_timeout`.
     pub(crate) async fn open_stream(
         &self,
         path_and_query: &str,
         last_event_id: Option<&str>,
-    ) -> Result<Incoming, RegistryError> {
+    ) -> Result<EventReader, RegistryError> {
         let mut req = self.build(Method::GET, path_and_query, None, last_event_id)?;
         req.headers_mut().insert(
             header::ACCEPT,
@@ -162,7 +164,11 @@ impl Upstream {
                     "the remote answered a stream request without an event stream",
                 ));
             }
-            return Ok(resp.into_body());
+            return Ok(EventReader::new(
+                resp.into_body(),
+                self.settings.max_event_bytes,
+                self.settings.heartbeat_timeout,
+            ));
         }
         let retry_after = retry_after(&resp);
         let bytes = match tokio::time::timeout(
@@ -264,7 +270,7 @@ pub(crate) fn scrub(message: &str, remote_runtime: &str) -> String {
             out.push(' ');
         }
         let core = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-');
-        if is_worker_id(core) {
+        if WorkerId::has_shape(core) {
             out.push_str(&word.replace(core, "(worker)"));
         } else if !remote_runtime.is_empty() && core == remote_runtime {
             out.push_str(&word.replace(core, "(runtime)"));
@@ -273,15 +279,6 @@ pub(crate) fn scrub(message: &str, remote_runtime: &str) -> String {
         }
     }
     out
-}
-
-/// Whether `s` has the shape of a worker id (`w_` and 26 upper-case letters or digits).
-pub(crate) fn is_worker_id(s: &str) -> bool {
-    s.len() == 28
-        && s.starts_with("w_")
-        && s[2..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
 }
 
 #[cfg(test)]

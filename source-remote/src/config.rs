@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use registry_core::{de, ConfigError, SourceConfig};
+use registry_core::{de, ConfigError, RuntimeId};
 use serde::Deserialize;
 
 /// The table of a `[[runtimes]]` entry with `source = "remote"`.
@@ -31,20 +31,29 @@ pub struct RemoteConfig {
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// How long a TCP connect may take.
-    #[serde(default = "defaults::connect_timeout", with = "dur")]
+    #[serde(
+        default = "defaults::connect_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub connect_timeout: Duration,
     /// How long a request may take until its whole answer is read.
-    #[serde(default = "defaults::request_timeout", with = "dur")]
+    #[serde(
+        default = "defaults::request_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub request_timeout: Duration,
     /// How long the event stream may stay silent (the remote pings every 15 s by default)
     /// before the link counts as lost.
-    #[serde(default = "defaults::heartbeat_timeout", with = "dur")]
+    #[serde(
+        default = "defaults::heartbeat_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub heartbeat_timeout: Duration,
     /// The first reconnect delay; each failure doubles it, up to `backoff_cap`.
-    #[serde(default = "defaults::backoff_base", with = "dur")]
+    #[serde(default = "defaults::backoff_base", deserialize_with = "de::duration")]
     pub backoff_base: Duration,
     /// The longest reconnect delay.
-    #[serde(default = "defaults::backoff_cap", with = "dur")]
+    #[serde(default = "defaults::backoff_cap", deserialize_with = "de::duration")]
     pub backoff_cap: Duration,
     /// The largest single event the remote may send (a `snapshot` of every worker).
     #[serde(
@@ -53,7 +62,7 @@ pub struct RemoteConfig {
     )]
     pub max_event_bytes: u64,
     /// How long a worker lost in a restart of the remote stays listed as `failed (lost)`.
-    #[serde(default = "defaults::retain_lost", with = "dur")]
+    #[serde(default = "defaults::retain_lost", deserialize_with = "de::duration")]
     pub retain_lost: Duration,
 }
 
@@ -80,17 +89,6 @@ mod defaults {
     }
     pub fn retain_lost() -> Duration {
         crate::RETAIN_LOST
-    }
-}
-
-/// Durations in humantime syntax, as everywhere in the config.
-mod dur {
-    use std::time::Duration;
-
-    use serde::Deserializer;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        registry_core::de::duration(d)
     }
 }
 
@@ -150,7 +148,7 @@ impl RemoteConfig {
             message,
         };
         let endpoint = parse_url(&self.url).map_err(|m| fail(format!("`url`: {m}")))?;
-        if !valid_runtime_name(&self.remote_runtime) {
+        if RuntimeId::new(&self.remote_runtime).is_err() {
             return Err(fail(
                 "`remote_runtime` must be a runtime id of the other roster: a lower-case \
                  letter, then up to 62 lower-case letters, digits or '-'"
@@ -214,18 +212,6 @@ impl RemoteConfig {
     }
 }
 
-/// Parses the table of a runtime into a [`RemoteConfig`].
-pub(crate) fn parse(config: &SourceConfig) -> Result<RemoteConfig, ConfigError> {
-    config.parse()
-}
-
-fn valid_runtime_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some('a'..='z'))
-        && name.len() <= 63
-        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
-}
-
 fn parse_url(url: &str) -> Result<Endpoint, String> {
     let uri: http::Uri = url
         .parse()
@@ -267,7 +253,7 @@ fn parse_url(url: &str) -> Result<Endpoint, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use registry_core::RuntimeId;
+    use registry_core::SourceConfig;
 
     fn table(text: &str) -> SourceConfig {
         SourceConfig {
@@ -278,7 +264,7 @@ mod tests {
     }
 
     fn settings(text: &str) -> Result<Settings, ConfigError> {
-        parse(&table(text))?.settings("far")
+        table(text).parse::<RemoteConfig>()?.settings("far")
     }
 
     #[test]
@@ -337,7 +323,7 @@ mod tests {
             "url = \"http://10.1.2.3:7411\"\nremote_runtime = \"local\"\ntoken_file = {:?}",
             file.display().to_string()
         );
-        let config = parse(&table(&text)).unwrap();
+        let config: RemoteConfig = table(&text).parse().unwrap();
         let s = config.settings("far").unwrap();
         assert_eq!(s.token.as_deref(), Some("s3cret-token-value-1234"));
         let shown = format!("{config:?} {s:?}");

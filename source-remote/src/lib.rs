@@ -59,7 +59,7 @@ impl RemoteSource {
     /// key is an error naming it) and reads the token. Inside a tokio runtime it starts
     /// following the remote at once; otherwise when first asked.
     pub fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
-        let parsed = config::parse(config)?;
+        let parsed: RemoteConfig = config.parse()?;
         let runtime = config.runtime_id.to_string();
         let settings = parsed.settings(&runtime)?;
         let retain = parsed.retain_lost;

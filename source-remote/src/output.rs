@@ -174,12 +174,10 @@ pub(crate) async fn open(
         }
     }
     let query = if request.follow { "" } else { "&follow=0" };
-    let body = shared
+    let reader = shared
         .upstream
         .open_stream(&format!("{path}?after={}{query}", request.after), None)
         .await?;
-    let settings = shared.settings();
-    let reader = EventReader::new(body, settings.max_event_bytes, settings.heartbeat_timeout);
     let (tx, rx) = mpsc::channel(READER_QUEUE);
     if !request.follow {
         // What is retained now, then close: nothing to share or reopen.
@@ -444,13 +442,7 @@ async fn pump(
             _ = shutdown.wait_for(|stop| *stop) => { target.close(); return; }
         };
         match opened {
-            Ok(body) => {
-                reader = Some(EventReader::new(
-                    body,
-                    settings.max_event_bytes,
-                    settings.heartbeat_timeout,
-                ));
-            }
+            Ok(opened) => reader = Some(opened),
             Err(e) if e.code() == "worker_not_found" => {
                 target.close();
                 return;

@@ -12,18 +12,18 @@ use http::Method;
 use registry_core::{
     Capabilities, FailReason, OutputRequest, OutputStream, RegistryError, RuntimeSource,
     RuntimeView, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-    WorkerState, WorkerView,
+    WorkerId, WorkerState, WorkerView,
 };
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::client::{is_worker_id, scrub, Upstream};
+use crate::client::{scrub, Upstream};
 use crate::config::Settings;
 use crate::output::Hubs;
 use crate::sse::{Event, Item};
-use crate::stream::{Backoff, EventReader, ReadError};
+use crate::stream::{Backoff, ReadError};
 
 /// How many lifecycle events a reader of [`RuntimeSource::events`] may leave unread before
 /// it is owed a fresh `Resync` in their place.
@@ -686,7 +686,7 @@ fn mirror(view: &RuntimeView, remote_runtime: &str) -> SourceHealth {
 /// The path of a worker on the remote; a key that is no remote id is no worker.
 pub(crate) fn worker_path(key: &SourceKey, rest: &str) -> Result<String, RegistryError> {
     let id = key.as_str();
-    if !is_worker_id(id) {
+    if !WorkerId::has_shape(id) {
         return Err(not_found());
     }
     Ok(format!("/v1/workers/{id}{rest}"))
@@ -717,10 +717,9 @@ async fn link(shared: Arc<Shared>) {
 
 /// One connection of the event stream, until it ends; returns why, for people.
 async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> String {
-    let settings = shared.settings();
     let cursor = shared.lock().cursor.clone();
-    let body = match shared.upstream.open_stream(path, cursor.as_deref()).await {
-        Ok(body) => body,
+    let mut reader = match shared.upstream.open_stream(path, cursor.as_deref()).await {
+        Ok(reader) => reader,
         Err(e) => {
             if let Some(detail) = e.internal_detail() {
                 tracing::warn!(runtime = %shared.runtime, %detail, "the remote runtime's event stream could not be opened");
@@ -731,7 +730,6 @@ async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> Stri
     };
     // Only a resumed stream can need healing: a fresh one starts with a snapshot.
     let mut healing = shared.mark_up() && cursor.is_some();
-    let mut reader = EventReader::new(body, settings.max_event_bytes, settings.heartbeat_timeout);
     let mut delivered = false;
     loop {
         let next = if healing {
