@@ -281,14 +281,20 @@ impl Shared {
     fn learn(&self, worker: SourceWorker) -> SourceWorker {
         let mut st = self.lock();
         let key = worker.key.as_str().to_string();
-        let newer = match st.table.get(&key) {
+        self.learn_locked(&mut st, worker, false);
+        st.view(&key).expect("just looked at")
+    }
+
+    /// Stores `worker` unless the table holds it lost or in a later state; with
+    /// `listed_only`, only a worker the table holds.
+    fn learn_locked(&self, st: &mut State, worker: SourceWorker, listed_only: bool) {
+        let newer = match st.table.get(worker.key.as_str()) {
             Some(old) => old.lost_at.is_none() && later(old.worker.state, worker.state),
-            None => true,
+            None => !listed_only,
         };
         if newer {
-            self.store(&mut st, worker);
+            self.store(st, worker);
         }
-        st.view(&key).expect("just looked at")
     }
 
     /// Puts a worker into the table and reports it.
@@ -302,11 +308,13 @@ impl Shared {
 
     /// As [`learn`](Self::learn), for a view the remote sent (only this runtime's).
     pub(crate) fn learn_view(&self, view: &WorkerView) {
-        // Only workers still listed: a late state must not bring a removed one back.
-        let known = self.lock().table.contains_key(view.id.as_str());
-        if known && view.runtime_id.as_str() == self.settings().remote_runtime {
-            self.learn(from_view(view));
+        if view.runtime_id.as_str() != self.settings().remote_runtime {
+            return;
         }
+        // Only workers still listed, asked under the same lock as the store: a late state
+        // must not bring a removed one back.
+        let mut st = self.lock();
+        self.learn_locked(&mut st, from_view(view), true);
     }
 
     fn forget(&self, key: &str) {
