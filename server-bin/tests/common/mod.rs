@@ -137,12 +137,22 @@ impl TestServer {
     /// A server whose state lives in `dir` (to restart a registry on the same state).
     pub async fn start_in(
         dir: tempfile::TempDir,
+        config: Config,
+        options: ServeOptions,
+    ) -> Result<TestServer> {
+        Self::start_in_with(dir, config, &server_bin::default_factories(), options).await
+    }
+
+    /// [`TestServer::start_in`] with the source kinds of `factories` (a test package's own
+    /// kind added to the default ones, say).
+    pub async fn start_in_with(
+        dir: tempfile::TempDir,
         mut config: Config,
+        factories: &registry_core::SourceFactories,
         options: ServeOptions,
     ) -> Result<TestServer> {
         config.server.state_dir = dir.path().join("state");
-        let registry =
-            server_bin::build_registry(&config, &server_bin::default_factories()).await?;
+        let registry = server_bin::build_registry(&config, factories).await?;
         Self::start_registry(registry, dir, options).await
     }
 

@@ -92,7 +92,21 @@ impl Roster {
 
     /// [`Roster::spawn`] in the working directory `cwd`.
     pub fn spawn_in(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Result<Roster> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_roster"));
+        // `option_env!`, so that tests of other packages can share this harness and start
+        // their own binary with `spawn_program`.
+        let program = option_env!("CARGO_BIN_EXE_roster")
+            .context("this test package has no `roster` binary; use Roster::spawn_program")?;
+        Roster::spawn_program(Path::new(program), cwd, args, env)
+    }
+
+    /// Starts `program args…` (a `roster` built with other kinds, say) as [`Roster::spawn_in`].
+    pub fn spawn_program(
+        program: &Path,
+        cwd: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Roster> {
+        let mut cmd = Command::new(program);
         if let Some(cwd) = cwd {
             cmd.current_dir(cwd);
         }
@@ -106,7 +120,9 @@ impl Roster {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().context("starting roster")?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
         let stdout = Captured::new(child.stdout.take().context("stdout")?);
         let stderr = Captured::new(child.stderr.take().context("stderr")?);
         Ok(Roster {

@@ -1,0 +1,1 @@
+//! tmux source (in progress).
