@@ -30,6 +30,7 @@ mod events;
 mod factory;
 mod id;
 mod model;
+pub mod output_log;
 mod registry;
 mod sanitize;
 mod source;

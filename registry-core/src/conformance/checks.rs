@@ -120,7 +120,8 @@ pub async fn spawn_is_idempotent_by_request_id<S: RuntimeSource + ?Sized>(
 }
 
 /// Output chunks of stdout and stderr share one `seq` that starts at 1 and has no holes,
-/// and each stream's bytes arrive in the order written; `End` comes last.
+/// and each stream's bytes arrive in the order written (also where the source merges the
+/// two streams into one); `End` comes last.
 pub async fn output_seq_starts_at_one_without_holes<S: RuntimeSource + ?Sized>(
     source: &S,
     harness: &dyn Harness,
@@ -141,8 +142,28 @@ pub async fn output_seq_starts_at_one_without_holes<S: RuntimeSource + ?Sized>(
     );
     let want_out: String = (1..=50).map(|i| format!("out{i}\n")).collect();
     let want_err: String = (1..=50).map(|i| format!("err{i}\n")).collect();
-    let got_out = text(&events, StreamKind::Stdout);
-    let got_err = text(&events, StreamKind::Stderr);
+    let (got_out, got_err) = if harness.streams_merged() {
+        // One stream: each stream's lines, picked out of it, must keep their order.
+        let merged = text(&events, StreamKind::Stdout);
+        let lines = |prefix: &str| -> String {
+            merged
+                .split_inclusive('\n')
+                .filter(|line| line.starts_with(prefix))
+                .collect()
+        };
+        ensure!(
+            merged.len() == want_out.len() + want_err.len(),
+            "expected the merged stream to hold both streams' {} bytes and nothing else, got \
+             {merged:?}",
+            want_out.len() + want_err.len()
+        );
+        (lines("out"), lines("err"))
+    } else {
+        (
+            text(&events, StreamKind::Stdout),
+            text(&events, StreamKind::Stderr),
+        )
+    };
     ensure!(
         got_out == want_out,
         "expected stdout out1..out50 in order, got {got_out:?}"

@@ -134,6 +134,13 @@ pub trait Harness: Send + Sync {
     fn test_timeout(&self) -> Duration {
         DEFAULT_TEST_TIMEOUT
     }
+
+    /// Whether the source's workers write stdout and stderr into one stream (a log file, a
+    /// terminal), which the source reports as `stdout`. The test of stream order then
+    /// checks that each stream's lines keep their order within the merged output.
+    fn streams_merged(&self) -> bool {
+        false
+    }
 }
 
 /// The part of the source under test a [`Harness`] may use to start a worker and find it.
@@ -197,6 +204,7 @@ pub struct SpawnHarness {
     output_retention: Option<u64>,
     events_to_overflow: Option<usize>,
     test_timeout: Duration,
+    streams_merged: bool,
 }
 
 impl SpawnHarness {
@@ -228,6 +236,7 @@ impl SpawnHarness {
             output_retention: None,
             events_to_overflow: None,
             test_timeout: DEFAULT_TEST_TIMEOUT,
+            streams_merged: false,
         }
     }
 
@@ -249,6 +258,13 @@ impl SpawnHarness {
         self.test_timeout = timeout;
         self
     }
+
+    /// Tells the suite the source's workers write stdout and stderr into one stream
+    /// (see [`Harness::streams_merged`]).
+    pub fn with_streams_merged(mut self) -> Self {
+        self.streams_merged = true;
+        self
+    }
 }
 
 impl fmt::Debug for SpawnHarness {
@@ -257,6 +273,7 @@ impl fmt::Debug for SpawnHarness {
             .field("output_retention", &self.output_retention)
             .field("events_to_overflow", &self.events_to_overflow)
             .field("test_timeout", &self.test_timeout)
+            .field("streams_merged", &self.streams_merged)
             .finish_non_exhaustive()
     }
 }
@@ -303,6 +320,10 @@ impl Harness for SpawnHarness {
 
     fn test_timeout(&self) -> Duration {
         self.test_timeout
+    }
+
+    fn streams_merged(&self) -> bool {
+        self.streams_merged
     }
 }
 
