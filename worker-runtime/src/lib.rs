@@ -72,7 +72,8 @@
 //! kept as is), but a chunk never ends inside a valid UTF-8 character: an incomplete character
 //! at the end of a read is carried into the stream's next chunk. At least the newest
 //! `output_retention` bytes are kept (at most one chunk more), also after the worker ended,
-//! until its record is removed. Readers ([`OutputReader`]) pull from that log, so a slow reader
+//! until its record is removed (the log is `registry_core::output_log::OutputLog`, the one
+//! every source that captures output uses). Readers ([`OutputReader`]) pull from that log, so a slow reader
 //! never slows the runtime or another reader; one that falls behind gets an
 //! [`OutputItem::Gap`]. When the runtime is dropped, the readers of a worker that had not
 //! ended stop (with `None`) once they have read what was captured.
@@ -105,7 +106,6 @@ mod runtime;
 mod spawner;
 mod sys;
 mod types;
-mod utf8;
 mod util;
 mod watchdog;
 

@@ -24,7 +24,7 @@ use crate::events::{EventLog, EventReader, NewEvent};
 use crate::limits::{
     MAX_ARGV_BYTES, MAX_ARG_BYTES, MAX_GRACE, MAX_LABELS, MAX_SHORT_TEXT, MAX_STDIN_BYTES,
 };
-use crate::output::{capture, OutputLog, OutputReader};
+use crate::output::{capture, OutputReader};
 use crate::spawner::Spawner;
 use crate::sys;
 use crate::types::{
@@ -32,6 +32,7 @@ use crate::types::{
 };
 use crate::util::lock;
 use crate::watchdog::Watchdog;
+use registry_core::output_log::OutputLog;
 
 /// PATH given to workers when the host has none, and to the watchdog.
 pub(crate) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -467,7 +468,9 @@ impl Runtime {
                 "`after` is past the worker's last output".into(),
             ));
         }
-        Ok(record.output.reader(after, follow))
+        OutputReader::new(&record.output, after, follow).ok_or_else(|| {
+            RuntimeError::InvalidRequest("`after` is past the worker's last output".into())
+        })
     }
 
     /// Output bytes currently retained for a worker. This is an addition to the shared API
@@ -628,7 +631,7 @@ impl Inner {
             Record {
                 info,
                 spec,
-                output: Arc::new(OutputLog::new(plan.retention)),
+                output: OutputLog::new(plan.retention),
                 grace: plan.grace,
                 process: None,
                 stop_requested: false,
@@ -1359,7 +1362,7 @@ mod tests {
             .unwrap();
         let pid = i32::try_from(child.id().unwrap()).unwrap();
         let group = Arc::new(Group::new(pid));
-        let log = Arc::new(OutputLog::new(1024));
+        let log = OutputLog::new(1024);
         let supervised = supervise(
             Weak::new(),
             LocalId(1),
@@ -1371,7 +1374,7 @@ mod tests {
         );
         tokio::time::timeout(DEADLINE, supervised).await.unwrap();
         assert!(group.is_gone());
-        let mut reader = log.reader(0, true);
+        let mut reader = OutputReader::new(&log, 0, true).unwrap();
         assert_eq!(reader.next().await, None, "closed, without End");
     }
 }
