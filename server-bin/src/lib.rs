@@ -38,11 +38,12 @@ pub use api::OPENAPI;
 pub use config::Config;
 pub use server::{serve, serve_with, ServeOptions};
 
-/// The source kinds that ship with `roster`: `embedded` and `remote`.
+/// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.
 pub fn default_factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
     source_embedded::register(&mut factories).expect("a fresh set of kinds has no embedded yet");
     source_remote::register(&mut factories).expect("a fresh set of kinds has no remote yet");
+    source_local::register(&mut factories).expect("a fresh set of kinds has no local yet");
     factories
 }
 

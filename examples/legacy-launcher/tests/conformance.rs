@@ -1,0 +1,132 @@
+//! The registry core's conformance suite on the `local` source, with workers started the
+//! old way: by the legacy launcher, through real descriptor files, logs, sockets and
+//! processes. Run once on `LocalSource` and once on `Arc<dyn RuntimeSource>`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use registry_core::conformance::{run_all, Harness, Report, SourceUnderTest, TESTS};
+use registry_core::{RuntimeSource, SourceWorker};
+use source_local::{LocalConfig, LocalSource};
+use support::{launch, WAIT};
+use tokio::time::{sleep, Instant};
+
+/// Small, so that the gap test writes little.
+const RETENTION: u64 = 4096;
+
+/// Starts each script with the legacy launcher into a spool directory, and waits until the
+/// source lists the worker by its name.
+struct LauncherHarness {
+    spool: PathBuf,
+    events_to_overflow: usize,
+}
+
+#[async_trait::async_trait]
+impl Harness for LauncherHarness {
+    async fn start_shell(
+        &self,
+        source: &dyn SourceUnderTest,
+        script: &str,
+        name: &str,
+    ) -> Result<SourceWorker> {
+        // The suite ends its workers itself (by stop, or the file its scripts watch for).
+        launch(&self.spool, name, script, &[]).await?.detach();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let list = source
+                .list()
+                .await
+                .context("list while waiting for a worker")?;
+            if let Some(w) = list.into_iter().find(|w| w.name.as_deref() == Some(name)) {
+                return Ok(w);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the source did not list the worker {name:?} within {WAIT:?}"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn output_retention(&self) -> Option<u64> {
+        Some(RETENTION)
+    }
+
+    fn events_to_overflow(&self) -> Option<usize> {
+        Some(self.events_to_overflow)
+    }
+
+    fn streams_merged(&self) -> bool {
+        true
+    }
+
+    fn test_timeout(&self) -> Duration {
+        // The overflow test starts some 260 launchers one after another.
+        Duration::from_secs(180)
+    }
+}
+
+fn source(spool: &Path) -> Result<LocalSource> {
+    let mut config = LocalConfig::new(spool);
+    config.output_retention = RETENTION;
+    Ok(LocalSource::new(config)?)
+}
+
+/// Every test ran and passed but the one that needs spawning.
+fn assert_complete(report: &Report) {
+    println!("{report}");
+    assert!(report.skipped.is_empty(), "{report}");
+    let not_applicable: Vec<&str> = report.not_applicable.iter().map(|s| s.name).collect();
+    assert_eq!(
+        not_applicable,
+        ["spawn_is_idempotent_by_request_id"],
+        "{report}"
+    );
+    assert_eq!(report.passed.len(), TESTS.len() - 1, "{report}");
+    for name in [
+        "output_beyond_retention_starts_with_gap",
+        "events_overflow_is_followed_by_resync",
+        "unsupported_operations_return_unsupported",
+        "stop_escalates_to_kill_after_grace",
+        "input_reaches_the_worker",
+    ] {
+        assert!(
+            report.passed.contains(&name),
+            "{name} did not pass: {report}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_local_concrete_type() -> Result<()> {
+    let spool = tempfile::tempdir()?;
+    let source = source(spool.path())?;
+    let harness = LauncherHarness {
+        spool: spool.path().to_path_buf(),
+        events_to_overflow: source.events_to_overflow(),
+    };
+    let report = run_all(&source, &harness).await?;
+    assert_complete(&report);
+    source.shutdown(None).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_local_as_dyn_runtime_source() -> Result<()> {
+    let spool = tempfile::tempdir()?;
+    let concrete = source(spool.path())?;
+    let overflow = concrete.events_to_overflow();
+    let source: Arc<dyn RuntimeSource> = Arc::new(concrete);
+    let harness = LauncherHarness {
+        spool: spool.path().to_path_buf(),
+        events_to_overflow: overflow,
+    };
+    let report = run_all(&*source, &harness).await?;
+    assert_complete(&report);
+    source.shutdown(None).await;
+    Ok(())
+}
