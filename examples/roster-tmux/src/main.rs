@@ -1,1 +1,13 @@
-fn main() {}
+//! `roster-tmux`: `roster` with the `tmux` source kind added — a user's own binary built on
+//! `server-bin` as a library. Same command line as `roster` (`serve`, `check-config`).
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut factories = server_bin::default_factories();
+    if let Err(e) = source_tmux::register(&mut factories) {
+        eprintln!("roster-tmux: {e}");
+        return ExitCode::FAILURE;
+    }
+    server_bin::cli::main(factories)
+}
