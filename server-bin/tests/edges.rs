@@ -303,11 +303,17 @@ async fn a_stream_client_that_stops_reading_is_let_go() -> Result<()> {
     };
     let server = TestServer::start_with(common::config(""), options).await?;
     let host = format!("127.0.0.1:{}", server.addr.port());
-    let mut idle = TcpStream::connect(server.addr).await?;
+    // A small, fixed receive buffer: loopback autotuning may otherwise grow it (up to
+    // `tcp_rmem`'s maximum, 32 MiB on some machines) until it holds every event below, and
+    // the server would never have to wait for this client.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(16 << 10)?;
+    let mut idle = socket.connect(server.addr).await?;
     idle.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await?;
     // Big events fill the socket buffers and the stream's own queue: each worker carries
-    // 200 KiB of arguments, and each of its events carries them again.
+    // 200 KiB of arguments, and each of its events carries them again (some 24 MiB in all,
+    // against the client's 16 KiB and the server's send buffer, 4 MiB at most by default).
     let arg = "x".repeat(100 << 10);
     for _ in 0..40 {
         let body =
