@@ -330,7 +330,7 @@ async fn a_client_cannot_tell_embedded_remote_and_tmux_runtimes_apart_but_by_kin
     let (steps, kinds) = client_scenario(&tmux).await?;
     // Nothing a client got names the tmux server (`stop` searches for the state directory,
     // where the FIFOs live, too).
-    tmux.seen().assert_free_of(&[socket.clone()])?;
+    tmux.seen().assert_free_of(std::slice::from_ref(&socket))?;
     tmux.stop().await?;
     runs.push(("tmux", steps, kinds));
 
