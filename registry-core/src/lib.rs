@@ -28,6 +28,7 @@
 mod error;
 mod events;
 mod factory;
+pub mod fanout;
 mod id;
 mod model;
 pub mod output_log;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use registry_core::fanout::{Owed, Subscribers};
 use registry_core::output_log::OutputLog;
 use registry_core::{
     Capabilities, Diagnostic, HealthStatus, OutputRequest, OutputStream, RegistryError,
@@ -22,7 +23,7 @@ use time::OffsetDateTime;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::time::{sleep, timeout_at, Instant};
 
 use crate::descriptor::Descriptor;
@@ -72,14 +73,6 @@ struct Inner {
     state: Mutex<State>,
     watch: Arc<DirWatch>,
     shutdown: watch::Sender<bool>,
-}
-
-/// A lifecycle stream.
-struct Sub {
-    id: u64,
-    tx: mpsc::Sender<SourceEvent>,
-    /// An event could not be delivered: the next thing it gets is a `Resync`.
-    owes_resync: bool,
 }
 
 /// How the spool directory answered the last look.
@@ -142,8 +135,7 @@ struct State {
     beyond: usize,
     /// Why a live worker's log can't be read, by descriptor number.
     log_problems: BTreeMap<u64, String>,
-    subs: Vec<Sub>,
-    next_sub: u64,
+    subs: Subscribers,
     /// The health last reported on the lifecycle streams.
     reported: Option<SourceHealth>,
     closed: bool,
@@ -186,8 +178,7 @@ impl LocalSource {
                 waiting: 0,
                 beyond: 0,
                 log_problems: BTreeMap::new(),
-                subs: Vec::new(),
-                next_sub: 0,
+                subs: Subscribers::new(EVENTS_BUFFER),
                 reported: None,
                 closed: false,
             }),
@@ -672,55 +663,29 @@ impl Inner {
     /// Sends `event` to every lifecycle stream. A full stream gets nothing more until a
     /// `Resync` (and the health) can go to it in one piece; a closed one is dropped.
     fn emit(&self, st: &mut State, event: SourceEvent) {
-        let mut i = 0;
-        while i < st.subs.len() {
-            let sub = &mut st.subs[i];
-            if sub.owes_resync {
-                i += 1;
-                continue;
-            }
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => i += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    sub.owes_resync = true;
-                    let (id, tx) = (sub.id, sub.tx.clone());
-                    let me = self.me.clone();
-                    tokio::spawn(async move {
-                        if let Some(me) = me.upgrade() {
-                            me.repay(id, tx).await;
-                        }
-                    });
-                    i += 1;
+        for owed in st.subs.send(&event) {
+            let me = self.me.clone();
+            let mut shutdown = self.shutdown.subscribe();
+            tokio::spawn(async move {
+                let owed = tokio::select! {
+                    owed = owed.ready() => owed,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                };
+                if let (Some(owed), Some(me)) = (owed, me.upgrade()) {
+                    me.repay(owed);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    st.subs.swap_remove(i);
-                }
-            }
+            });
         }
     }
 
-    /// Waits until a stream that overflowed has room, then sends it the whole truth.
-    async fn repay(&self, id: u64, tx: mpsc::Sender<SourceEvent>) {
-        let mut shutdown = self.shutdown.subscribe();
-        let permits = tokio::select! {
-            permits = tx.reserve_many(2) => permits,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        let Ok(mut permits) = permits else { return };
+    /// Sends a stream that overflowed, now that it has room, the whole truth.
+    fn repay(&self, owed: Owed) {
         let mut st = self.lock();
-        if st.closed {
-            return;
-        }
-        let health = self.health_of(&st);
-        if let Some(p) = permits.next() {
-            p.send(SourceEvent::Resync(Self::views(&st)));
-        }
-        if let Some(p) = permits.next() {
-            p.send(SourceEvent::Health(health));
-        }
-        if let Some(sub) = st.subs.iter_mut().find(|s| s.id == id) {
-            sub.owes_resync = false;
-        }
+        let truth = vec![
+            SourceEvent::Resync(Self::views(&st)),
+            SourceEvent::Health(self.health_of(&st)),
+        ];
+        st.subs.repay(owed, truth);
     }
 
     /// Stops following: tasks end, output streams of live workers end without `End`,
@@ -1153,21 +1118,12 @@ impl RuntimeSource for LocalSource {
     }
 
     async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        let (tx, rx) = mpsc::channel(EVENTS_BUFFER);
         let mut st = self.inner.lock();
         if st.closed {
             return Err(LocalError::ShutDown.into());
         }
-        tx.try_send(SourceEvent::Resync(Inner::views(&st)))
-            .map_err(|_| RegistryError::internal("a new lifecycle stream has no room"))?;
-        st.next_sub += 1;
-        let id = st.next_sub;
-        st.subs.push(Sub {
-            id,
-            tx,
-            owes_resync: false,
-        });
-        Ok(rx)
+        let first = vec![SourceEvent::Resync(Inner::views(&st))];
+        Ok(st.subs.subscribe(first))
     }
 
     async fn output(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
+use registry_core::fanout::{Owed, Subscribers};
 use registry_core::{
     Capabilities, FailReason, OutputRequest, OutputStream, RegistryError, RuntimeSource,
     RuntimeView, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
@@ -16,7 +17,7 @@ use registry_core::{
 };
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::client::{scrub, Upstream};
@@ -114,13 +115,6 @@ impl Entry {
     }
 }
 
-struct Sub {
-    id: u64,
-    tx: mpsc::Sender<SourceEvent>,
-    /// An event could not be delivered: the next thing it gets is a `Resync`.
-    owes_resync: bool,
-}
-
 struct State {
     table: BTreeMap<String, Entry>,
     /// The table holds a whole truth (a snapshot arrived once).
@@ -138,8 +132,7 @@ struct State {
     mirrored: Option<SourceHealth>,
     /// The health last reported on the lifecycle streams.
     reported: Option<SourceHealth>,
-    subs: Vec<Sub>,
-    next_sub: u64,
+    subs: Subscribers,
     closed: bool,
 }
 
@@ -160,8 +153,7 @@ impl RemoteSource {
                 pending_reset: None,
                 mirrored: None,
                 reported: None,
-                subs: Vec::new(),
-                next_sub: 0,
+                subs: Subscribers::new(EVENTS_BUFFER),
                 closed: false,
             }),
             shutdown: watch::channel(false).0,
@@ -327,48 +319,24 @@ impl Shared {
     /// Sends `event` to every lifecycle stream. A full stream gets nothing more until a
     /// `Resync` (and the health) can go to it in one piece; a closed one is dropped.
     fn emit(&self, st: &mut State, event: SourceEvent) {
-        let mut i = 0;
-        while i < st.subs.len() {
-            let sub = &mut st.subs[i];
-            if sub.owes_resync {
-                i += 1;
-                continue;
-            }
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => i += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    sub.owes_resync = true;
-                    let (id, tx) = (sub.id, sub.tx.clone());
-                    if let Some(me) = self.me.upgrade() {
-                        tokio::spawn(async move { me.repay(id, tx).await });
-                    }
-                    i += 1;
+        for owed in st.subs.send(&event) {
+            let me = self.me.clone();
+            tokio::spawn(async move {
+                if let (Some(owed), Some(me)) = (owed.ready().await, me.upgrade()) {
+                    me.repay(owed);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    st.subs.swap_remove(i);
-                }
-            }
+            });
         }
     }
 
-    /// Waits until a stream that overflowed has room, then sends it the whole truth.
-    async fn repay(&self, id: u64, tx: mpsc::Sender<SourceEvent>) {
-        let Ok(permits) = tx.reserve_many(2).await else {
-            return;
-        };
+    /// Sends a stream that overflowed, now that it has room, the whole truth.
+    fn repay(&self, owed: Owed) {
         let mut st = self.lock();
-        let health = st.health();
-        let workers = st.views();
-        let mut permits = permits;
-        if let Some(p) = permits.next() {
-            p.send(SourceEvent::Resync(workers));
-        }
-        if let Some(p) = permits.next() {
-            p.send(SourceEvent::Health(health));
-        }
-        if let Some(sub) = st.subs.iter_mut().find(|s| s.id == id) {
-            sub.owes_resync = false;
-        }
+        let truth = vec![
+            SourceEvent::Resync(st.views()),
+            SourceEvent::Health(st.health()),
+        ];
+        st.subs.repay(owed, truth);
     }
 
     /// Reports the health on the lifecycle streams if it changed.
@@ -920,24 +888,15 @@ impl RuntimeSource for RemoteSource {
                 RegistryError::unavailable("the remote runtime has not answered yet", None)
             }));
         }
-        let (tx, rx) = mpsc::channel(EVENTS_BUFFER);
         let mut st = self.shared.lock();
         if st.closed {
             return Err(RegistryError::unavailable("the source is shut down", None));
         }
-        let workers = st.views();
-        let health = st.health();
-        // A fresh channel has room for both.
-        let _ = tx.try_send(SourceEvent::Resync(workers));
-        let _ = tx.try_send(SourceEvent::Health(health));
-        let id = st.next_sub;
-        st.next_sub += 1;
-        st.subs.push(Sub {
-            id,
-            tx,
-            owes_resync: false,
-        });
-        Ok(rx)
+        let first = vec![
+            SourceEvent::Resync(st.views()),
+            SourceEvent::Health(st.health()),
+        ];
+        Ok(st.subs.subscribe(first))
     }
 
     async fn output(

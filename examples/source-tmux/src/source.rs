@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use registry_core::fanout::{Owed, Subscribers};
 use registry_core::output_log::OutputLog;
 use registry_core::{
     Capabilities, FailReason, HealthStatus, OutputRequest, OutputStream, RegistryError,
@@ -82,17 +83,8 @@ pub(crate) struct Table {
     finished: VecDeque<(u64, Instant)>,
     /// Set by `shutdown` (and drop): no new spawns.
     pub(crate) closed: bool,
-    subs: Vec<Sub>,
-    next_sub: u64,
+    subs: Subscribers,
     health: SourceHealth,
-}
-
-/// One lifecycle stream.
-struct Sub {
-    id: u64,
-    tx: mpsc::Sender<SourceEvent>,
-    /// An event could not be delivered: the next thing it gets is a `Resync`.
-    owes_resync: bool,
 }
 
 /// Where a worker is in the source's hands.
@@ -184,8 +176,7 @@ impl Inner {
                 live: 0,
                 finished: VecDeque::new(),
                 closed: false,
-                subs: Vec::new(),
-                next_sub: 0,
+                subs: Subscribers::new(EVENTS_BUFFER),
                 health: SourceHealth::ready(),
             }),
             wake: Arc::new(Notify::new()),
@@ -348,27 +339,26 @@ impl Inner {
     /// Sends `event` to every lifecycle stream. A full stream gets nothing more until a
     /// `Resync` can go to it; a closed one is dropped.
     pub(crate) fn emit(&self, t: &mut Table, event: SourceEvent) {
-        let mut i = 0;
-        while i < t.subs.len() {
-            let sub = &mut t.subs[i];
-            if sub.owes_resync {
-                i += 1;
-                continue;
-            }
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => i += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    sub.owes_resync = true;
-                    let (id, tx) = (sub.id, sub.tx.clone());
-                    let me = self.me.clone();
-                    tokio::spawn(async move { repay(me, id, tx).await });
-                    i += 1;
+        for owed in t.subs.send(&event) {
+            let me = self.me.clone();
+            tokio::spawn(async move {
+                if let (Some(owed), Some(inner)) = (owed.ready().await, me.upgrade()) {
+                    inner.repay(owed);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    t.subs.swap_remove(i);
-                }
-            }
+            });
         }
+    }
+
+    /// Sends a stream that overflowed, now that it has room, the whole truth (the workers,
+    /// and the health whose change it may have missed).
+    fn repay(&self, owed: Owed) {
+        let mut t = self.lock();
+        let workers = t.workers.values().map(|r| r.info.clone()).collect();
+        let truth = vec![
+            SourceEvent::Resync(workers),
+            SourceEvent::Health(t.health.clone()),
+        ];
+        t.subs.repay(owed, truth);
     }
 
     /// Sets the health, reporting a change.
@@ -463,29 +453,6 @@ impl Inner {
             .filter(|r| r.phase != Phase::Done)
             .map(|r| (r.session.clone(), r.pane))
             .collect()
-    }
-}
-
-/// Waits until a stream that overflowed has room, then sends it the whole truth (the
-/// workers, and the health whose change it may have missed).
-async fn repay(me: Weak<Inner>, id: u64, tx: mpsc::Sender<SourceEvent>) {
-    let Ok(mut permits) = tx.reserve_many(2).await else {
-        return;
-    };
-    let Some(inner) = me.upgrade() else {
-        return;
-    };
-    let mut t = inner.lock();
-    let Some(sub) = t.subs.iter_mut().find(|s| s.id == id) else {
-        return;
-    };
-    sub.owes_resync = false;
-    let workers = t.workers.values().map(|r| r.info.clone()).collect();
-    if let Some(p) = permits.next() {
-        p.send(SourceEvent::Resync(workers));
-    }
-    if let Some(p) = permits.next() {
-        p.send(SourceEvent::Health(t.health.clone()));
     }
 }
 
@@ -671,23 +638,16 @@ impl RuntimeSource for TmuxSource {
     }
 
     async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        let (tx, rx) = mpsc::channel(EVENTS_BUFFER);
         let mut t = self.inner.lock();
         let workers = t.workers.values().map(|r| r.info.clone()).collect();
-        // A fresh channel has room for it.
-        let _ = tx.try_send(SourceEvent::Resync(workers));
+        let mut first = vec![SourceEvent::Resync(workers)];
         if t.health.status != HealthStatus::Ready {
-            let _ = tx.try_send(SourceEvent::Health(t.health.clone()));
+            first.push(SourceEvent::Health(t.health.clone()));
         }
-        // After a shutdown the stream ends after the truth.
-        if !t.closed {
-            let id = t.next_sub;
-            t.next_sub += 1;
-            t.subs.push(Sub {
-                id,
-                tx,
-                owes_resync: false,
-            });
+        let rx = t.subs.subscribe(first);
+        if t.closed {
+            // After a shutdown the stream ends after the truth.
+            t.subs.clear();
         }
         Ok(rx)
     }
