@@ -226,6 +226,12 @@ async fn client_scenario(server: &TestServer) -> Result<(Vec<Step>, Vec<String>)
         spawned.status,
         spawn_answer(spawned.json()?),
     );
+    // An output stream opens with the worker's state at that moment: wait for `running`,
+    // as for the first worker, so that it does not depend on how fast the start was.
+    let running = server
+        .wait_worker(&looper, |w| w["state"] == "running")
+        .await?;
+    step("get looper running", StatusCode::OK, running);
     let mut out = server
         .sse(&format!("/v1/workers/{looper}/output"), &[])
         .await?;
