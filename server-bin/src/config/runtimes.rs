@@ -1,0 +1,283 @@
+//! The `[[runtimes]]` entries: each runtime's id, kind and table, the default runtime, and
+//! building the sources, with a factory's error placed at the line of the key it is about.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use registry_core::{ConfigError, RuntimeId, RuntimeSource, SourceConfig, SourceFactories};
+use toml::Spanned;
+
+use super::lines::{
+    backticked, known_line, line_of, parent, plain, split_context, ConfigFileError, KeyIndex,
+};
+use super::Config;
+
+/// The name of the runtime a file without `[[runtimes]]` gets.
+const DEFAULT_RUNTIME: &str = "local";
+
+/// One `[[runtimes]]` entry.
+///
+/// `Debug` shows the id, the kind and the key names of the table, never its values (they
+/// may be URLs or paths).
+#[derive(Clone)]
+pub struct RuntimeSection {
+    /// The runtime's id (its `name`).
+    pub id: RuntimeId,
+    /// The source kind (its `source`), e.g. `"embedded"`.
+    pub kind: String,
+    /// The table without `name` and `source`: the source's own settings.
+    pub table: toml::Table,
+    /// The 1-based line of the runtime's `[[runtimes]]` header (or of its inline table);
+    /// 0 for a runtime that is not written in a file.
+    pub line: usize,
+    /// The line of the `source` key; 0 when unknown.
+    source_line: usize,
+    /// Every key of `table` at any depth, in file order; empty when not from a file.
+    keys: Vec<TableKey>,
+}
+
+/// A key of a runtime's table and the line it is on.
+#[derive(Clone)]
+struct TableKey {
+    /// The dotted path from the runtime's table without array indices, as toml names it in
+    /// its messages, e.g. `profiles.shell.command`.
+    path: String,
+    /// The last part of the path, e.g. `command`.
+    leaf: String,
+    /// The 1-based line.
+    line: usize,
+}
+
+impl RuntimeSection {
+    /// A runtime that is not written in a file (its `line` is 0): `table` holds the source's
+    /// settings, without `name` and `source`.
+    pub fn new(id: RuntimeId, kind: impl Into<String>, table: toml::Table) -> RuntimeSection {
+        RuntimeSection {
+            id,
+            kind: kind.into(),
+            table,
+            line: 0,
+            source_line: 0,
+            keys: Vec::new(),
+        }
+    }
+
+    /// The config error `err` of this runtime's factory as a file error (or, for an unknown
+    /// kind, at the line of `source`).
+    ///
+    /// A message that ends with the table it is about (``… in `profiles.shell` ``, as toml
+    /// writes it) is placed by that table: at the line of a key of that table the message
+    /// names, else at the table's own line (its header), else at the runtime's line. A
+    /// message without one is placed at the key it names: a key path of the runtime's
+    /// table, else a key of the runtime's table itself, else a key of that name at any
+    /// depth (and the message then says which table), else at the runtime's line.
+    fn factory_error(&self, err: &ConfigError, kind_known: bool) -> ConfigFileError {
+        let message = err.message.trim();
+        let runtime = format!("runtime \"{}\"", self.id);
+        if !kind_known {
+            return ConfigFileError::new(
+                known_line(self.source_line).or(known_line(self.line)),
+                format!("{runtime}: {message}"),
+            );
+        }
+        let plain = || ConfigFileError::new(known_line(self.line), format!("{runtime}: {message}"));
+        let line_of_path = |path: &str| self.keys.iter().find(|k| k.path == path).map(|k| k.line);
+
+        if let Some((head, context)) = split_context(message) {
+            let line = backticked(head)
+                .find_map(|name| line_of_path(&format!("{context}.{name}")))
+                .or_else(|| line_of_path(context));
+            return match line {
+                Some(line) => ConfigFileError::new(Some(line), format!("{runtime}: {message}")),
+                None => plain(),
+            };
+        }
+
+        for quoted in backticked(message) {
+            if let Some(line) = line_of_path(quoted) {
+                return ConfigFileError::new(Some(line), format!("{runtime}: {message}"));
+            }
+            if let Some(key) = self.keys.iter().find(|k| k.leaf == quoted) {
+                let message = match parent(&key.path) {
+                    Some(parent) => format!("{runtime}: in `{parent}`: {message}"),
+                    None => format!("{runtime}: {message}"),
+                };
+                return ConfigFileError::new(Some(key.line), message);
+            }
+        }
+        plain()
+    }
+}
+
+impl fmt::Debug for RuntimeSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeSection")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("keys", &self.table.keys().collect::<Vec<_>>())
+            .field("line", &self.line)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A runtime with its source built.
+#[derive(Debug)]
+pub struct BuiltRuntime {
+    /// The runtime's id.
+    pub id: RuntimeId,
+    /// The source kind.
+    pub kind: String,
+    /// The source, started.
+    pub source: Arc<dyn RuntimeSource>,
+}
+
+impl Config {
+    /// Builds and starts every runtime's source, in file order, with
+    /// `factories.build(kind, config)`, where the config holds the runtime's id, its table
+    /// (without `name` and `source`) and `<state_dir>/runtimes/<id>` as its state
+    /// directory.
+    ///
+    /// A factory's error becomes an error naming the runtime. A message that ends with the
+    /// table it is about (``… in `profiles.shell` ``) is placed at the line of the key of
+    /// that table it names, else at the table's line; any other at the line of the key it
+    /// names (at any depth of the runtime's table); else at the runtime's line. An
+    /// unknown kind is reported at the line of `source` with the known kinds. On an error
+    /// the sources built so far are dropped without a shutdown: call this before anything
+    /// depends on them. Call it inside a Tokio runtime: a source such as `embedded` starts
+    /// tasks when it is built.
+    pub fn build_sources(
+        &self,
+        factories: &SourceFactories,
+    ) -> Result<Vec<BuiltRuntime>, ConfigFileError> {
+        let kinds = factories.kinds();
+        let mut built = Vec::with_capacity(self.runtimes.len());
+        for runtime in &self.runtimes {
+            let config = SourceConfig {
+                runtime_id: runtime.id.clone(),
+                table: runtime.table.clone(),
+                state_dir: self
+                    .server
+                    .state_dir
+                    .join("runtimes")
+                    .join(runtime.id.as_str()),
+            };
+            let source = factories
+                .build(&runtime.kind, config)
+                .map_err(|e| runtime.factory_error(&e, kinds.contains(&runtime.kind.as_str())))?;
+            built.push(BuiltRuntime {
+                id: runtime.id.clone(),
+                kind: runtime.kind.clone(),
+                source,
+            });
+        }
+        Ok(built)
+    }
+}
+
+/// The runtime a file without `[[runtimes]]` gets.
+pub(super) fn default_runtime() -> RuntimeSection {
+    let mut shell = toml::Table::new();
+    shell.insert(
+        "command".to_string(),
+        toml::Value::Array(vec!["/bin/sh".into(), "-c".into()]),
+    );
+    let mut profiles = toml::Table::new();
+    profiles.insert("shell".to_string(), toml::Value::Table(shell));
+    let mut table = toml::Table::new();
+    table.insert("allow_commands".to_string(), toml::Value::Boolean(true));
+    table.insert("profiles".to_string(), toml::Value::Table(profiles));
+    RuntimeSection::new(
+        // A constant that meets the id rules: this cannot fail.
+        RuntimeId::new(DEFAULT_RUNTIME).expect("\"local\" is a valid runtime id"),
+        source_embedded::KIND,
+        table,
+    )
+}
+
+/// Checks the runtimes: each has a valid, unique `name` and a string `source`. `index`
+/// is the index of the whole file, where runtime `i`'s keys stand under `runtimes[i]`.
+pub(super) fn parse_runtimes(
+    text: &str,
+    raws: Vec<Spanned<toml::Table>>,
+    index: &KeyIndex,
+) -> Result<Vec<RuntimeSection>, ConfigFileError> {
+    let mut first_line_of: HashMap<RuntimeId, usize> = HashMap::new();
+    let mut runtimes = Vec::with_capacity(raws.len());
+    for (i, raw) in raws.into_iter().enumerate() {
+        let line = line_of(text, raw.span().start);
+        let prefix = format!("runtimes[{i}].");
+        let line_of_key = |name: &str| index.line(&format!("{prefix}{name}")).unwrap_or(line);
+        let mut table = raw.into_inner();
+
+        let name_line = line_of_key("name");
+        let name = match table.remove("name") {
+            Some(toml::Value::String(name)) => name,
+            Some(other) => {
+                return Err(ConfigFileError::new(
+                    Some(name_line),
+                    format!("`runtimes.name` must be a string, not {}", other.type_str()),
+                ))
+            }
+            None => {
+                return Err(ConfigFileError::new(
+                    Some(line),
+                    "a [[runtimes]] entry has no `name`; give it one, e.g. name = \"local\"",
+                ))
+            }
+        };
+        let id = RuntimeId::new(&name)
+            .map_err(|e| ConfigFileError::new(Some(name_line), format!("`runtimes.name`: {e}")))?;
+        if let Some(first) = first_line_of.get(&id) {
+            return Err(ConfigFileError::new(
+                Some(name_line),
+                format!("runtime name \"{id}\" is used twice (first on line {first})"),
+            ));
+        }
+        first_line_of.insert(id.clone(), name_line);
+
+        let source_line = line_of_key("source");
+        let kind = match table.remove("source") {
+            Some(toml::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(ConfigFileError::new(
+                    Some(source_line),
+                    format!(
+                        "runtime \"{id}\": `source` must be a string, not {}",
+                        other.type_str()
+                    ),
+                ))
+            }
+            None => {
+                return Err(ConfigFileError::new(
+                    Some(line),
+                    format!(
+                        "runtime \"{id}\" has no `source`; give its kind, e.g. \
+                         source = \"embedded\""
+                    ),
+                ))
+            }
+        };
+
+        let key_lines: Vec<TableKey> = index
+            .keys_under(&prefix)
+            .map(|k| (plain(&k.path[prefix.len()..]), k.line))
+            .filter(|(path, _)| path != "name" && path != "source")
+            .map(|(path, line)| TableKey {
+                leaf: path.rsplit('.').next().unwrap_or(&path).to_string(),
+                path,
+                line,
+            })
+            .collect();
+
+        runtimes.push(RuntimeSection {
+            id,
+            kind,
+            table,
+            line,
+            source_line,
+            keys: key_lines,
+        });
+    }
+    Ok(runtimes)
+}

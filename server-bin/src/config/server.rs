@@ -1,0 +1,346 @@
+//! The `[server]` table: its serde struct with the defaults, the checks serde does not
+//! make, and the rule that an open server listens on loopback only.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use registry_core::{de, MAX_SUBSCRIBER_QUEUE};
+use serde::Deserialize;
+
+use super::lines::{ConfigFileError, KeyIndex};
+use super::tokens::{LoadedToken, TokenSection};
+use super::{Config, Redacted};
+
+/// The listen address when neither the file nor a flag gives one.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
+/// The state directory when neither the file nor a flag gives one.
+const DEFAULT_STATE_DIR: &str = "./.roster";
+/// Default request body cap: 1 MiB.
+const DEFAULT_MAX_BODY: u64 = 1 << 20;
+/// Default time in-flight work gets on shutdown.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default interval between keep-alive comments on event streams.
+const DEFAULT_SSE_PING: Duration = Duration::from_secs(15);
+/// Default number of registry events kept for resuming streams.
+const DEFAULT_EVENT_RETENTION: usize = 10_000;
+/// Default approximate bytes of registry events kept: 64 MiB.
+const DEFAULT_EVENT_RETENTION_BYTES: u64 = 64 << 20;
+/// Default queue length of one stream subscriber.
+const DEFAULT_SUBSCRIBER_QUEUE: usize = 1024;
+/// The shortest `sse_ping`.
+const MIN_SSE_PING: Duration = Duration::from_millis(1);
+/// The longest `sse_ping` and `shutdown_grace`.
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The `[server]` table. Every key is optional; an unknown key is an error.
+///
+/// `Debug` does not print `state_dir`.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// The address to listen on. Default [`DEFAULT_LISTEN`]. Without tokens it must be a
+    /// loopback address (see [`Config::check_listen`]).
+    pub listen: SocketAddr,
+    /// Where the server keeps its state (the worker id key, each runtime's directory).
+    /// Default `./.roster`.
+    pub state_dir: PathBuf,
+    /// The bearer tokens, `[[server.tokens]]`. None by default.
+    pub tokens: Vec<TokenSection>,
+    /// `Host` names accepted besides the loopback names, compared without the port. Read
+    /// lower-cased, without trailing dots, an IPv6 address without its brackets. Empty by
+    /// default.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) accepted on requests with a body besides the
+    /// server's own. Compared exactly. Empty by default.
+    pub allowed_origins: Vec<String>,
+    /// Request body cap in bytes; written as an integer or as `"1MiB"`, `"512KiB"`, ….
+    /// Default 1 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_body: u64,
+    /// How long shutdown waits for workers and streams (humantime, e.g. `"10s"`).
+    /// Default 10 s.
+    #[serde(deserialize_with = "de::duration")]
+    pub shutdown_grace: Duration,
+    /// Interval between keep-alive comments on event streams. Default 15 s.
+    #[serde(deserialize_with = "de::duration")]
+    pub sse_ping: Duration,
+    /// Registry events kept for resuming streams. Default 10 000.
+    pub event_retention: usize,
+    /// Approximate bytes of registry events kept (integer or `"64MiB"`). Default 64 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub event_retention_bytes: u64,
+    /// Events that may wait for one stream subscriber. Default 1024.
+    pub subscriber_queue: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7411)),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            tokens: Vec::new(),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_body: DEFAULT_MAX_BODY,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            sse_ping: DEFAULT_SSE_PING,
+            event_retention: DEFAULT_EVENT_RETENTION,
+            event_retention_bytes: DEFAULT_EVENT_RETENTION_BYTES,
+            subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
+        }
+    }
+}
+
+impl fmt::Debug for ServerSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerSection")
+            .field("listen", &self.listen)
+            .field("state_dir", &Redacted)
+            .field("tokens", &self.tokens)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("max_body", &self.max_body)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("sse_ping", &self.sse_ping)
+            .field("event_retention", &self.event_retention)
+            .field("event_retention_bytes", &self.event_retention_bytes)
+            .field("subscriber_queue", &self.subscriber_queue)
+            .finish()
+    }
+}
+
+impl ServerSection {
+    /// The checks on `[server]` that serde does not make, each error at the line of its key.
+    /// The allowed hosts are written back in the form the server compares (see
+    /// [`allowed_host`]). The entries of `[[server.tokens]]` are checked by
+    /// [`TokenSection::check_all`].
+    pub(super) fn check(&mut self, index: &KeyIndex) -> Result<(), ConfigFileError> {
+        let key_line = |key: &str| index.line(&format!("server.{key}"));
+        let zero = |key: &str, what: &str| {
+            ConfigFileError::new(
+                key_line(key),
+                format!("`server.{key}` must be at least {what}"),
+            )
+        };
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigFileError::new(
+                key_line("state_dir"),
+                "`server.state_dir` is empty; give a directory, e.g. \"/var/lib/roster\", or \
+                 leave the key out for the default ./.roster",
+            ));
+        }
+        if self.max_body == 0 {
+            return Err(zero("max_body", "1 byte"));
+        }
+        if self.sse_ping < MIN_SSE_PING {
+            return Err(zero("sse_ping", "1ms"));
+        }
+        if self.sse_ping > MAX_INTERVAL {
+            return Err(ConfigFileError::new(
+                key_line("sse_ping"),
+                "`server.sse_ping` must be at most 1h".to_string(),
+            ));
+        }
+        if self.shutdown_grace > MAX_INTERVAL {
+            return Err(ConfigFileError::new(
+                key_line("shutdown_grace"),
+                "`server.shutdown_grace` must be at most 1h".to_string(),
+            ));
+        }
+        if self.event_retention == 0 {
+            return Err(zero("event_retention", "1"));
+        }
+        if self.event_retention_bytes == 0 {
+            return Err(zero("event_retention_bytes", "1 byte"));
+        }
+        if self.subscriber_queue == 0 {
+            return Err(zero("subscriber_queue", "1"));
+        }
+        if self.subscriber_queue > MAX_SUBSCRIBER_QUEUE {
+            return Err(ConfigFileError::new(
+                key_line("subscriber_queue"),
+                format!("`server.subscriber_queue` must be at most {MAX_SUBSCRIBER_QUEUE}"),
+            ));
+        }
+
+        for host in &mut self.allowed_hosts {
+            *host = allowed_host(host).map_err(|message| {
+                ConfigFileError::new(
+                    key_line("allowed_hosts"),
+                    format!("`server.allowed_hosts`: {message}"),
+                )
+            })?;
+        }
+        for origin in &self.allowed_origins {
+            if !is_origin(origin) {
+                return Err(ConfigFileError::new(
+                    key_line("allowed_origins"),
+                    format!(
+                        "`server.allowed_origins`: {origin:?} is not an origin; write \
+                         scheme://host[:port] without a path or a trailing slash, e.g. \
+                         \"https://console.example\""
+                    ),
+                ));
+            }
+            if let Some(port) = origin_port(origin).filter(|p| is_default_port(origin, p)) {
+                let port = if port.is_empty() {
+                    "an empty port".to_string()
+                } else {
+                    format!("the default port {port}")
+                };
+                return Err(ConfigFileError::new(
+                    key_line("allowed_origins"),
+                    format!(
+                        "`server.allowed_origins`: {origin:?} has {port}, which browsers never \
+                         send in an Origin; drop the port, e.g. \"{}\"",
+                        without_port(origin)
+                    ),
+                ));
+            }
+        }
+        TokenSection::check_all(&self.tokens, index)
+    }
+}
+
+impl Config {
+    /// Refuses a `listen` address that is not loopback when `tokens` is empty: the API can
+    /// start processes, so without tokens anyone who can reach the port could. The message
+    /// says how to fix it: configure `[[server.tokens]]`, or listen on `127.0.0.1` or
+    /// `[::1]`.
+    pub fn check_listen(&self, tokens: &[LoadedToken]) -> Result<(), ConfigFileError> {
+        let listen = self.server.listen;
+        if !tokens.is_empty() || is_loopback(listen.ip()) {
+            return Ok(());
+        }
+        Err(ConfigFileError::new(
+            None,
+            format!(
+                "refusing to listen on {listen} without tokens: the API can start processes, \
+                 so anyone who can reach a non-loopback address could. Configure \
+                 [[server.tokens]], or listen on 127.0.0.1 or [::1] (e.g. \
+                 listen = \"127.0.0.1:{port}\")",
+                port = listen.port()
+            ),
+        ))
+    }
+}
+
+/// `entry` of `allowed_hosts` in the form the server compares a `Host` header in: lower
+/// case, without trailing dots, an IPv6 address without its brackets. An entry that could
+/// never match is an error message naming it: an empty one, one with a port (the port is
+/// not compared), one that is not a bare host name.
+fn allowed_host(entry: &str) -> Result<String, String> {
+    let not_a_name = || {
+        format!(
+            "{entry:?} is not a host name; write the bare name, e.g. \"roster.internal\", or \
+             an IP address"
+        )
+    };
+    if entry.contains(['/', '@']) || entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(not_a_name());
+    }
+    let lower = entry.to_ascii_lowercase();
+    let host = match lower.strip_prefix('[') {
+        Some(rest) => match rest.strip_suffix(']') {
+            Some(inside) if inside.parse::<Ipv6Addr>().is_ok() => inside,
+            _ if rest.contains("]:") => return Err(with_port(entry)),
+            _ => return Err(not_a_name()),
+        },
+        None => lower.trim_end_matches('.'),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "{entry:?} is empty; write a host name, e.g. \"roster.internal\""
+        ));
+    }
+    if host.contains(':') && host.parse::<Ipv6Addr>().is_err() {
+        return Err(
+            if host.contains(['[', ']']) || host.matches(':').count() > 1 {
+                not_a_name()
+            } else {
+                with_port(entry)
+            },
+        );
+    }
+    if host.contains(['[', ']']) {
+        return Err(not_a_name());
+    }
+    Ok(host.to_string())
+}
+
+/// The message for an `allowed_hosts` entry with a port.
+fn with_port(entry: &str) -> String {
+    format!(
+        "{entry:?} has a port, but a Host header is compared without its port, so this \
+         entry would never match; drop the port, e.g. \"roster.internal\" or \"[fd00::1]\""
+    )
+}
+
+/// The port of an origin written `scheme://host:port` (empty for `scheme://host:`), or
+/// `None` without one.
+fn origin_port(origin: &str) -> Option<&str> {
+    let (_, authority) = origin.split_once("://")?;
+    let after_host = match authority.strip_prefix('[') {
+        Some(rest) => &rest[rest.find(']')? + 1..],
+        None => authority,
+    };
+    after_host.rsplit_once(':').map(|(_, port)| port)
+}
+
+/// Whether `port`, written in `origin`, is one a browser leaves out of an `Origin`: empty,
+/// or the default port of an `http` or `https` origin.
+fn is_default_port(origin: &str, port: &str) -> bool {
+    if port.is_empty() {
+        return true;
+    }
+    let scheme = origin.split_once("://").map_or("", |(s, _)| s);
+    let default = if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        return false;
+    };
+    port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>() == Ok(default)
+}
+
+/// `origin` without its port (and the `:` before it).
+fn without_port(origin: &str) -> &str {
+    match origin_port(origin) {
+        Some(port) => &origin[..origin.len() - port.len() - 1],
+        None => origin,
+    }
+}
+
+/// Whether `origin` is `scheme://host[:port]` with nothing after the authority and, if it
+/// has a port, a port number (an empty port is left to the caller, which says to drop it).
+fn is_origin(origin: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !authority.is_empty()
+        && !authority.contains(['/', '?', '#', '@'])
+        && !authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        && origin_port(origin).is_none_or(|port| {
+            port.is_empty()
+                || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
+        })
+}
+
+/// Whether `ip` is a loopback address, an IPv4-mapped IPv6 one included.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
