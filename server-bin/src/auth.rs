@@ -1,15 +1,134 @@
-//! Who may call: bearer tokens with scopes, and the `Host` and `Origin` checks that keep a web
-//! page in the user's browser from driving the API (SPEC §7).
+//! Who may call: token scopes, the host names and origins a request may come with, and
+//! the checks of a request against them (SPEC §7) — bearer tokens, `Host` and `Origin`,
+//! which keep a web page in the user's browser from driving the API.
+//!
+//! The config deserializes straight into [`Scope`], [`AllowedHost`] and [`AllowedOrigin`],
+//! so an entry is read in exactly the form these checks compare.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
+use std::ops::Deref;
+use std::str::FromStr;
 
 use http::header::{AUTHORIZATION, HOST, ORIGIN};
 use http::{HeaderMap, Method};
 use registry_core::RegistryError;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{LoadedToken, Scope};
+use crate::config::LoadedToken;
 use crate::routes::Access;
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// GET requests and event streams.
+    Read,
+    /// Everything `read` may, plus spawn, input, stop and delete.
+    Operate,
+}
+
+impl Scope {
+    /// Whether a token of this scope may do what needs `needed`: `operate` allows both
+    /// scopes, `read` allows only `read`.
+    pub fn allows(self, needed: Scope) -> bool {
+        match self {
+            Scope::Operate => true,
+            Scope::Read => needed == Scope::Read,
+        }
+    }
+}
+
+/// A host name accepted in `Host` besides the loopback names (an `allowed_hosts` entry),
+/// in the form a `Host` header is compared in: lower case, without trailing dots, an IPv6
+/// address without its brackets.
+///
+/// Parsing refuses an entry that could never match, with a message naming it: an empty
+/// one, one with a port (the port is not compared), one that is not a bare host name.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AllowedHost(String);
+
+impl FromStr for AllowedHost {
+    type Err = String;
+    fn from_str(entry: &str) -> Result<Self, String> {
+        allowed_host(entry).map(AllowedHost)
+    }
+}
+
+impl TryFrom<String> for AllowedHost {
+    type Error = String;
+    fn try_from(entry: String) -> Result<Self, String> {
+        entry.parse()
+    }
+}
+
+/// An origin (`scheme://host[:port]`) accepted on requests with a body besides the
+/// server's own (an `allowed_origins` entry). Compared exactly, without case.
+///
+/// Parsing refuses what is not an origin (a path, a trailing slash, no scheme) and a port
+/// a browser never sends in an `Origin` (empty, or the scheme's default), naming the fix.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AllowedOrigin(String);
+
+impl FromStr for AllowedOrigin {
+    type Err = String;
+    fn from_str(origin: &str) -> Result<Self, String> {
+        if !is_origin(origin) {
+            return Err(format!(
+                "{origin:?} is not an origin; write scheme://host[:port] without a path or a \
+                 trailing slash, e.g. \"https://console.example\""
+            ));
+        }
+        if let Some(port) = origin_port(origin).filter(|p| is_default_port(origin, p)) {
+            let port = if port.is_empty() {
+                "an empty port".to_string()
+            } else {
+                format!("the default port {port}")
+            };
+            return Err(format!(
+                "{origin:?} has {port}, which browsers never send in an Origin; drop the \
+                 port, e.g. \"{}\"",
+                without_port(origin)
+            ));
+        }
+        Ok(AllowedOrigin(origin.to_string()))
+    }
+}
+
+impl TryFrom<String> for AllowedOrigin {
+    type Error = String;
+    fn try_from(origin: String) -> Result<Self, String> {
+        origin.parse()
+    }
+}
+
+/// Both read as the text they hold: `Debug`, comparison with a `&str`, `Deref` to `str`.
+macro_rules! text_newtype {
+    ($($name:ident),*) => {$(
+        impl Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+    )*};
+}
+
+text_newtype!(AllowedHost, AllowedOrigin);
 
 /// The configured tokens, kept only as BLAKE3 hashes: a presented token is hashed and
 /// compared with every stored hash, in constant time (`blake3::Hash`'s equality is), and
@@ -92,9 +211,9 @@ impl Tokens {
 #[derive(Debug, Clone, Default)]
 pub struct Allowed {
     /// Host names (without port) accepted besides the loopback names.
-    pub hosts: Vec<String>,
+    pub hosts: Vec<AllowedHost>,
     /// Origins (`scheme://host[:port]`) accepted besides the server's own.
-    pub origins: Vec<String>,
+    pub origins: Vec<AllowedOrigin>,
 }
 
 /// The host part of a `Host` header or an origin's authority, lower-cased, without the port.
@@ -203,6 +322,124 @@ impl Allowed {
     }
 }
 
+/// `entry` of `allowed_hosts` in the form the server compares a `Host` header in: lower
+/// case, without trailing dots, an IPv6 address without its brackets. An entry that could
+/// never match is an error message naming it: an empty one, one with a port (the port is
+/// not compared), one that is not a bare host name.
+fn allowed_host(entry: &str) -> Result<String, String> {
+    let not_a_name = || {
+        format!(
+            "{entry:?} is not a host name; write the bare name, e.g. \"roster.internal\", or \
+             an IP address"
+        )
+    };
+    if entry.contains(['/', '@']) || entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(not_a_name());
+    }
+    let lower = entry.to_ascii_lowercase();
+    let host = match lower.strip_prefix('[') {
+        Some(rest) => match rest.strip_suffix(']') {
+            Some(inside) if inside.parse::<Ipv6Addr>().is_ok() => inside,
+            _ if rest.contains("]:") => return Err(with_port(entry)),
+            _ => return Err(not_a_name()),
+        },
+        None => lower.trim_end_matches('.'),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "{entry:?} is empty; write a host name, e.g. \"roster.internal\""
+        ));
+    }
+    if host.contains(':') && host.parse::<Ipv6Addr>().is_err() {
+        return Err(
+            if host.contains(['[', ']']) || host.matches(':').count() > 1 {
+                not_a_name()
+            } else {
+                with_port(entry)
+            },
+        );
+    }
+    if host.contains(['[', ']']) {
+        return Err(not_a_name());
+    }
+    Ok(host.to_string())
+}
+
+/// The message for an `allowed_hosts` entry with a port.
+fn with_port(entry: &str) -> String {
+    format!(
+        "{entry:?} has a port, but a Host header is compared without its port, so this \
+         entry would never match; drop the port, e.g. \"roster.internal\" or \"[fd00::1]\""
+    )
+}
+
+/// The port of an origin written `scheme://host:port` (empty for `scheme://host:`), or
+/// `None` without one.
+fn origin_port(origin: &str) -> Option<&str> {
+    let (_, authority) = origin.split_once("://")?;
+    let after_host = match authority.strip_prefix('[') {
+        Some(rest) => &rest[rest.find(']')? + 1..],
+        None => authority,
+    };
+    after_host.rsplit_once(':').map(|(_, port)| port)
+}
+
+/// Whether `port`, written in `origin`, is one a browser leaves out of an `Origin`: empty,
+/// or the default port of an `http` or `https` origin.
+fn is_default_port(origin: &str, port: &str) -> bool {
+    if port.is_empty() {
+        return true;
+    }
+    let scheme = origin.split_once("://").map_or("", |(s, _)| s);
+    let default = if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        return false;
+    };
+    port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>() == Ok(default)
+}
+
+/// `origin` without its port (and the `:` before it).
+fn without_port(origin: &str) -> &str {
+    match origin_port(origin) {
+        Some(port) => &origin[..origin.len() - port.len() - 1],
+        None => origin,
+    }
+}
+
+/// Whether `origin` is `scheme://host[:port]` with nothing after the authority and, if it
+/// has a port, a port number (an empty port is left to the caller, which says to drop it).
+fn is_origin(origin: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !authority.is_empty()
+        && !authority.contains(['/', '?', '#', '@'])
+        && !authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        && origin_port(origin).is_none_or(|port| {
+            port.is_empty()
+                || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
+        })
+}
+
+/// Whether `ip` is a loopback address, an IPv4-mapped IPv6 one included.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,7 +464,7 @@ mod tests {
     #[test]
     fn only_loopback_and_configured_hosts_pass() {
         let a = Allowed {
-            hosts: vec!["roster.internal".into()],
+            hosts: vec!["roster.internal".parse().unwrap()],
             origins: vec![],
         };
         for ok in [
@@ -264,7 +501,7 @@ mod tests {
     fn foreign_origins_cannot_change_anything() {
         let a = Allowed {
             hosts: vec![],
-            origins: vec!["https://console.example".into()],
+            origins: vec!["https://console.example".parse().unwrap()],
         };
         let same = h(&[(HOST, "127.0.0.1:7411"), (ORIGIN, "http://127.0.0.1:7411")]);
         assert!(a.check_origin(&Method::POST, &same).is_ok());

@@ -5,7 +5,7 @@
 
 use http::Method;
 
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// What a route does. `dispatch` in `api.rs` maps each to its handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

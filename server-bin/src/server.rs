@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::api;
-use crate::auth::{Allowed, Tokens};
+use crate::auth::{Allowed, AllowedHost, AllowedOrigin, Tokens};
 use crate::config::{LoadedToken, ServerSection};
 use crate::metrics::Metrics;
 use crate::routes::{resolve, Resolution, UNMATCHED};
@@ -31,9 +31,9 @@ pub struct ServeOptions {
     /// Bearer tokens; none means the server is open, and then it only serves on loopback.
     pub tokens: Vec<LoadedToken>,
     /// Host names and origins accepted besides loopback and same-origin.
-    pub allowed_hosts: Vec<String>,
+    pub allowed_hosts: Vec<AllowedHost>,
     /// Origins accepted for requests that change something, besides the server's own.
-    pub allowed_origins: Vec<String>,
+    pub allowed_origins: Vec<AllowedOrigin>,
     /// Largest request body (default 1 MiB).
     pub max_body: u64,
     /// How long embedded workers get to stop at shutdown (default 10 s).
@@ -247,7 +247,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
-    if options.tokens.is_empty() && !crate::config::is_loopback(local.ip()) {
+    if options.tokens.is_empty() && !crate::auth::is_loopback(local.ip()) {
         anyhow::bail!(
             "refusing to serve on a non-loopback address without tokens: anyone who can reach \
              the port could start processes; configure [[server.tokens]] or listen on 127.0.0.1"

@@ -53,10 +53,11 @@ use serde::Deserialize;
 use toml::de::DeTable;
 use toml::Spanned;
 
+pub use crate::auth::{is_loopback, AllowedHost, AllowedOrigin, Scope};
 pub use lines::ConfigFileError;
 pub use runtimes::{BuiltRuntime, RuntimeSection};
-pub use server::{is_loopback, ServerSection, DEFAULT_LISTEN};
-pub use tokens::{LoadedToken, Scope, TokenSection};
+pub use server::{ServerSection, DEFAULT_LISTEN};
+pub use tokens::{LoadedToken, TokenSection};
 
 use lines::{syntax_error, value_error, KeyIndex};
 use runtimes::{default_runtime, parse_runtimes};

@@ -2,12 +2,14 @@
 //! make, and the rule that an open server listens on loopback only.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use registry_core::{de, MAX_SUBSCRIBER_QUEUE};
 use serde::Deserialize;
+
+use crate::auth::{is_loopback, AllowedHost, AllowedOrigin};
 
 use super::lines::{ConfigFileError, KeyIndex};
 use super::tokens::{LoadedToken, TokenSection};
@@ -51,10 +53,10 @@ pub struct ServerSection {
     /// `Host` names accepted besides the loopback names, compared without the port. Read
     /// lower-cased, without trailing dots, an IPv6 address without its brackets. Empty by
     /// default.
-    pub allowed_hosts: Vec<String>,
+    pub allowed_hosts: Vec<AllowedHost>,
     /// Origins (`scheme://host[:port]`) accepted on requests with a body besides the
     /// server's own. Compared exactly. Empty by default.
-    pub allowed_origins: Vec<String>,
+    pub allowed_origins: Vec<AllowedOrigin>,
     /// Request body cap in bytes; written as an integer or as `"1MiB"`, `"512KiB"`, ….
     /// Default 1 MiB.
     #[serde(deserialize_with = "de::byte_size")]
@@ -113,8 +115,8 @@ impl fmt::Debug for ServerSection {
 
 impl ServerSection {
     /// The checks on `[server]` that serde does not make, each error at the line of its key.
-    /// The allowed hosts are written back in the form the server compares (see
-    /// [`allowed_host`]). The entries of `[[server.tokens]]` are checked by
+    /// (Hosts and origins are checked as they are read: see [`AllowedHost`] and
+    /// [`AllowedOrigin`].) The entries of `[[server.tokens]]` are checked by
     /// [`TokenSection::check_all`].
     pub(super) fn check(&mut self, index: &KeyIndex) -> Result<(), ConfigFileError> {
         let key_line = |key: &str| index.line(&format!("server.{key}"));
@@ -165,41 +167,6 @@ impl ServerSection {
             ));
         }
 
-        for host in &mut self.allowed_hosts {
-            *host = allowed_host(host).map_err(|message| {
-                ConfigFileError::new(
-                    key_line("allowed_hosts"),
-                    format!("`server.allowed_hosts`: {message}"),
-                )
-            })?;
-        }
-        for origin in &self.allowed_origins {
-            if !is_origin(origin) {
-                return Err(ConfigFileError::new(
-                    key_line("allowed_origins"),
-                    format!(
-                        "`server.allowed_origins`: {origin:?} is not an origin; write \
-                         scheme://host[:port] without a path or a trailing slash, e.g. \
-                         \"https://console.example\""
-                    ),
-                ));
-            }
-            if let Some(port) = origin_port(origin).filter(|p| is_default_port(origin, p)) {
-                let port = if port.is_empty() {
-                    "an empty port".to_string()
-                } else {
-                    format!("the default port {port}")
-                };
-                return Err(ConfigFileError::new(
-                    key_line("allowed_origins"),
-                    format!(
-                        "`server.allowed_origins`: {origin:?} has {port}, which browsers never \
-                         send in an Origin; drop the port, e.g. \"{}\"",
-                        without_port(origin)
-                    ),
-                ));
-            }
-        }
         TokenSection::check_all(&self.tokens, index)
     }
 }
@@ -224,123 +191,5 @@ impl Config {
                 port = listen.port()
             ),
         ))
-    }
-}
-
-/// `entry` of `allowed_hosts` in the form the server compares a `Host` header in: lower
-/// case, without trailing dots, an IPv6 address without its brackets. An entry that could
-/// never match is an error message naming it: an empty one, one with a port (the port is
-/// not compared), one that is not a bare host name.
-fn allowed_host(entry: &str) -> Result<String, String> {
-    let not_a_name = || {
-        format!(
-            "{entry:?} is not a host name; write the bare name, e.g. \"roster.internal\", or \
-             an IP address"
-        )
-    };
-    if entry.contains(['/', '@']) || entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(not_a_name());
-    }
-    let lower = entry.to_ascii_lowercase();
-    let host = match lower.strip_prefix('[') {
-        Some(rest) => match rest.strip_suffix(']') {
-            Some(inside) if inside.parse::<Ipv6Addr>().is_ok() => inside,
-            _ if rest.contains("]:") => return Err(with_port(entry)),
-            _ => return Err(not_a_name()),
-        },
-        None => lower.trim_end_matches('.'),
-    };
-    if host.is_empty() {
-        return Err(format!(
-            "{entry:?} is empty; write a host name, e.g. \"roster.internal\""
-        ));
-    }
-    if host.contains(':') && host.parse::<Ipv6Addr>().is_err() {
-        return Err(
-            if host.contains(['[', ']']) || host.matches(':').count() > 1 {
-                not_a_name()
-            } else {
-                with_port(entry)
-            },
-        );
-    }
-    if host.contains(['[', ']']) {
-        return Err(not_a_name());
-    }
-    Ok(host.to_string())
-}
-
-/// The message for an `allowed_hosts` entry with a port.
-fn with_port(entry: &str) -> String {
-    format!(
-        "{entry:?} has a port, but a Host header is compared without its port, so this \
-         entry would never match; drop the port, e.g. \"roster.internal\" or \"[fd00::1]\""
-    )
-}
-
-/// The port of an origin written `scheme://host:port` (empty for `scheme://host:`), or
-/// `None` without one.
-fn origin_port(origin: &str) -> Option<&str> {
-    let (_, authority) = origin.split_once("://")?;
-    let after_host = match authority.strip_prefix('[') {
-        Some(rest) => &rest[rest.find(']')? + 1..],
-        None => authority,
-    };
-    after_host.rsplit_once(':').map(|(_, port)| port)
-}
-
-/// Whether `port`, written in `origin`, is one a browser leaves out of an `Origin`: empty,
-/// or the default port of an `http` or `https` origin.
-fn is_default_port(origin: &str, port: &str) -> bool {
-    if port.is_empty() {
-        return true;
-    }
-    let scheme = origin.split_once("://").map_or("", |(s, _)| s);
-    let default = if scheme.eq_ignore_ascii_case("http") {
-        80
-    } else if scheme.eq_ignore_ascii_case("https") {
-        443
-    } else {
-        return false;
-    };
-    port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>() == Ok(default)
-}
-
-/// `origin` without its port (and the `:` before it).
-fn without_port(origin: &str) -> &str {
-    match origin_port(origin) {
-        Some(port) => &origin[..origin.len() - port.len() - 1],
-        None => origin,
-    }
-}
-
-/// Whether `origin` is `scheme://host[:port]` with nothing after the authority and, if it
-/// has a port, a port number (an empty port is left to the caller, which says to drop it).
-fn is_origin(origin: &str) -> bool {
-    let Some((scheme, authority)) = origin.split_once("://") else {
-        return false;
-    };
-    !scheme.is_empty()
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        && !authority.is_empty()
-        && !authority.contains(['/', '?', '#', '@'])
-        && !authority
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        && origin_port(origin).is_none_or(|port| {
-            port.is_empty()
-                || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok())
-        })
-}
-
-/// Whether `ip` is a loopback address, an IPv4-mapped IPv6 one included.
-pub fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
     }
 }

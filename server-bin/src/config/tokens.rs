@@ -6,7 +6,9 @@ use std::fmt;
 use std::fs;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+use crate::auth::Scope;
 
 use super::lines::{ConfigFileError, KeyIndex};
 use super::{Config, Redacted};
@@ -40,27 +42,6 @@ impl fmt::Debug for TokenSection {
             .field("token_env", &self.token_env)
             .field("token_file", &self.token_file.as_ref().map(|_| Redacted))
             .finish()
-    }
-}
-
-/// What a token may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// GET requests and event streams.
-    Read,
-    /// Everything `read` may, plus spawn, input, stop and delete.
-    Operate,
-}
-
-impl Scope {
-    /// Whether a token of this scope may do what needs `needed`: `operate` allows both
-    /// scopes, `read` allows only `read`.
-    pub fn allows(self, needed: Scope) -> bool {
-        match self {
-            Scope::Operate => true,
-            Scope::Read => needed == Scope::Read,
-        }
     }
 }
 
