@@ -61,6 +61,19 @@ impl WorkerState {
         }
     }
 
+    /// The state-order rule: whether a worker whose furthest state so far is `self` may next
+    /// be reported in `next`. A terminal state never changes again; a live state moves
+    /// forward (or stays), never back; `unknown` may come between any two live states.
+    pub fn may_become(self, next: WorkerState) -> bool {
+        if self.is_terminal() {
+            return false;
+        }
+        match (self.progress(), next.progress()) {
+            (Some(now), Some(then)) => then >= now,
+            _ => true,
+        }
+    }
+
     /// The wire name (`running`, …).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -526,6 +539,23 @@ impl fmt::Debug for SpawnRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_only_move_forward_and_terminal_is_final() {
+        use WorkerState::*;
+        assert!(Starting.may_become(Running));
+        assert!(Running.may_become(Stopping));
+        assert!(Stopping.may_become(Stopped));
+        assert!(Running.may_become(Unknown));
+        assert!(Unknown.may_become(Running));
+        assert!(!Stopping.may_become(Running));
+        assert!(!Running.may_become(Starting));
+        for t in [Exited, Stopped, Failed] {
+            for any in WorkerState::ALL {
+                assert!(!t.may_become(any), "{t} -> {any}");
+            }
+        }
+    }
 
     fn req() -> SpawnRequest {
         SpawnRequest {

@@ -608,15 +608,8 @@ impl State {
 /// Whether `new` is further along than `old` (so an answer may replace what the stream
 /// said).
 fn later(old: WorkerState, new: WorkerState) -> bool {
-    if old.is_terminal() {
-        return false;
-    }
-    match (old.progress(), new.progress()) {
-        (Some(a), Some(b)) => b > a,
-        // Any known state is later than `unknown`; `unknown` is later than nothing.
-        (None, Some(_)) => true,
-        (_, None) => false,
-    }
+    // Strictly further along by the state-order rule; `unknown` is later than nothing.
+    new != old && new != WorkerState::Unknown && old.may_become(new)
 }
 
 /// The remote's view of a worker, keyed by its id there.

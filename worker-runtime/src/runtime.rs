@@ -1,51 +1,38 @@
-//! The runtime: worker records, spawning, supervision, stopping and housekeeping.
+//! The runtime's public face and its records: [`Runtime`]'s calls, the worker table under its
+//! one lock (records, request ids, counters, the event ring), stopping, and the sweep of
+//! finished records. Planning a spawn lives in [`plan`], a process's supervision from fork to
+//! reap in [`supervise`].
+
+mod plan;
+mod supervise;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::ffi::OsString;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, ChildStdin, Command};
+use registry_core::output_log::OutputLog;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::AbortHandle;
 
 use crate::config::RuntimeConfig;
 use crate::events::{EventLog, EventReader, NewEvent};
-use crate::limits::{
-    MAX_ARGV_BYTES, MAX_ARG_BYTES, MAX_GRACE, MAX_LABELS, MAX_SHORT_TEXT, MAX_STDIN_BYTES,
-};
-use crate::output::{capture, OutputReader};
+use crate::limits::MAX_GRACE;
+use crate::output::OutputReader;
 use crate::spawner::Spawner;
-use crate::sys;
-use crate::types::{
-    FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
-};
+use crate::types::{FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, WorkerInfo};
 use crate::util::lock;
 use crate::watchdog::Watchdog;
-use registry_core::output_log::OutputLog;
-
-/// PATH given to workers when the host has none, and to the watchdog.
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
-/// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
-/// a process that left the group (and so escaped the kill) can hold them open; the worker then
-/// ends once no output has come for this long. Each read restarts the wait, so output that is
-/// still flowing is never cut, however busy the machine.
-const DRAIN_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How long to wait for a killed group's last members to disappear before telling the
-/// watchdog to forget it anyway.
-const FORGET_TIMEOUT: Duration = Duration::from_secs(3);
+use plan::Plan;
+pub(crate) use plan::DEFAULT_PATH;
+use supervise::{start_worker, Group};
 
 /// A supervisor of worker processes. Cheap to clone: clones share one runtime.
 ///
@@ -119,80 +106,12 @@ struct Process {
     group: Arc<Group>,
 }
 
-/// A worker's process group, as its record and its supervisor task share it.
-///
-/// The group id is the leader's pid, so it names the worker's group only until the leader is
-/// reaped. The supervisor marks the group gone before it reaps the leader, and every other
-/// signal to the group is sent under the same lock after checking that mark; so no signal can
-/// reach a process that reuses the id, also while the runtime is being dropped (when the
-/// supervisor can no longer reach the record). A lock, not just an atomic flag: with a flag a
-/// sender could check it, the supervisor set it and reap, and the sender then signal.
-struct Group {
-    pgid: i32,
-    gone: Mutex<bool>,
-}
-
-impl Group {
-    fn new(pgid: i32) -> Self {
-        Group {
-            pgid,
-            gone: Mutex::new(false),
-        }
-    }
-
-    /// Sends `signal` to the group unless it is marked gone.
-    fn signal(&self, signal: i32) {
-        let gone = lock(&self.gone);
-        if !*gone {
-            let _ = sys::signal_group(self.pgid, signal);
-        }
-    }
-
-    /// Marks the group gone: its leader has exited and is about to be reaped. Only the
-    /// supervisor calls it.
-    fn mark_gone(&self) {
-        *lock(&self.gone) = true;
-    }
-
-    /// Whether the leader has exited.
-    fn is_gone(&self) -> bool {
-        *lock(&self.gone)
-    }
-}
-
 type StdinItem = (Bytes, Option<OwnedSemaphorePermit>);
 
 struct StdinQueue {
     tx: mpsc::UnboundedSender<StdinItem>,
     /// Bytes that may be pending; each queued item holds permits for its length until written.
     permits: Arc<Semaphore>,
-}
-
-/// A validated spawn request, ready to run.
-struct Plan {
-    argv: Vec<String>,
-    env: Vec<(OsString, OsString)>,
-    cwd: Option<PathBuf>,
-    retention: u64,
-    grace: Duration,
-}
-
-impl Plan {
-    fn command(&self) -> Command {
-        let mut command = Command::new(&self.argv[0]);
-        command
-            .args(&self.argv[1..])
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(cwd) = &self.cwd {
-            command.current_dir(cwd);
-        }
-        sys::configure_worker(&mut command, sys::own_pid());
-        command
-    }
 }
 
 impl Runtime {
@@ -512,87 +431,6 @@ impl Runtime {
 }
 
 impl Inner {
-    /// Validates a spawn request against the config and builds what to run.
-    fn plan(&self, spec: &SpawnSpec) -> Result<Plan, RuntimeError> {
-        let invalid = |m: &str| RuntimeError::InvalidRequest(m.into());
-        check_bounds(spec)?;
-        let (mut argv, profile) = match (&spec.profile, &spec.command) {
-            (Some(_), Some(_)) => {
-                return Err(invalid("give either a profile or a command, not both"))
-            }
-            (None, None) => return Err(invalid("give a profile or a command")),
-            (Some(name), None) => {
-                let profile = self.config.profiles.get(name).ok_or_else(|| {
-                    let known: Vec<&str> =
-                        self.config.profiles.keys().map(String::as_str).collect();
-                    invalid(&format!(
-                        "unknown profile {:?}; this runtime has: {}",
-                        name.chars().take(64).collect::<String>(),
-                        if known.is_empty() {
-                            "no profiles".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ))
-                })?;
-                (profile.command.clone(), Some(profile))
-            }
-            (None, Some(command)) => {
-                if !self.config.allow_commands {
-                    return Err(RuntimeError::Forbidden(
-                        "this runtime only runs profiles, not commands".into(),
-                    ));
-                }
-                (command.clone(), None)
-            }
-        };
-        argv.extend(spec.args.iter().cloned());
-        if !matches!(argv.first(), Some(p) if !p.is_empty()) {
-            return Err(invalid("the command is empty"));
-        }
-        if argv.iter().any(|a| a.contains('\0')) {
-            return Err(invalid("arguments must not contain NUL bytes"));
-        }
-        let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
-        env.insert(
-            "PATH".into(),
-            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
-        );
-        for key in ["HOME", "LANG"] {
-            if let Some(value) = std::env::var_os(key) {
-                env.insert(key.into(), value);
-            }
-        }
-        let extra = profile
-            .map(|p| &p.env)
-            .into_iter()
-            .flatten()
-            .chain(spec.env.iter());
-        for (key, value) in extra {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(invalid(
-                    "environment names must be non-empty, without '=' or NUL",
-                ));
-            }
-            if value.contains('\0') {
-                return Err(invalid("environment values must not contain NUL bytes"));
-            }
-            env.insert(key.into(), value.into());
-        }
-        Ok(Plan {
-            argv,
-            env: env.into_iter().collect(),
-            cwd: profile.and_then(|p| p.cwd.clone()),
-            retention: profile
-                .and_then(|p| p.output_retention)
-                .unwrap_or(self.config.output_retention),
-            grace: profile
-                .and_then(|p| p.grace)
-                .unwrap_or(self.config.default_grace)
-                .min(MAX_GRACE),
-        })
-    }
-
     /// Creates a `Starting` record (with its stdin queue) and announces it.
     fn create_record(&self, table: &mut Table, spec: SpawnSpec, plan: &Plan) -> LocalId {
         let id = LocalId(table.next_id);
@@ -653,88 +491,6 @@ impl Inner {
         let info = table.end(id, State::Failed, None, None, Some(FailReason::SpawnFailed));
         table.enforce_max_finished(self.config.max_finished);
         info.ok_or(RuntimeError::NotFound)
-    }
-
-    /// Wires up a freshly spawned process (the spawner thread has told the watchdog about it
-    /// already): output capture, stdin writer, pending stop, supervisor.
-    fn started(
-        self: &Arc<Self>,
-        id: LocalId,
-        mut child: Child,
-    ) -> Result<WorkerInfo, RuntimeError> {
-        let Some(pgid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
-            // Only possible if the child was already reaped, which nothing does before us.
-            return self.spawn_failed(id, &io::Error::other("the child has no pid"));
-        };
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let stdin = child.stdin.take();
-
-        let mut table = lock(&self.table);
-        let Some(record) = table.workers.get_mut(&id) else {
-            // Unreachable: only terminal records are removed. Do not leave the process behind.
-            drop(table);
-            // Not reaped yet (the wait below does that), so the id is still the worker's.
-            let _ = sys::signal_group(pgid, libc::SIGKILL);
-            self.handle.spawn(async move {
-                let _ = child.wait().await;
-            });
-            return Err(RuntimeError::Internal("the worker record vanished".into()));
-        };
-        let log = Arc::clone(&record.output);
-        let activity = Arc::new(Notify::new());
-        let mut captures: Vec<JoinHandle<()>> = Vec::with_capacity(2);
-        if let Some(pipe) = stdout {
-            let (log, activity) = (Arc::clone(&log), Arc::clone(&activity));
-            captures.push(
-                self.handle
-                    .spawn(capture(pipe, Stream::Stdout, log, activity)),
-            );
-        }
-        if let Some(pipe) = stderr {
-            let (log, activity) = (Arc::clone(&log), Arc::clone(&activity));
-            captures.push(
-                self.handle
-                    .spawn(capture(pipe, Stream::Stderr, log, activity)),
-            );
-        }
-        // Even if stdin was already closed (`close_input` while starting), what was queued
-        // before is written first.
-        if let (Some(pipe), Some(rx)) = (stdin, record.stdin_rx.take()) {
-            self.handle
-                .spawn(write_stdin(rx, pipe, Arc::clone(&record.stdin_broken)));
-        }
-        let group = Arc::new(Group::new(pgid));
-        record.process = Some(Process {
-            group: Arc::clone(&group),
-        });
-        record.info.started_at = Some(SystemTime::now());
-        if record.stop_requested {
-            // A stop arrived while the process was being created: carry it out now.
-            let due = record.kill_at.unwrap_or_else(Instant::now);
-            if due <= Instant::now() {
-                group.signal(libc::SIGKILL);
-            } else {
-                group.signal(libc::SIGTERM);
-                self.arm_kill_timer(record, id, due);
-            }
-        } else {
-            record.info.state = State::Running;
-        }
-        let info = record.info.clone();
-        table.upsert(id);
-        drop(table);
-
-        self.handle.spawn(supervise(
-            Arc::downgrade(self),
-            id,
-            child,
-            group,
-            captures,
-            activity,
-            log,
-        ));
-        Ok(info)
     }
 
     fn stop(self: &Arc<Self>, id: LocalId, grace: Option<Duration>) -> Result<(), RuntimeError> {
@@ -944,227 +700,6 @@ impl Drop for Inner {
     }
 }
 
-/// Refuses a request beyond the [`limits`](crate::limits), naming the field.
-fn check_bounds(spec: &SpawnSpec) -> Result<(), RuntimeError> {
-    let invalid = |m: String| Err(RuntimeError::InvalidRequest(m));
-    let command = spec.command.as_deref().unwrap_or_default();
-    for (field, list) in [("command", command), ("args", &spec.args[..])] {
-        if list.iter().any(|a| a.len() > MAX_ARG_BYTES) {
-            return invalid(format!(
-                "an entry of `{field}` is longer than {MAX_ARG_BYTES} bytes"
-            ));
-        }
-    }
-    let argv_bytes = command
-        .iter()
-        .chain(&spec.args)
-        .chain(spec.env.iter().flat_map(|(k, v)| [k, v]))
-        .fold(0usize, |sum, s| sum.saturating_add(s.len()));
-    if argv_bytes > MAX_ARGV_BYTES {
-        return invalid(format!(
-            "`command`, `args` and `env` together are longer than {MAX_ARGV_BYTES} bytes"
-        ));
-    }
-    if spec
-        .stdin
-        .as_ref()
-        .is_some_and(|s| s.len() > MAX_STDIN_BYTES)
-    {
-        return invalid(format!("`stdin` is longer than {MAX_STDIN_BYTES} bytes"));
-    }
-    for (field, text) in [("name", &spec.name), ("request_id", &spec.request_id)] {
-        if text.as_ref().is_some_and(|t| t.len() > MAX_SHORT_TEXT) {
-            return invalid(format!("`{field}` is longer than {MAX_SHORT_TEXT} bytes"));
-        }
-    }
-    if spec.labels.len() > MAX_LABELS {
-        return invalid(format!("`labels` holds more than {MAX_LABELS} entries"));
-    }
-    for (key, value) in &spec.labels {
-        if key.len() > MAX_SHORT_TEXT || value.len() > MAX_SHORT_TEXT {
-            return invalid(format!(
-                "a key or value of `labels` is longer than {MAX_SHORT_TEXT} bytes"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// How long a new worker waits for the watchdog's pipe to hold its group before it is
-/// reported running anyway. The writer thread takes a line within microseconds unless the
-/// machine is starved or the watchdog stopped reading.
-const WATCHED_WITHIN: Duration = Duration::from_secs(5);
-
-/// Waits until the watchdog's pipe holds a new worker's group, so that a worker reported
-/// running has its children protected against this process being SIGKILLed (otherwise a
-/// client could see `running` and kill the host before the line was written). Gives up after
-/// [`WATCHED_WITHIN`]; the line stays queued and is written when the writer can.
-async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>) {
-    match tokio::time::timeout(WATCHED_WITHIN, watched).await {
-        // Written, or the watchdog was given up on (that is reported by `health`).
-        Ok(_) => {}
-        Err(_) => tracing::warn!(
-            "the worker watchdog has not taken a new worker within {WATCHED_WITHIN:?}; the \
-             worker runs, its children unprotected until it does"
-        ),
-    }
-}
-
-/// Forks the process (on the spawner thread) and wires it up. Runs as its own task.
-async fn start_worker(
-    weak: Weak<Inner>,
-    id: LocalId,
-    plan: Plan,
-) -> Result<WorkerInfo, RuntimeError> {
-    let gone = || RuntimeError::Internal("the runtime was shut down".into());
-    let submitted = {
-        let inner = weak.upgrade().ok_or_else(gone)?;
-        inner.spawner.submit(plan.command())
-    };
-    let result = match submitted {
-        Ok(reply) => reply
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone"))),
-        Err(e) => Err(e),
-    };
-    let result = match result {
-        Ok(spawned) => {
-            wait_until_watched(spawned.watched).await;
-            Ok(spawned.child)
-        }
-        Err(e) => Err(e),
-    };
-    // If the runtime is gone, the child (if any) is dropped here and dies with the spawner
-    // thread (PR_SET_PDEATHSIG); tokio reaps it.
-    let inner = weak.upgrade().ok_or_else(gone)?;
-    match result {
-        Ok(child) => inner.started(id, child),
-        Err(e) => inner.spawn_failed(id, &e),
-    }
-}
-
-/// Waits for the worker's leader, marks its group gone, kills the rest of the group, reaps
-/// the leader, waits for the pipes to drain, then records the outcome.
-async fn supervise(
-    weak: Weak<Inner>,
-    id: LocalId,
-    mut child: Child,
-    group: Arc<Group>,
-    captures: Vec<JoinHandle<()>>,
-    activity: Arc<Notify>,
-    log: Arc<OutputLog>,
-) {
-    let pgid = group.pgid;
-    let early_status = wait_for_exit_unreaped(pgid, &mut child).await;
-    // From here on nobody else signals the group: the reap below frees the id. Marked on the
-    // group itself, so that this holds also when the runtime is being dropped.
-    group.mark_gone();
-    // A worker is its process group: when the leader is gone, so is the rest. While the
-    // leader is an unreaped zombie the group id cannot be reused, so this hits only the worker.
-    let _ = sys::signal_group(pgid, libc::SIGKILL);
-    let status = match early_status {
-        Some(status) => status,
-        None => child.wait().await,
-    };
-
-    drain(id, captures, &activity).await;
-
-    tokio::spawn(forget_group(weak.clone(), pgid));
-    match weak.upgrade() {
-        Some(inner) => inner.finished(id, status),
-        // The runtime is gone and the record with it: no `End` for a worker nobody can see.
-        None => log.close(),
-    }
-}
-
-/// Waits for the capture tasks to reach end of file. Only a process that left the worker's
-/// group can keep the pipes open now; once no output has come for [`DRAIN_IDLE_TIMEOUT`], the
-/// captures are cut off.
-async fn drain(id: LocalId, captures: Vec<JoinHandle<()>>, activity: &Notify) {
-    let aborts: Vec<_> = captures.iter().map(JoinHandle::abort_handle).collect();
-    let all_done = async {
-        for capture in captures {
-            let _ = capture.await;
-        }
-    };
-    tokio::pin!(all_done);
-    loop {
-        tokio::select! {
-            () = &mut all_done => return,
-            // A read happened: wait afresh.
-            () = activity.notified() => {}
-            () = tokio::time::sleep(DRAIN_IDLE_TIMEOUT) => {
-                tracing::debug!(worker = %id, "a process outside the worker's group holds its output open");
-                for abort in aborts {
-                    abort.abort();
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// Waits until the process `pid` has exited, without reaping it.
-///
-/// Returns `None` when it exited and is still a zombie. It uses a pidfd, or where pidfds are
-/// not available (kernels before 5.3) `waitid` with `WNOWAIT` on a blocking thread. Only if
-/// both fail does it reap, returning `Some(status)`; then the group kill that follows has a
-/// small window in which the group id could have been reused.
-async fn wait_for_exit_unreaped(pid: i32, child: &mut Child) -> Option<io::Result<ExitStatus>> {
-    wait_unreaped(pid, child, sys::pidfd_open(pid).ok()).await
-}
-
-async fn wait_unreaped(
-    pid: i32,
-    child: &mut Child,
-    pidfd: Option<std::os::fd::OwnedFd>,
-) -> Option<io::Result<ExitStatus>> {
-    if let Some(pidfd) = pidfd {
-        if sys::wait_readable(pidfd).await.is_ok() {
-            return None;
-        }
-    }
-    // The blocking thread is held for the worker's life. Nothing reaps the child meanwhile:
-    // tokio only reaps a child whose `wait` is polled, or one that was dropped.
-    match tokio::task::spawn_blocking(move || sys::wait_exited_unreaped(pid)).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot wait for a worker without reaping it");
-            Some(child.wait().await)
-        }
-        Err(_) => Some(child.wait().await),
-    }
-}
-
-/// Tells the watchdog to forget a group once its last member is gone (or after a while).
-async fn forget_group(weak: Weak<Inner>, pgid: i32) {
-    let deadline = Instant::now() + FORGET_TIMEOUT;
-    let mut pause = Duration::from_millis(2);
-    while sys::group_exists(pgid) && Instant::now() < deadline {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-    if let Some(inner) = weak.upgrade() {
-        inner.watchdog.del(pgid);
-    }
-}
-
-/// Writes queued input to the worker's stdin, in order; each item's permits return to the
-/// budget once it is written. Ends when the queue is closed (the pipe then closes: EOF for the
-/// worker) or the pipe breaks.
-async fn write_stdin(
-    mut queue: mpsc::UnboundedReceiver<StdinItem>,
-    mut pipe: ChildStdin,
-    broken: Arc<AtomicBool>,
-) {
-    while let Some((data, _permit)) = queue.recv().await {
-        if pipe.write_all(&data).await.is_err() {
-            broken.store(true, Ordering::Release);
-            return;
-        }
-    }
-}
-
 /// Removes terminal records older than `retain_finished`, every `period`.
 async fn sweep_finished(weak: Weak<Inner>, period: Duration) {
     let mut ticks = tokio::time::interval(period);
@@ -1236,23 +771,6 @@ mod tests {
         (rt.inner.create_record(&mut table, spec, &plan), plan)
     }
 
-    /// The state letter of `/proc/<pid>/stat` (`Z` for a zombie).
-    fn proc_state(pid: i32) -> Option<char> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat[stat.rfind(')')? + 2..].chars().next()
-    }
-
-    /// Whether `signal` is pending for the whole process `pid` (`ShdPnd`).
-    fn shared_pending(pid: i32, signal: i32) -> bool {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let mask = status
-            .lines()
-            .find_map(|l| l.strip_prefix("ShdPnd:"))
-            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
-            .unwrap();
-        mask & (1 << (signal - 1)) != 0
-    }
-
     #[tokio::test(flavor = "multi_thread")]
     async fn finished_on_a_terminal_worker_changes_nothing() {
         let rt = runtime();
@@ -1310,71 +828,5 @@ mod tests {
         }
         rt.stop(id, Some(Duration::ZERO)).unwrap();
         rt.shutdown(Some(Duration::ZERO)).await;
-    }
-
-    #[tokio::test]
-    async fn without_pidfds_the_wait_for_the_leader_leaves_it_unreaped() {
-        let mut child = Command::new("/bin/sh")
-            .args(["-c", "exit 3"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pid = i32::try_from(child.id().unwrap()).unwrap();
-        let early = wait_unreaped(pid, &mut child, None).await;
-        assert!(early.is_none(), "{early:?}");
-        // A zombie still: its pid, and so the group id, cannot have been reused.
-        assert_eq!(proc_state(pid), Some('Z'));
-        assert_eq!(child.wait().await.unwrap().code(), Some(3));
-    }
-
-    #[tokio::test]
-    async fn a_group_marked_gone_is_never_signalled() {
-        let mut command = Command::new("sleep");
-        command.arg("100").process_group(0);
-        // SAFETY: between fork and exec, only async-signal-safe calls without allocation.
-        unsafe {
-            command.pre_exec(|| {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGUSR1);
-                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().unwrap();
-        let pid = i32::try_from(child.id().unwrap()).unwrap();
-        let group = Group::new(pid);
-        group.mark_gone();
-        group.signal(libc::SIGUSR1);
-        assert!(!shared_pending(pid, libc::SIGUSR1), "signalled once gone");
-        // The check itself sees a signal that was sent: SIGUSR1 is blocked, so it stays pending.
-        sys::signal_group(pid, libc::SIGUSR1).unwrap();
-        assert!(shared_pending(pid, libc::SIGUSR1));
-        child.kill().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn the_supervisor_marks_the_group_gone_also_when_the_runtime_is_gone() {
-        let child = Command::new("/bin/sh")
-            .args(["-c", "exit 0"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pid = i32::try_from(child.id().unwrap()).unwrap();
-        let group = Arc::new(Group::new(pid));
-        let log = OutputLog::new(1024);
-        let supervised = supervise(
-            Weak::new(),
-            LocalId(1),
-            child,
-            Arc::clone(&group),
-            Vec::new(),
-            Arc::new(Notify::new()),
-            Arc::clone(&log),
-        );
-        tokio::time::timeout(DEADLINE, supervised).await.unwrap();
-        assert!(group.is_gone());
-        let mut reader = OutputReader::new(&log, 0, true).unwrap();
-        assert_eq!(reader.next().await, None, "closed, without End");
     }
 }

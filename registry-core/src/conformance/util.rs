@@ -229,16 +229,7 @@ pub(crate) async fn discard<S: RuntimeSource + ?Sized>(source: &S, key: &SourceK
 
 /// Whether a worker may be seen in state `to` after it was seen in state `from`.
 pub(crate) fn may_follow(from: WorkerState, to: WorkerState) -> bool {
-    use WorkerState::*;
-    if from == to {
-        return true;
-    }
-    match from {
-        Starting | Unknown => true,
-        Running => to != Starting,
-        Stopping => !matches!(to, Starting | Running),
-        Exited | Stopped | Failed => false,
-    }
+    from == to || from.may_become(to)
 }
 
 /// The worker with its volatile field (`last_seen_at`) cleared, for comparisons.
