@@ -1163,7 +1163,7 @@ mod tests {
 
     fn embedded() -> SourceFactories {
         let mut factories = SourceFactories::new();
-        source_embedded::register(&mut factories).unwrap();
+        factories.add::<source_embedded::EmbeddedSource>().unwrap();
         factories
     }
 
