@@ -1,4 +1,5 @@
-//! Source kinds by name, and the config helpers every source crate shares.
+//! Source kinds by name: the one shape a source crate registers in ([`SourceKind`],
+//! [`SourceFactories::add`]), and the config helpers every source crate shares.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -47,6 +48,20 @@ impl fmt::Debug for SourceConfig {
     }
 }
 
+impl SourceConfig {
+    /// The config error of this runtime for a source that could not be built from a
+    /// parsed config: the operator's message is the error's own, and for an internal
+    /// error its detail (which a source writes for the log, naming no secret).
+    pub fn build_error(&self, error: RegistryError) -> ConfigError {
+        ConfigError {
+            runtime: self.runtime_id.to_string(),
+            message: error
+                .internal_detail()
+                .map_or_else(|| error.to_string(), str::to_string),
+        }
+    }
+}
+
 /// A config error of one runtime. Meant for the operator, so it may name keys.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("runtime {runtime:?}: {message}")]
@@ -55,6 +70,29 @@ pub struct ConfigError {
     pub runtime: String,
     /// What is wrong, naming the key.
     pub message: String,
+}
+
+/// A kind of source, as a server learns it: its name in configs and how one runtime's
+/// source is built from its table. Each source crate implements it on its source type,
+/// and a server adds the kind with [`SourceFactories::add`]:
+///
+/// ```
+/// # use registry_core::{SourceFactories, SourceKind};
+/// # fn demo<MySource: SourceKind>() -> Result<(), registry_core::RegistryError> {
+/// let mut factories = SourceFactories::new();
+/// factories.add::<MySource>()?;
+/// # Ok(()) }
+/// ```
+pub trait SourceKind: RuntimeSource + Sized {
+    /// The kind's name: `source = "<KIND>"` in a `[[runtimes]]` table.
+    const KIND: &'static str;
+
+    /// Builds one runtime's source from its config: parse the table (with
+    /// [`SourceConfig::parse`], so an unknown key is an error naming it), check what can be
+    /// checked, and start. It runs when the registry is built (at start and by
+    /// `check-config`), inside a tokio runtime; it should not wait on the network or on
+    /// workers.
+    fn from_config(config: &SourceConfig) -> Result<Self, ConfigError>;
 }
 
 /// Builds a source from its config.
@@ -73,8 +111,17 @@ impl SourceFactories {
         Self::default()
     }
 
-    /// Adds a kind. A kind registered twice is refused, so two crates can't silently
-    /// shadow each other.
+    /// Adds the kind `S`, built by [`SourceKind::from_config`]. A kind added twice is
+    /// refused (`conflict`), as with [`register`](Self::register).
+    pub fn add<S: SourceKind>(&mut self) -> Result<(), RegistryError> {
+        self.register(S::KIND, |config: SourceConfig| {
+            Ok(Arc::new(S::from_config(&config)?) as Arc<dyn RuntimeSource>)
+        })
+    }
+
+    /// Adds a kind built by a closure, for a kind that is no type of its own (a test's
+    /// probe, a kind made at run time). A kind registered twice is refused, so two crates
+    /// can't silently shadow each other.
     pub fn register<F>(&mut self, kind: &str, factory: F) -> Result<(), RegistryError>
     where
         F: Fn(SourceConfig) -> Result<Arc<dyn RuntimeSource>, ConfigError> + Send + Sync + 'static,

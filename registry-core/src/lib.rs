@@ -43,7 +43,7 @@ pub use error::{RegistryError, ERROR_CODES};
 pub use events::{
     Cursor, EventPayload, ResetReason, StreamItem, Subscription, MAX_SUBSCRIBER_QUEUE,
 };
-pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory};
+pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory, SourceKind};
 pub use id::{IdIssuer, RuntimeId, SourceKey, WorkerId, KEY_FILE};
 pub use model::{
     limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, RuntimeView,

@@ -10,7 +10,7 @@
 //! ```no_run
 //! fn main() -> std::process::ExitCode {
 //!     let mut factories = server_bin::default_factories();
-//!     // my_source::register(&mut factories).expect("a kind registered once");
+//!     // factories.add::<my_source::MySource>().expect("a kind added once");
 //!     server_bin::cli::main(factories)
 //! }
 //! ```
@@ -41,9 +41,15 @@ pub use server::{serve, serve_with, ServeOptions};
 /// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.
 pub fn default_factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
-    source_embedded::register(&mut factories).expect("a fresh set of kinds has no embedded yet");
-    source_remote::register(&mut factories).expect("a fresh set of kinds has no remote yet");
-    source_local::register(&mut factories).expect("a fresh set of kinds has no local yet");
+    factories
+        .add::<source_embedded::EmbeddedSource>()
+        .expect("a fresh set of kinds has no embedded yet");
+    factories
+        .add::<source_remote::RemoteSource>()
+        .expect("a fresh set of kinds has no remote yet");
+    factories
+        .add::<source_local::LocalSource>()
+        .expect("a fresh set of kinds has no local yet");
     factories
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use registry_core::{
     OutputEvent, OutputRequest, OutputStream, RuntimeId, RuntimeSource, SourceConfig, SourceEvent,
-    SpawnRequest, WorkerState,
+    SourceKind, SpawnRequest, WorkerState,
 };
 use server_bin::ServeOptions;
 use source_remote::RemoteSource;

@@ -4,7 +4,8 @@
 //! [`worker_runtime::Runtime`] in the same process, driven by direct library calls. Workers
 //! are children of this process (each in its own process group) and die with it.
 //!
-//! A server adds the kind with [`register`]; the config table of each `embedded` runtime is
+//! A server adds the kind with `factories.add::<EmbeddedSource>()` (see
+//! [`SourceKind`](registry_core::SourceKind)); the config table of each `embedded` runtime is
 //! an [`EmbeddedConfig`]. The source can also be built directly:
 //!
 //! ```
@@ -46,9 +47,7 @@ mod config;
 mod error;
 mod source;
 
-use std::sync::Arc;
-
-use registry_core::{ConfigError, RegistryError, RuntimeSource, SourceConfig, SourceFactories};
+use registry_core::{ConfigError, SourceConfig, SourceKind};
 
 pub use config::EmbeddedConfig;
 pub use source::EmbeddedSource;
@@ -56,20 +55,16 @@ pub use source::EmbeddedSource;
 /// The source kind this crate adds: `source = "embedded"` in a `[[runtimes]]` table.
 pub const KIND: &str = "embedded";
 
-/// Adds the `embedded` kind to `factories`. Its factory parses the runtime's table as an
-/// [`EmbeddedConfig`] (an unknown key is an error naming it) and starts the runtime; call
-/// `build` inside a tokio runtime. Registering the kind twice is refused (`conflict`).
-pub fn register(factories: &mut SourceFactories) -> Result<(), RegistryError> {
-    factories.register(KIND, |config: SourceConfig| {
+/// A server adds the kind with `factories.add::<EmbeddedSource>()`. The factory parses the
+/// runtime's table as an [`EmbeddedConfig`] (an unknown key is an error naming it) and
+/// starts the runtime; build it inside a tokio runtime.
+impl SourceKind for EmbeddedSource {
+    const KIND: &'static str = KIND;
+
+    fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
         let settings: EmbeddedConfig = config.parse()?;
-        let source = EmbeddedSource::new(settings).map_err(|e| ConfigError {
-            runtime: config.runtime_id.to_string(),
-            // An operator's message: the runtime's own (which names no path or pid), also
-            // for an internal error.
-            message: e
-                .internal_detail()
-                .map_or_else(|| e.to_string(), str::to_string),
-        })?;
-        Ok(Arc::new(source) as Arc<dyn RuntimeSource>)
-    })
+        // An operator's message: the runtime's own (which names no path or pid), also for
+        // an internal error.
+        EmbeddedSource::new(settings).map_err(|e| config.build_error(e))
+    }
 }

@@ -2,12 +2,13 @@
 //! and as `Arc<dyn RuntimeSource>`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use registry_core::conformance::{run_all, Harness, Report, SpawnHarness, TESTS};
+use registry_core::conformance::{
+    run_all, run_concrete_and_dyn_with, Expected, Harness, SpawnHarness,
+};
 use registry_core::{
     Capabilities, OutputRequest, OutputStream, RegistryError, RuntimeSource, SourceEvents,
     SourceHealth, SourceKey, SourceWorker, SpawnRequest,
@@ -34,52 +35,26 @@ fn config() -> EmbeddedConfig {
 }
 
 /// Every test ran and passed but the one that needs a missing capability.
-fn assert_complete(report: &Report) {
-    println!("{report}");
-    assert!(report.skipped.is_empty(), "{report}");
-    let not_applicable: Vec<&str> = report.not_applicable.iter().map(|s| s.name).collect();
-    assert_eq!(
-        not_applicable,
-        ["unsupported_operations_return_unsupported"],
-        "{report}"
-    );
-    assert_eq!(report.passed.len(), TESTS.len() - 1, "{report}");
-    for name in [
+const EXPECTED: Expected = Expected {
+    not_applicable: &["unsupported_operations_return_unsupported"],
+    passed: &[
         "output_beyond_retention_starts_with_gap",
         "events_overflow_is_followed_by_resync",
         "spawn_is_idempotent_by_request_id",
-    ] {
-        assert!(
-            report.passed.contains(&name),
-            "{name} did not pass: {report}"
-        );
-    }
-}
+    ],
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_concrete_type() -> anyhow::Result<()> {
+async fn conformance_concrete_type_and_as_dyn_runtime_source() -> anyhow::Result<()> {
     let source = EmbeddedSource::new(config())?;
-    let harness = SpawnHarness::with_profile("shell")
+    let by_profile = SpawnHarness::with_profile("shell")
         .with_output_retention(RETENTION)
         .with_events_to_overflow(source.events_to_overflow());
-    let report = run_all(&source, &harness).await?;
-    assert_complete(&report);
-    source.shutdown(None).await;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_as_dyn_runtime_source() -> anyhow::Result<()> {
-    let concrete = EmbeddedSource::new(config())?;
-    let overflow = concrete.events_to_overflow();
-    let source: Arc<dyn RuntimeSource> = Arc::new(concrete);
-    // By command this time, which the config allows.
-    let harness = SpawnHarness::with_command()
+    // As `Arc<dyn RuntimeSource>` by command, which the config allows.
+    let by_command = SpawnHarness::with_command()
         .with_output_retention(RETENTION)
-        .with_events_to_overflow(overflow);
-    let report = run_all(&*source, &harness).await?;
-    assert_complete(&report);
-    source.shutdown(None).await;
+        .with_events_to_overflow(source.events_to_overflow());
+    run_concrete_and_dyn_with(source, [&by_profile, &by_command], &EXPECTED).await?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use registry_core::{
     OutputEvent, OutputRequest, RuntimeId, SourceConfig, SourceFactories, SpawnRequest, WorkerState,
 };
-use source_embedded::{register, EmbeddedConfig, KIND};
+use source_embedded::{EmbeddedConfig, EmbeddedSource, KIND};
 
 fn table(text: &str) -> SourceConfig {
     SourceConfig {
@@ -18,7 +18,9 @@ fn table(text: &str) -> SourceConfig {
 
 fn factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
-    register(&mut factories).expect("first registration");
+    factories
+        .add::<EmbeddedSource>()
+        .expect("first registration");
     factories
 }
 
@@ -109,7 +111,7 @@ async fn invalid_values_are_errors_that_say_what_is_wrong() {
 #[test]
 fn registering_the_kind_twice_is_refused() {
     let mut factories = factories();
-    let err = register(&mut factories).unwrap_err();
+    let err = factories.add::<EmbeddedSource>().unwrap_err();
     assert_eq!(err.code(), "conflict");
     assert_eq!(factories.kinds(), [KIND]);
 }

@@ -153,15 +153,15 @@
 //! or a file name: a descriptor is named by a number (`descriptor #3`) given in the order
 //! this server found them and kept while the file is there; the server's log (at `warn`)
 //! names the file of each number. Fixing a file clears its diagnostic. At most
-//! [`MAX_DIAGNOSTICS`] are reported; the last then says how many more there are.
+//! 64 are reported; the last then says how many more there are.
 //!
 //! ## Bounds
 //!
 //! - Worker records: `max_workers` (live and ended). Output: `output_retention` + 64 KiB
 //!   per worker.
-//! - Descriptor files tracked: `max_workers` + [`EXTRA_FILES`], the first by name; the rest
+//! - Descriptor files tracked: `max_workers` + 4096, the first by name; the rest
 //!   are counted in a diagnostic, not read. A descriptor read: `max_descriptor_bytes`.
-//! - Lifecycle streams: [`EVENTS_BUFFER`] events each; a reader that falls behind gets
+//! - Lifecycle streams: 256 events each; a reader that falls behind gets
 //!   nothing more until a fresh `Resync` (and the health) fits, which it then gets.
 //! - Output streams: the output log's own bound per reader.
 //! - inotify events queue nothing: each sets a wake-up.
@@ -190,39 +190,23 @@ mod spool;
 mod tail;
 mod watch;
 
-use std::sync::Arc;
-
-use registry_core::{ConfigError, RegistryError, RuntimeSource, SourceConfig, SourceFactories};
+use registry_core::{ConfigError, SourceConfig, SourceKind};
 
 pub use config::{LocalConfig, MIN_POLL_INTERVAL};
-pub use source::{
-    LocalSource, EVENTS_BUFFER, EXTRA_FILES, INPUT_TIMEOUT, LOG_POLL, MAX_DIAGNOSTICS,
-};
+pub use source::LocalSource;
 
 /// The source kind this crate adds: `source = "local"` in a `[[runtimes]]` table.
 pub const KIND: &str = "local";
 
-impl LocalSource {
-    /// Builds a source from a runtime's config: parses and checks the table (an unknown
-    /// key or a bad value is an error naming the key) and starts following the spool
-    /// directory. Call it inside a tokio runtime.
-    pub fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
+/// A server adds the kind with `factories.add::<LocalSource>()`.
+impl SourceKind for LocalSource {
+    const KIND: &'static str = KIND;
+
+    /// Parses and checks the table (an unknown key or a bad value is an error naming the
+    /// key) and starts following the spool directory. Call it inside a tokio runtime.
+    fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
         let settings: LocalConfig = config.parse()?;
         let settings = settings.checked(&config.runtime_id)?;
-        LocalSource::new(settings).map_err(|e| ConfigError {
-            runtime: config.runtime_id.to_string(),
-            message: e
-                .internal_detail()
-                .map_or_else(|| e.to_string(), str::to_string),
-        })
+        LocalSource::new(settings).map_err(|e| config.build_error(e))
     }
-}
-
-/// Adds the `local` kind to `factories`. Registering the kind twice is refused
-/// (`conflict`).
-pub fn register(factories: &mut SourceFactories) -> Result<(), RegistryError> {
-    factories.register(KIND, |config: SourceConfig| {
-        let source = LocalSource::from_config(&config)?;
-        Ok(Arc::new(source) as Arc<dyn RuntimeSource>)
-    })
 }

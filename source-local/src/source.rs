@@ -36,23 +36,23 @@ use crate::LocalConfig;
 
 /// How many lifecycle events a reader of [`RuntimeSource::events`] may leave unread before
 /// it is owed a fresh `Resync` in their place.
-pub const EVENTS_BUFFER: usize = 256;
+pub(crate) const EVENTS_BUFFER: usize = 256;
 
 /// The most diagnostics reported; past it, one more says how many were left out.
-pub const MAX_DIAGNOSTICS: usize = 64;
+pub(crate) const MAX_DIAGNOSTICS: usize = 64;
 
 /// Descriptor files kept track of beyond `max_workers` (bad ones, dismissed ones, ones
 /// waiting for room). Files past `max_workers + EXTRA_FILES` (by name) are not looked at.
-pub const EXTRA_FILES: usize = 4096;
+pub(crate) const EXTRA_FILES: usize = 4096;
 
 /// How long a rescan waits after an inotify event, so that a burst costs one scan.
 const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// How often a live worker's log is looked at when inotify says nothing.
-pub const LOG_POLL: Duration = Duration::from_millis(100);
+pub(crate) const LOG_POLL: Duration = Duration::from_millis(100);
 
 /// How long an input may wait for the worker's socket (connect and write together).
-pub const INPUT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const INPUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a missing spool directory is looked for, at most.
 const MISSING_RETRY: Duration = Duration::from_secs(1);

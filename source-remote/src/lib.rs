@@ -25,7 +25,7 @@
 //!   later; ended ones are removed at once, as the remote removed them.
 //! - **Output.** `/v1/workers/{id}/output?after=<seq>` is proxied keeping the worker's own
 //!   `seq`, so resuming works through any number of hops. Readers of one worker share one
-//!   upstream stream (see [`RING_BYTES`]).
+//!   upstream stream (which keeps the last 1 MiB).
 //! - **Errors.** The remote's error codes keep their meaning; transport failures become
 //!   `runtime_unavailable` or `upstream_timeout`. No message names the remote's address,
 //!   token, runtime name or ids.
@@ -38,14 +38,12 @@ mod source;
 mod sse;
 mod stream;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use registry_core::{ConfigError, RegistryError, RuntimeSource, SourceConfig, SourceFactories};
+use registry_core::{ConfigError, SourceConfig, SourceKind};
 
 pub use config::RemoteConfig;
-pub use output::RING_BYTES;
-pub use source::{RemoteSource, EVENTS_BUFFER};
+pub use source::RemoteSource;
 pub use sse::{Event as SseEvent, Item as SseItem, Parser as SseParser, TooLarge};
 
 /// The source kind this crate adds: `source = "remote"` in a `[[runtimes]]` table.
@@ -54,24 +52,18 @@ pub const KIND: &str = "remote";
 /// How long a worker lost in a restart of the remote stays listed as `failed (lost)`.
 pub const RETAIN_LOST: Duration = Duration::from_secs(3600);
 
-impl RemoteSource {
-    /// Builds a source from a runtime's config: parses and checks the table (an unknown
-    /// key is an error naming it) and reads the token. Inside a tokio runtime it starts
-    /// following the remote at once; otherwise when first asked.
-    pub fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
+/// A server adds the kind with `factories.add::<RemoteSource>()`.
+impl SourceKind for RemoteSource {
+    const KIND: &'static str = KIND;
+
+    /// Parses and checks the table (an unknown key is an error naming it) and reads the
+    /// token. Inside a tokio runtime it starts following the remote at once; otherwise
+    /// when first asked.
+    fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
         let parsed: RemoteConfig = config.parse()?;
         let runtime = config.runtime_id.to_string();
         let settings = parsed.settings(&runtime)?;
         let retain = parsed.retain_lost;
         Ok(RemoteSource::new(&runtime, settings, retain))
     }
-}
-
-/// Adds the `remote` kind to `factories`. Registering the kind twice is refused
-/// (`conflict`).
-pub fn register(factories: &mut SourceFactories) -> Result<(), RegistryError> {
-    factories.register(KIND, |config: SourceConfig| {
-        let source = RemoteSource::from_config(&config)?;
-        Ok(Arc::new(source) as Arc<dyn RuntimeSource>)
-    })
 }

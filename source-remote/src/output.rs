@@ -2,7 +2,7 @@
 //! carries through every hop.
 //!
 //! Clients that follow the same worker share one upstream stream (a *hub*): the hub keeps
-//! the last [`RING_BYTES`] of output in a ring and each client reads the ring at its own
+//! the last `RING_BYTES` of output in a ring and each client reads the ring at its own
 //! pace. A client that falls out of the ring, or asks for a point the ring does not hold,
 //! reads its own upstream stream from its position instead, so it still gets every chunk
 //! the remote retains. A hub's upstream stream closes when its last client goes.
@@ -26,7 +26,7 @@ use crate::sse::{Event, Item};
 use crate::stream::{Backoff, EventReader};
 
 /// The most bytes of output a hub keeps for its readers.
-pub const RING_BYTES: usize = 1 << 20;
+pub(crate) const RING_BYTES: usize = 1 << 20;
 /// The most items a hub keeps.
 const RING_ITEMS: usize = 4096;
 /// Each reader's own queue, in items.

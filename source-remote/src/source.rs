@@ -28,7 +28,7 @@ use crate::stream::{Backoff, ReadError};
 
 /// How many lifecycle events a reader of [`RuntimeSource::events`] may leave unread before
 /// it is owed a fresh `Resync` in their place.
-pub const EVENTS_BUFFER: usize = 256;
+pub(crate) const EVENTS_BUFFER: usize = 256;
 
 /// How long a resumed event stream may take to say whether the remote restarted (its
 /// first event is then `reset`) before workers get their last known states back. A roster

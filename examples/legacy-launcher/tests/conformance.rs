@@ -5,12 +5,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use registry_core::conformance::{run_all, Harness, Report, SourceUnderTest, TESTS};
-use registry_core::{RuntimeSource, SourceWorker};
+use registry_core::conformance::{run_concrete_and_dyn, Expected, Harness, SourceUnderTest};
+use registry_core::SourceWorker;
 use source_local::{LocalConfig, LocalSource};
 use support::{launch, WAIT};
 use tokio::time::{sleep, Instant};
@@ -76,57 +75,22 @@ fn source(spool: &Path) -> Result<LocalSource> {
     Ok(LocalSource::new(config)?)
 }
 
-/// Every test ran and passed but the one that needs spawning.
-fn assert_complete(report: &Report) {
-    println!("{report}");
-    assert!(report.skipped.is_empty(), "{report}");
-    let not_applicable: Vec<&str> = report.not_applicable.iter().map(|s| s.name).collect();
-    assert_eq!(
-        not_applicable,
-        ["spawn_is_idempotent_by_request_id"],
-        "{report}"
-    );
-    assert_eq!(report.passed.len(), TESTS.len() - 1, "{report}");
-    for name in [
-        "output_beyond_retention_starts_with_gap",
-        "events_overflow_is_followed_by_resync",
-        "unsupported_operations_return_unsupported",
-        "stop_escalates_to_kill_after_grace",
-        "input_reaches_the_worker",
-    ] {
-        assert!(
-            report.passed.contains(&name),
-            "{name} did not pass: {report}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_local_concrete_type() -> Result<()> {
+async fn conformance_local_concrete_type_and_as_dyn_runtime_source() -> Result<()> {
     let spool = tempfile::tempdir()?;
     let source = source(spool.path())?;
     let harness = LauncherHarness {
         spool: spool.path().to_path_buf(),
         events_to_overflow: source.events_to_overflow(),
     };
-    let report = run_all(&source, &harness).await?;
-    assert_complete(&report);
-    source.shutdown(None).await;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_local_as_dyn_runtime_source() -> Result<()> {
-    let spool = tempfile::tempdir()?;
-    let concrete = source(spool.path())?;
-    let overflow = concrete.events_to_overflow();
-    let source: Arc<dyn RuntimeSource> = Arc::new(concrete);
-    let harness = LauncherHarness {
-        spool: spool.path().to_path_buf(),
-        events_to_overflow: overflow,
-    };
-    let report = run_all(&*source, &harness).await?;
-    assert_complete(&report);
-    source.shutdown(None).await;
+    // Every test ran and passed but the one that needs spawning.
+    let expected = Expected::not_applicable(&["spawn_is_idempotent_by_request_id"]).and_passed(&[
+        "output_beyond_retention_starts_with_gap",
+        "events_overflow_is_followed_by_resync",
+        "unsupported_operations_return_unsupported",
+        "stop_escalates_to_kill_after_grace",
+        "input_reaches_the_worker",
+    ]);
+    run_concrete_and_dyn(source, &harness, &expected).await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let mut factories = server_bin::default_factories();
-    if let Err(e) = source_tmux::register(&mut factories) {
+    if let Err(e) = factories.add::<source_tmux::TmuxSource>() {
         eprintln!("roster-tmux: {e}");
         return ExitCode::FAILURE;
     }

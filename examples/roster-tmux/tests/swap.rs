@@ -33,7 +33,7 @@ async fn server_for(toml: &str) -> Result<TestServer> {
     let config = Config::parse(toml).map_err(|e| anyhow::anyhow!("{e}"))?;
     let options = ServeOptions::from_config(&config.server, Vec::new());
     let mut factories = server_bin::default_factories();
-    source_tmux::register(&mut factories)?;
+    factories.add::<source_tmux::TmuxSource>()?;
     TestServer::start_in_with(tempfile::tempdir()?, config, &factories, options).await
 }
 

@@ -7,7 +7,8 @@
 //! alone, as any kind written outside the project would; `roster-tmux` is `roster` with this
 //! kind added.
 //!
-//! A server adds the kind with [`register`]; each `tmux` runtime's table is a
+//! A server adds the kind with `factories.add::<TmuxSource>()` (see
+//! [`SourceKind`](registry_core::SourceKind)); each `tmux` runtime's table is a
 //! [`TmuxConfig`]:
 //!
 //! ```toml
@@ -130,7 +131,7 @@
 //! killed by that signal).
 //!
 //! A monitor task watches for what the mark cannot tell: while any worker runs, it runs one
-//! `tmux list-panes -a` every [`POLL`] (one process per tick for all workers; none while no
+//! `tmux list-panes -a` every 250 ms (one process per tick for all workers; none while no
 //! worker runs). A session that vanished (killed from outside, or the whole server) ends
 //! its worker as `failed` with `lost` (or `stopped` during a stop), after a SIGKILL to its
 //! group. A dead pane (the wrapper itself was killed) ends its worker with the pane's
@@ -139,7 +140,7 @@
 //! status until its next SIGCHLD: the monitor then sends the server a SIGCHLD, which makes
 //! it reap (a spurious one costs it one `waitpid`).
 //!
-//! **Input.** Each `input` is queued (at most [`MAX_PENDING_INPUT`] bytes per worker wait,
+//! **Input.** Each `input` is queued (at most 1 MiB per worker wait,
 //! beyond which `input` is `capacity_exceeded`) and written in order by the worker's
 //! writer task, with one tmux client per piece: `load-buffer -b <buffer> -` from the
 //! client's stdin, then `paste-buffer -d -r` into the pane. That takes any bytes, unchanged
@@ -165,7 +166,7 @@
 //! terminal worker removes it at once, of a live one is `conflict`.
 //!
 //! **Lifecycle streams.** Each starts with a `Resync`; each holds at most
-//! [`EVENTS_BUFFER`] events. One that overflows gets nothing more until there is room for
+//! 64 events. One that overflows gets nothing more until there is room for
 //! a fresh `Resync` (and the health), which it then gets: it never loses track silently.
 //! After `shutdown` the streams end.
 //!
@@ -194,9 +195,9 @@
 //!   else the runtime's) and at most one chunk (64 KiB) more; the FIFO and tmux's pipe are
 //!   drained continuously.
 //! - Records: at most `max_workers` live and `max_finished` terminal.
-//! - Lifecycle streams: [`EVENTS_BUFFER`] events each, then a `Resync` is owed.
+//! - Lifecycle streams: 64 events each, then a `Resync` is owed.
 //! - Output streams: the output log's bounded stream per reader.
-//! - Input: [`MAX_PENDING_INPUT`] bytes waiting per worker, plus the spawn's `stdin`.
+//! - Input: 1 MiB waiting per worker, plus the spawn's `stdin`.
 //! - Every tmux command has 30 s, then its client is killed; a worker's output has 10 s
 //!   to reach its end once its session is closed, then it is cut off there.
 //!
@@ -216,38 +217,28 @@ mod sys;
 mod tmux;
 mod worker;
 
-use std::sync::Arc;
-
-use registry_core::{ConfigError, RegistryError, RuntimeSource, SourceConfig, SourceFactories};
+use registry_core::{ConfigError, SourceConfig, SourceKind};
 
 pub use config::{Profile, TmuxConfig, MAX_GRACE, MAX_SOCKET_NAME};
-pub use source::{TmuxSource, EVENTS_BUFFER, MAX_PENDING_INPUT};
-pub use worker::POLL;
+pub use source::TmuxSource;
 
 /// The source kind this crate adds: `source = "tmux"` in a `[[runtimes]]` table.
 pub const KIND: &str = "tmux";
 
-/// Adds the `tmux` kind to `factories`. Its factory parses the runtime's table as a
-/// [`TmuxConfig`] (an unknown key is an error naming it), defaults `socket_name` to
-/// `roster-<runtime name>`, keeps its files in the runtime's state directory, and starts the
-/// source; call `build` inside a tokio runtime. Registering the kind twice is refused
-/// (`conflict`).
-pub fn register(factories: &mut SourceFactories) -> Result<(), RegistryError> {
-    factories.register(KIND, |config: SourceConfig| {
+/// A server adds the kind with `factories.add::<TmuxSource>()`.
+impl SourceKind for TmuxSource {
+    const KIND: &'static str = KIND;
+
+    /// Parses the runtime's table as a [`TmuxConfig`] (an unknown key is an error naming
+    /// it), defaults `socket_name` to `roster-<runtime name>`, keeps its files in the
+    /// runtime's state directory, and starts the source; call it inside a tokio runtime.
+    fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
         let mut settings: TmuxConfig = config.parse()?;
         if settings.socket_name.is_none() {
             settings.socket_name =
                 Some(TmuxConfig::default_socket_name(config.runtime_id.as_str()));
         }
-        let source = TmuxSource::new(settings, config.state_dir.clone()).map_err(|e| {
-            ConfigError {
-                runtime: config.runtime_id.to_string(),
-                // An operator's message; an internal error's detail names no path here.
-                message: e
-                    .internal_detail()
-                    .map_or_else(|| e.to_string(), str::to_string),
-            }
-        })?;
-        Ok(Arc::new(source) as Arc<dyn RuntimeSource>)
-    })
+        // An operator's message; an internal error's detail names no path here.
+        TmuxSource::new(settings, config.state_dir.clone()).map_err(|e| config.build_error(e))
+    }
 }

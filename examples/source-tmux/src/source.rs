@@ -28,11 +28,11 @@ use crate::worker::{self, Plan};
 
 /// How many lifecycle events a reader of [`RuntimeSource::events`] may leave unread before
 /// it is owed a fresh `Resync` in their place.
-pub const EVENTS_BUFFER: usize = 64;
+pub(crate) const EVENTS_BUFFER: usize = 64;
 
 /// Bytes of input that may wait for one worker (besides the spawn request's `stdin`);
 /// beyond it `input` is `capacity_exceeded`.
-pub const MAX_PENDING_INPUT: usize = 1 << 20;
+pub(crate) const MAX_PENDING_INPUT: usize = 1 << 20;
 
 /// A [`RuntimeSource`] whose workers are tmux sessions on a tmux server of its own.
 ///

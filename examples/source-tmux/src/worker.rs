@@ -35,7 +35,7 @@ use crate::tmux::{
 /// `tmux list-panes` process per tick for all workers, none while no worker runs. (A
 /// worker's normal end comes at once, with its wrapper's end mark; the monitor finds the
 /// rest: sessions killed from outside, wrappers killed.)
-pub const POLL: Duration = Duration::from_millis(250);
+pub(crate) const POLL: Duration = Duration::from_millis(250);
 
 /// How long a new session may take to be ready (its wrapper waiting at the gate, the
 /// output pipe open) before the spawn counts as failed.

@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use registry_core::conformance::{run_all, Report, SpawnHarness, TESTS};
-use registry_core::RuntimeSource;
+use registry_core::conformance::{run_concrete_and_dyn, Expected, SpawnHarness};
 use source_tmux::TmuxConfig;
 
 use common::Server;
@@ -33,43 +31,18 @@ fn harness(overflow: usize) -> SpawnHarness {
         .with_test_timeout(Duration::from_secs(120))
 }
 
-/// Every test ran and passed but the one that needs a missing capability.
-fn assert_complete(report: &Report) {
-    println!("{report}");
-    assert!(report.skipped.is_empty(), "{report}");
-    let not_applicable: Vec<&str> = report.not_applicable.iter().map(|s| s.name).collect();
-    assert_eq!(
-        not_applicable,
-        ["unsupported_operations_return_unsupported"],
-        "{report}"
-    );
-    assert_eq!(report.passed.len(), TESTS.len() - 1, "{report}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_concrete_type() -> anyhow::Result<()> {
+async fn conformance_concrete_type_and_as_dyn_runtime_source() -> anyhow::Result<()> {
     let server = Server::new();
     let source = server.source_with(config(&server));
-    let report = run_all(&source, &harness(source.events_to_overflow())).await?;
-    assert_complete(&report);
-    source.shutdown(None).await;
+    let harness = harness(source.events_to_overflow());
+    // Every test ran and passed but the one that needs a missing capability.
+    let expected = Expected::not_applicable(&["unsupported_operations_return_unsupported"]);
+    run_concrete_and_dyn(source, &harness, &expected).await?;
     assert!(
         server.sessions().is_empty(),
         "sessions left after shutdown: {:?}",
         server.sessions()
     );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_as_dyn_runtime_source() -> anyhow::Result<()> {
-    let server = Server::new();
-    let concrete = server.source_with(config(&server));
-    let overflow = concrete.events_to_overflow();
-    let source: Arc<dyn RuntimeSource> = Arc::new(concrete);
-    let report = run_all(&*source, &harness(overflow)).await?;
-    assert_complete(&report);
-    source.shutdown(None).await;
-    assert!(server.sessions().is_empty(), "{:?}", server.sessions());
     Ok(())
 }

@@ -779,7 +779,7 @@ async fn leftover_sessions_of_an_earlier_run_are_killed_at_start() {
 
 fn factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
-    source_tmux::register(&mut factories).unwrap();
+    factories.add::<source_tmux::TmuxSource>().unwrap();
     factories
 }
 
@@ -796,7 +796,10 @@ async fn the_factory_builds_a_working_source_with_a_default_socket_name() {
     let mut factories = factories();
     assert_eq!(factories.kinds(), [KIND]);
     assert_eq!(
-        source_tmux::register(&mut factories).unwrap_err().code(),
+        factories
+            .add::<source_tmux::TmuxSource>()
+            .unwrap_err()
+            .code(),
         "conflict"
     );
     let runtime = format!("t{}-{}", std::process::id(), line!());

@@ -40,12 +40,12 @@
 //! tokio = { version = "1", features = ["full"] }
 //! ```
 //!
-//! and a test that runs the suite on both the concrete type and `Arc<dyn RuntimeSource>`:
+//! and a test that runs the suite on both the concrete type and `Arc<dyn RuntimeSource>`,
+//! in one call, and checks that every test ran and passed but those the source's
+//! capabilities rule out:
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//!
-//! use registry_core::conformance::{run_all, SpawnHarness};
+//! use registry_core::conformance::{run_concrete_and_dyn, Expected, SpawnHarness};
 //! use registry_core::RuntimeSource;
 //!
 //! async fn conformance<S: RuntimeSource>(source: S) -> anyhow::Result<()> {
@@ -54,17 +54,15 @@
 //!     let harness = SpawnHarness::with_profile("shell")
 //!         .with_output_retention(4096)
 //!         .with_events_to_overflow(200);
-//!
-//!     let report = run_all(&source, &harness).await?;
-//!     assert!(report.skipped.is_empty(), "{report}");
-//!
-//!     let source: Arc<dyn RuntimeSource> = Arc::new(source);
-//!     let report = run_all(&*source, &harness).await?;
-//!     println!("{report}");
-//!     source.shutdown(None).await;
+//!     // A source with every capability: only the test of missing ones does not apply.
+//!     let expected = Expected::not_applicable(&["unsupported_operations_return_unsupported"]);
+//!     run_concrete_and_dyn(source, &harness, &expected).await?;
 //!     Ok(())
 //! }
 //! ```
+//!
+//! [`run_all`] runs the suite once, on any `S: RuntimeSource + ?Sized`, and returns the
+//! [`Report`] for a test to judge itself.
 //!
 //! The tests start real workers (`/bin/sh`, `sleep`, `yes`, `head`), wait on conditions with
 //! deadlines (never a bare sleep), and leave nothing running: after each test, [`run_all`]
@@ -89,9 +87,11 @@ use crate::{
     Capabilities, RegistryError, RuntimeSource, SourceKey, SourceWorker, SpawnRequest, WorkerState,
 };
 
+mod both;
 mod checks;
 mod util;
 
+pub use both::{run_concrete_and_dyn, run_concrete_and_dyn_with, Expected};
 pub use checks::*;
 
 /// How long one test may take unless the harness says otherwise.

@@ -23,7 +23,7 @@ fn parse_err(text: &str) -> ConfigFileError {
 
 fn embedded() -> SourceFactories {
     let mut factories = SourceFactories::new();
-    source_embedded::register(&mut factories).unwrap();
+    factories.add::<source_embedded::EmbeddedSource>().unwrap();
     factories
 }
 
