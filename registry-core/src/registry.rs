@@ -226,7 +226,7 @@ impl Registry {
             caps,
         });
         self.inner.sources.insert(id.clone(), runtime.clone());
-        let follower = tokio::spawn(follow_source(
+        let follower = tokio::spawn(supervise_follower(
             Arc::downgrade(&self.inner),
             id,
             runtime,
@@ -776,6 +776,65 @@ impl State {
 /// Follows one source's lifecycle stream for as long as the registry lives: applies its
 /// events, marks the runtime `unavailable` while the stream can't be had, and reopens it
 /// with capped exponential backoff.
+/// Runs [`follow_source`] for one runtime and starts it again, after a growing delay, if it
+/// panics: a bug met while applying one event must not leave the runtime unfollowed (and
+/// its health frozen) until the registry restarts. The runtime shows `unavailable` while
+/// the follower waits to start again; the new one reopens the stream, so the source's
+/// first `Resync` brings the table back to the truth.
+async fn supervise_follower(
+    inner: Weak<Inner>,
+    id: RuntimeId,
+    runtime: Arc<Runtime>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(follow_source(
+            inner.clone(),
+            id.clone(),
+            runtime.clone(),
+            shutdown.clone(),
+        ));
+        match task.await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                // A follower that ran a good while before it failed starts a fresh backoff.
+                if started.elapsed() > BACKOFF_CAP * 2 {
+                    backoff = BACKOFF_START;
+                }
+                tracing::error!(
+                    runtime = %id,
+                    kind = %runtime.kind,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "the task following the runtime panicked; starting it again"
+                );
+            }
+            Err(_) => return,
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if strong.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let retry_at = OffsetDateTime::now_utc() + backoff;
+        strong.apply(
+            &id,
+            SourceEvent::Health(SourceHealth::unavailable(
+                "the registry lost track of the runtime after an internal error; reconnecting",
+                Some(retry_at),
+            )),
+        );
+        drop(strong);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
 async fn follow_source(
     inner: Weak<Inner>,
     id: RuntimeId,

@@ -37,7 +37,12 @@ fn sanitize_word(word: &str) -> String {
     for edges in ["\"'`(),;.!?", "\"'`()[]{}<>,;.!?"] {
         let is_edge = |c: char| edges.contains(c);
         let start = word.find(|c| !is_edge(c)).unwrap_or(word.len());
-        let end = word.rfind(|c| !is_edge(c)).map_or(start, |i| i + 1);
+        // The end is past the last kept character, which may be wider than one byte.
+        let end = word
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !is_edge(c))
+            .map_or(start, |(i, c)| i + c.len_utf8());
         if start >= end {
             continue;
         }
@@ -161,6 +166,28 @@ mod tests {
         ] {
             assert_eq!(sanitize_message(msg), msg);
         }
+    }
+
+    #[test]
+    fn words_ending_in_wide_characters_are_kept_whole() {
+        for msg in [
+            "¡",
+            "profile ¡ not found",
+            "upstream says: caf\u{e9}",
+            "(日本語)",
+            "«/run/x.sock»",
+            "emoji 🎉!",
+            "\u{10ffff}.",
+        ] {
+            let out = sanitize_message(msg);
+            assert!(!out.is_empty(), "for {msg:?}");
+        }
+        assert_eq!(
+            sanitize_message("profile ¡ not found"),
+            "profile ¡ not found"
+        );
+        assert_eq!(sanitize_message("(日本語)"), "(日本語)");
+        assert_eq!(sanitize_message("open (/run/ü.sock)"), "open ([redacted])");
     }
 
     #[test]

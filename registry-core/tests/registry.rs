@@ -28,6 +28,8 @@ struct Scripted {
     fail_with: Mutex<Option<RegistryError>>,
     /// Spawned workers are reported gone again at once (failed and evicted).
     evict_on_spawn: std::sync::atomic::AtomicBool,
+    /// How many more calls of `health` panic, as a bug in a source would.
+    panics_in_health: AtomicUsize,
 }
 
 impl Scripted {
@@ -42,6 +44,7 @@ impl Scripted {
             next: AtomicUsize::new(1),
             fail_with: Mutex::new(None),
             evict_on_spawn: std::sync::atomic::AtomicBool::new(false),
+            panics_in_health: AtomicUsize::new(0),
         })
     }
 
@@ -92,6 +95,12 @@ impl RuntimeSource for Scripted {
         self.caps
     }
     async fn health(&self) -> SourceHealth {
+        let panics = self
+            .panics_in_health
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if panics.is_ok() {
+            panic!("health check bug");
+        }
         SourceHealth::ready()
     }
     async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
@@ -967,6 +976,72 @@ async fn a_dropped_lifecycle_stream_marks_unavailable_then_reconnects_and_resync
         reg.runtime(&rt("local")).unwrap().health.status,
         HealthStatus::Ready
     );
+}
+
+#[tokio::test]
+async fn a_health_message_ending_in_a_wide_character_is_kept_and_the_runtime_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Scripted::new(Capabilities::ALL);
+    let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
+    let mut sub = reg.subscribe(None, None);
+    next(&mut sub).await;
+    src.send(SourceEvent::Health(SourceHealth::unavailable(
+        "upstream says ¡",
+        None,
+    )))
+    .await;
+    let item = next(&mut sub).await;
+    let EventPayload::RuntimeUpdated { runtime } = &*item.payload else {
+        panic!("{item:?}")
+    };
+    assert_eq!(runtime.health.message.as_deref(), Some("upstream says ¡"));
+    // The runtime is still followed: the next health change arrives too.
+    src.send(SourceEvent::Health(SourceHealth::ready())).await;
+    let item = next(&mut sub).await;
+    let EventPayload::RuntimeUpdated { runtime } = &*item.payload else {
+        panic!("{item:?}")
+    };
+    assert_eq!(runtime.health.status, HealthStatus::Ready);
+}
+
+#[tokio::test]
+async fn a_follower_that_panics_is_started_again_and_the_runtime_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Scripted::new(Capabilities::ALL);
+    let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
+    let mut sub = reg.subscribe(None, None);
+    next(&mut sub).await;
+    // The next two health calls (made when the follower reopens the stream) panic.
+    src.panics_in_health.store(2, Ordering::SeqCst);
+    src.workers
+        .lock()
+        .unwrap()
+        .insert("k7".into(), Scripted::worker("k7", WorkerState::Running));
+    src.drop_stream();
+    let mut statuses = Vec::new();
+    let healed = loop {
+        let item = next(&mut sub).await;
+        match &*item.payload {
+            EventPayload::RuntimeUpdated { runtime } => {
+                statuses.push(runtime.health.status);
+                if runtime.health.status == HealthStatus::Unavailable {
+                    let msg = runtime.health.message.clone().unwrap_or_default();
+                    assert!(!msg.contains("health check bug"), "{msg}");
+                }
+            }
+            EventPayload::WorkerUpserted { worker } => break worker.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(healed.name.as_deref(), Some("name-k7"));
+    assert_eq!(src.panics_in_health.load(Ordering::SeqCst), 0);
+    assert_eq!(statuses.last(), Some(&HealthStatus::Ready), "{statuses:?}");
+    assert!(
+        statuses.contains(&HealthStatus::Unavailable),
+        "{statuses:?}"
+    );
+    assert!(src.opened.load(Ordering::SeqCst) >= 4);
+    assert!(reg.is_ready());
 }
 
 #[tokio::test]

@@ -328,11 +328,20 @@ async fn output(
         })
     };
     // The header wins: a browser resends it on reconnect while the URL keeps its first `after`.
-    let after = match req.headers().get("last-event-id") {
-        Some(v) => seq(v.to_str().unwrap_or("?"), "Last-Event-ID")?,
+    // A header that names no seq of this worker (malformed, or from before a restart) is
+    // answered from the start of what is retained, as for every resume that can't be served;
+    // a malformed `after`, which a client wrote itself, is refused.
+    let (after, from_start_if_unknown) = match req.headers().get("last-event-id") {
+        Some(v) => (
+            v.to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .unwrap_or(0),
+            true,
+        ),
         None => match single(&pairs, "after")? {
-            Some(a) => seq(a, "`after`")?,
-            None => 0,
+            Some(a) => (seq(a, "`after`")?, false),
+            None => (0, false),
         },
     };
     let follow = match single(&pairs, "follow")? {
@@ -346,7 +355,7 @@ async fn output(
         }
     };
     let abort = req.extensions().get::<ConnAbort>().cloned();
-    sse::output(app, id, after, follow, abort).await
+    sse::output(app, id, after, follow, from_start_if_unknown, abort).await
 }
 
 fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {

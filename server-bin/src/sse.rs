@@ -168,11 +168,17 @@ pub fn events(
 /// `after` (`output` and `gap`), `state` on every change of the worker, and `end` once it is
 /// terminal and drained. Every event's `id` is the last output `seq` sent, so a client resumes
 /// with `Last-Event-ID` (or `?after=`) and gets nothing twice.
+///
+/// With `from_start_if_unknown` (a `Last-Event-ID` resume), a position beyond the worker's
+/// newest chunk — one from before a restart of roster or of the source — is served from the
+/// start of what is retained (a `gap` first where output was dropped) instead of refused, so
+/// a browser's `EventSource` carries on rather than giving up.
 pub async fn output(
     app: &Arc<App>,
     id: WorkerId,
-    after: u64,
+    mut after: u64,
     follow: bool,
+    from_start_if_unknown: bool,
     abort: Option<ConnAbort>,
 ) -> Result<Response<Body>, RegistryError> {
     let worker = app.registry.worker(&id)?;
@@ -181,10 +187,19 @@ pub async fn output(
         app.registry
             .subscribe(None, Some(worker.runtime_id.clone()))
     });
-    let stream = app
+    let stream = match app
         .registry
         .output(&id, OutputRequest { after, follow })
-        .await?;
+        .await
+    {
+        Err(RegistryError::InvalidRequest(_)) if from_start_if_unknown && after > 0 => {
+            after = 0;
+            app.registry
+                .output(&id, OutputRequest { after, follow })
+                .await?
+        }
+        opened => opened?,
+    };
     let (tx, body) = ChannelBody::new(CLIENT_BUFFER);
     let task = OutputTask {
         out: Writer::new(tx, app, abort),
