@@ -47,6 +47,7 @@ pub use config::RemoteConfig;
 pub use output::RING_BYTES;
 pub use source::{RemoteSource, EVENTS_BUFFER};
 pub use sse::{Event as SseEvent, Item as SseItem, Parser as SseParser, TooLarge};
+pub use stream::{Backoff, EventReader, ReadError};
 
 /// The source kind this crate adds: `source = "remote"` in a `[[runtimes]]` table.
 pub const KIND: &str = "remote";
