@@ -21,6 +21,7 @@
 mod api;
 mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod routes;
