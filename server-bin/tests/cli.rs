@@ -377,6 +377,35 @@ fn spawn_follow_exits_with_the_workers_code() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn ctrl_c_during_spawn_follow_stops_the_worker_and_exits_with_its_code() -> Result<()> {
+    let server = serve()?;
+    let mut follow = start(
+        &server.url,
+        &[
+            "spawn",
+            "-f",
+            "--name",
+            "interrupted",
+            "--",
+            "sh",
+            "-c",
+            "echo up; exec sleep 300",
+        ],
+        &[],
+    )?;
+    wait_for("the worker's first line", || {
+        Ok(follow.stdout.text() == "up\n")
+    })?;
+    follow.signal(libc::SIGINT)?;
+    let status = follow.wait_exit_and_output(COMMAND_WAIT)?;
+    let stderr = follow.stderr.text();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert_eq!(server.worker("interrupted")?["state"], "stopped");
+    Ok(())
+}
+
 /// A TCP proxy on 127.0.0.1 in front of the server, whose open connections the test can cut:
 /// to the client, the server dropped it.
 struct Proxy {

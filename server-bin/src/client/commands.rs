@@ -359,6 +359,15 @@ async fn spawn(args: SpawnArgs) -> Result<u8, ClientError> {
     }
     let api = connect(&args.conn)?;
     let runtime = spawn_runtime(&api, args.runtime.clone()).await?;
+    // Ctrl-C is taken over before the worker exists, so no interrupt can kill this command
+    // and leave the worker running unseen.
+    let mut interrupt = match args.follow {
+        true => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| ClientError::Other(format!("listening for Ctrl-C: {e}")))?,
+        ),
+        false => None,
+    };
     let worker = api
         .call(
             Method::POST,
@@ -375,7 +384,7 @@ async fn spawn(args: SpawnArgs) -> Result<u8, ClientError> {
         }
         return Ok(0);
     }
-    let end = follow_output(&api, &id, None, true, true, &mut print_chunk).await?;
+    let end = follow_output(&api, &id, None, true, interrupt.as_mut(), &mut print_chunk).await?;
     Ok(exit_code(&end))
 }
 
@@ -415,15 +424,15 @@ fn print_chunk(stream: &str, data: &str) -> Result<(), ClientError> {
 
 /// Reads a worker's output stream from after `after` (none: from the start) to its `end`
 /// (with `follow`: until the worker has ended; without: what is retained), handing each
-/// chunk to `sink`; returns the worker as the last `state` event showed it. With
-/// `stop_on_interrupt`, Ctrl-C stops the worker (and the stream goes on to its end); a
+/// chunk to `sink`; returns the worker as the last `state` event showed it. With an
+/// `interrupt` signal, Ctrl-C stops the worker (and the stream goes on to its end); a
 /// second Ctrl-C leaves.
 async fn follow_output(
     api: &Api,
     id: &str,
     after: Option<u64>,
     follow: bool,
-    stop_on_interrupt: bool,
+    mut interrupt: Option<&mut tokio::signal::unix::Signal>,
     sink: &mut dyn FnMut(&str, &str) -> Result<(), ClientError>,
 ) -> Result<Value, ClientError> {
     let path = format!(
@@ -435,10 +444,10 @@ async fn follow_output(
     let mut worker = Value::Null;
     let mut interrupts = 0u32;
     loop {
-        let next = if stop_on_interrupt {
+        let next = if let Some(signal) = interrupt.as_deref_mut() {
             tokio::select! {
                 event = stream.next() => event?,
-                _ = tokio::signal::ctrl_c() => {
+                _ = signal.recv() => {
                     interrupts += 1;
                     if interrupts > 1 {
                         std::process::exit(i32::from(EXIT_INTERRUPTED));
@@ -536,7 +545,7 @@ async fn logs(args: LogsArgs) -> Result<u8, ClientError> {
         }
         after = seen.or(after);
     }
-    let end = follow_output(&api, &id, after, args.follow, false, &mut print_chunk).await?;
+    let end = follow_output(&api, &id, after, args.follow, None, &mut print_chunk).await?;
     Ok(if args.follow { exit_code(&end) } else { 0 })
 }
 
