@@ -194,7 +194,8 @@ impl Api {
 /// An event stream that outlives its connections: after a drop it reconnects with the last
 /// id it saw (`Last-Event-ID`), so the server sends every event after it, none twice, and a
 /// one-line notice goes to stderr. The first connection failing is an error (the server is
-/// not there); later ones are retried with backoff until the server answers again.
+/// not there); later ones are retried with backoff until the server answers again (or, for
+/// `runtime_unavailable`, until the runtime does). Another error answer ends the stream.
 #[derive(Debug)]
 pub struct Follow<'a> {
     api: &'a Api,
@@ -220,6 +221,12 @@ impl Follow<'_> {
                         self.backoff.reset();
                     }
                     Err(ClientError::Unreachable { .. }) if self.connected => {
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                    }
+                    // A runtime in an outage (a remote one) comes back: wait for it.
+                    Err(ClientError::Api { code, .. })
+                        if self.connected && code == "runtime_unavailable" =>
+                    {
                         tokio::time::sleep(self.backoff.next_delay()).await;
                     }
                     Err(e) => return Err(e),
