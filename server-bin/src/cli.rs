@@ -1,5 +1,6 @@
 //! The command line of `roster` (and of any program built on this library with its own
-//! source kinds): `roster serve` and `roster check-config`.
+//! source kinds): `roster serve` and `roster check-config`, and the client subcommands of
+//! [`crate::client`] (`roster ls`, `roster logs -f`, …).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,12 +15,27 @@ use crate::config::Config;
 
 /// The runtime registry: every place that runs workers behind one HTTP API.
 #[derive(Debug, Parser)]
-#[command(name = "roster", version, about)]
+#[command(name = "roster", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
 }
+
+/// The end of `roster --help`.
+const AFTER_HELP: &str = "\
+Examples:
+  roster serve --config roster.toml     # run the server
+  roster runtimes                       # then drive it: the runtimes…
+  roster spawn --name hi -- echo hello  # …start a worker…
+  roster logs -f hi                     # …and follow its output
+
+The client subcommands talk to --server (or ROSTER_URL; default http://127.0.0.1:7411)
+with the token of --token-file (or ROSTER_TOKEN_FILE, or ROSTER_TOKEN).
+
+Exit codes: 0 ok; 1 the API answered an error (or a worker name matched none or several);
+2 usage error; 3 the server could not be reached; `logs -f` and `spawn -f` exit with the
+worker's code (143 if it was stopped, 137 if killed, 127 if it could not start).";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -31,6 +47,9 @@ pub enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// The client subcommands.
+    #[command(flatten)]
+    Client(crate::client::ClientCommand),
 }
 
 /// Flags of `roster serve`.
@@ -78,6 +97,7 @@ pub fn main(factories: SourceFactories) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args, factories),
         Command::CheckConfig { file } => check_config(&file, &factories),
+        Command::Client(command) => crate::client::run(command),
     }
 }
 

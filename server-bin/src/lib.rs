@@ -4,6 +4,9 @@
 //! SPEC §4 over hyper 1.x, Server-Sent-Events streams, bearer tokens, the config file, metrics
 //! and graceful shutdown.
 //!
+//! The same binary is the command-line client of that API ([`client`]: `roster ls`,
+//! `roster logs -f`, `roster spawn -f -- make test`, …), a client of the public API only.
+//!
 //! A program with its own source kinds builds the default factories, adds its own, and hands
 //! them to [`cli::main`] (the same command line as `roster`) or to [`run`]:
 //!
@@ -21,6 +24,7 @@
 mod api;
 mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod routes;

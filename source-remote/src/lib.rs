@@ -45,6 +45,7 @@ use registry_core::{ConfigError, SourceConfig, SourceKind};
 pub use config::RemoteConfig;
 pub use source::RemoteSource;
 pub use sse::{Event as SseEvent, Item as SseItem, Parser as SseParser, TooLarge};
+pub use stream::{Backoff, EventReader, ReadError};
 
 /// The source kind this crate adds: `source = "remote"` in a `[[runtimes]]` table.
 pub const KIND: &str = "remote";

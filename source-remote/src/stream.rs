@@ -10,8 +10,8 @@ use hyper::body::Incoming;
 use crate::sse::{Item, Parser};
 
 /// Why reading a stream stopped.
-#[derive(Debug)]
-pub(crate) enum ReadError {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
     /// Nothing arrived, not even a ping, for the silence limit.
     Silent,
     /// The connection broke.
@@ -21,7 +21,7 @@ pub(crate) enum ReadError {
 }
 
 impl ReadError {
-    /// A sentence for a person (no address, no id).
+    /// A sentence for a person (no address, no id), worded for a remote runtime.
     pub(crate) fn message(&self) -> &'static str {
         match self {
             ReadError::Silent => {
@@ -36,7 +36,9 @@ impl ReadError {
 }
 
 /// An event stream being read: a body, a parser, and what it produced but was not taken yet.
-pub(crate) struct EventReader {
+/// The `remote` source reads its upstream with it, and `roster`'s command-line client reads
+/// the server's streams with it.
+pub struct EventReader {
     body: Incoming,
     parser: Parser,
     ready: VecDeque<Item>,
@@ -53,7 +55,9 @@ impl std::fmt::Debug for EventReader {
 }
 
 impl EventReader {
-    pub(crate) fn new(body: Incoming, max_event_bytes: usize, silence: Duration) -> Self {
+    /// A reader of `body`: one event may hold at most `max_event_bytes`, and `silence`
+    /// without a byte (pings included) counts as a dead connection.
+    pub fn new(body: Incoming, max_event_bytes: usize, silence: Duration) -> Self {
         EventReader {
             body,
             parser: Parser::new(max_event_bytes),
@@ -65,7 +69,7 @@ impl EventReader {
 
     /// The next item; `Ok(None)` when the remote ended the stream (an event it left
     /// unfinished is dropped, as the event-stream rules say).
-    pub(crate) async fn next(&mut self) -> Result<Option<Item>, ReadError> {
+    pub async fn next(&mut self) -> Result<Option<Item>, ReadError> {
         loop {
             if let Some(item) = self.ready.pop_front() {
                 return Ok(Some(item));
@@ -93,14 +97,15 @@ impl EventReader {
 /// Exponential backoff with full jitter: the n-th delay is uniform in
 /// `[0, min(cap, base · 2ⁿ)]`.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+    /// Delays from `base`, doubling up to `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
         Backoff {
             base,
             cap,
@@ -109,7 +114,7 @@ impl Backoff {
     }
 
     /// The next delay.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self
             .base
             .saturating_mul(1u32 << self.attempt.min(20))
@@ -119,7 +124,7 @@ impl Backoff {
     }
 
     /// Back to the first delay, after a connection that worked.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 }
