@@ -39,7 +39,7 @@ mod source;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use error::{RegistryError, ERROR_CODES};
+pub use error::RegistryError;
 pub use events::{
     Cursor, EventPayload, ResetReason, StreamItem, Subscription, MAX_SUBSCRIBER_QUEUE,
 };

@@ -22,6 +22,7 @@ mod api;
 mod auth;
 pub mod cli;
 pub mod config;
+mod error;
 pub mod metrics;
 pub mod routes;
 mod server;
