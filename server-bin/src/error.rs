@@ -251,20 +251,13 @@ mod tests {
     }
 
     #[test]
-    fn only_capacity_unavailable_and_timeout_are_retryable() {
-        let retryable: Vec<&str> = every_error()
-            .iter()
-            .filter(|e| e.is_retryable())
-            .map(ApiError::code)
-            .collect();
-        assert_eq!(
-            retryable,
-            [
-                "capacity_exceeded",
-                "runtime_unavailable",
-                "upstream_timeout"
-            ]
-        );
+    fn retryable_is_the_cores_word_and_http_only_errors_are_not() {
+        for e in every_error() {
+            match &e {
+                ApiError::Registry(core) => assert_eq!(e.is_retryable(), core.is_retryable()),
+                other => assert!(!other.is_retryable(), "{}", other.code()),
+            }
+        }
     }
 
     #[test]
