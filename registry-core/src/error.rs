@@ -3,9 +3,12 @@
 use std::fmt;
 use std::time::Duration;
 
-/// Every failure a client of the registry can see.
+/// Every failure the registry or a source can report.
 ///
 /// Each variant maps one-to-one onto an error code of the API (see [`RegistryError::code`]).
+/// The codes only HTTP can cause (a body that is not JSON, a missing token, a foreign
+/// `Origin`, an unknown route or method, a wrong content type) are the server's own and
+/// live beside it, not here.
 /// Messages are written for a person and must never carry internal authority: no pid, path,
 /// socket, URL, token or remote id. [`RegistryError::Internal`] keeps its detail for the log
 /// only; its `Display` and `Debug` say nothing of it.
@@ -18,39 +21,21 @@ pub enum RegistryError {
     /// The request is well-formed JSON but asks for something invalid (`invalid_request`).
     #[error("{0}")]
     InvalidRequest(String),
-    /// The request body is not parsable JSON (`invalid_json`).
-    #[error("{0}")]
-    InvalidJson(String),
-    /// No or an unknown credential (`unauthorized`).
-    #[error("{0}")]
-    Unauthorized(String),
     /// The credential or policy does not allow this (`forbidden`).
     #[error("{0}")]
     Forbidden(String),
-    /// The request's `Origin` is not allowed (`origin_not_allowed`).
-    #[error("{0}")]
-    OriginNotAllowed(String),
     /// No runtime of that id (`runtime_not_found`).
     #[error("{0}")]
     RuntimeNotFound(String),
     /// No worker of that id (`worker_not_found`).
     #[error("{0}")]
     WorkerNotFound(String),
-    /// No such route (`route_not_found`).
-    #[error("{0}")]
-    RouteNotFound(String),
-    /// The route exists but not with that method (`method_not_allowed`).
-    #[error("{0}")]
-    MethodNotAllowed(String),
     /// The request conflicts with the current state (`conflict`).
     #[error("{0}")]
     Conflict(String),
     /// The request body is over the size limit (`payload_too_large`).
     #[error("{0}")]
     PayloadTooLarge(String),
-    /// The request body has a missing or wrong content type (`unsupported_media_type`).
-    #[error("{0}")]
-    UnsupportedMediaType(String),
     /// A limit (workers, queued input…) is reached; try later (`capacity_exceeded`).
     #[error("{0}")]
     CapacityExceeded(String),
@@ -76,27 +61,6 @@ pub enum RegistryError {
     UpstreamTimeout(String),
 }
 
-/// Every error code of the API, in the order of the contract's table.
-pub const ERROR_CODES: &[&str] = &[
-    "invalid_request",
-    "invalid_json",
-    "unauthorized",
-    "forbidden",
-    "origin_not_allowed",
-    "runtime_not_found",
-    "worker_not_found",
-    "route_not_found",
-    "method_not_allowed",
-    "conflict",
-    "payload_too_large",
-    "unsupported_media_type",
-    "capacity_exceeded",
-    "internal",
-    "unsupported",
-    "runtime_unavailable",
-    "upstream_timeout",
-];
-
 impl RegistryError {
     /// An internal error with a detail for the log.
     pub fn internal(detail: impl fmt::Display) -> Self {
@@ -117,17 +81,11 @@ impl RegistryError {
     pub fn code(&self) -> &'static str {
         match self {
             RegistryError::InvalidRequest(_) => "invalid_request",
-            RegistryError::InvalidJson(_) => "invalid_json",
-            RegistryError::Unauthorized(_) => "unauthorized",
             RegistryError::Forbidden(_) => "forbidden",
-            RegistryError::OriginNotAllowed(_) => "origin_not_allowed",
             RegistryError::RuntimeNotFound(_) => "runtime_not_found",
             RegistryError::WorkerNotFound(_) => "worker_not_found",
-            RegistryError::RouteNotFound(_) => "route_not_found",
-            RegistryError::MethodNotAllowed(_) => "method_not_allowed",
             RegistryError::Conflict(_) => "conflict",
             RegistryError::PayloadTooLarge(_) => "payload_too_large",
-            RegistryError::UnsupportedMediaType(_) => "unsupported_media_type",
             RegistryError::CapacityExceeded(_) => "capacity_exceeded",
             RegistryError::Internal { .. } => "internal",
             RegistryError::Unsupported(_) => "unsupported",
@@ -166,17 +124,11 @@ impl RegistryError {
         let message = message.into();
         match self {
             RegistryError::InvalidRequest(_) => RegistryError::InvalidRequest(message),
-            RegistryError::InvalidJson(_) => RegistryError::InvalidJson(message),
-            RegistryError::Unauthorized(_) => RegistryError::Unauthorized(message),
             RegistryError::Forbidden(_) => RegistryError::Forbidden(message),
-            RegistryError::OriginNotAllowed(_) => RegistryError::OriginNotAllowed(message),
             RegistryError::RuntimeNotFound(_) => RegistryError::RuntimeNotFound(message),
             RegistryError::WorkerNotFound(_) => RegistryError::WorkerNotFound(message),
-            RegistryError::RouteNotFound(_) => RegistryError::RouteNotFound(message),
-            RegistryError::MethodNotAllowed(_) => RegistryError::MethodNotAllowed(message),
             RegistryError::Conflict(_) => RegistryError::Conflict(message),
             RegistryError::PayloadTooLarge(_) => RegistryError::PayloadTooLarge(message),
-            RegistryError::UnsupportedMediaType(_) => RegistryError::UnsupportedMediaType(message),
             RegistryError::CapacityExceeded(_) => RegistryError::CapacityExceeded(message),
             RegistryError::Internal { detail } => RegistryError::Internal { detail },
             RegistryError::Unsupported(_) => RegistryError::Unsupported(message),
@@ -220,29 +172,17 @@ mod tests {
         let m = || "m".to_string();
         vec![
             RegistryError::InvalidRequest(m()),
-            RegistryError::InvalidJson(m()),
-            RegistryError::Unauthorized(m()),
             RegistryError::Forbidden(m()),
-            RegistryError::OriginNotAllowed(m()),
             RegistryError::RuntimeNotFound(m()),
             RegistryError::WorkerNotFound(m()),
-            RegistryError::RouteNotFound(m()),
-            RegistryError::MethodNotAllowed(m()),
             RegistryError::Conflict(m()),
             RegistryError::PayloadTooLarge(m()),
-            RegistryError::UnsupportedMediaType(m()),
             RegistryError::CapacityExceeded(m()),
             RegistryError::internal("x"),
             RegistryError::Unsupported(m()),
             RegistryError::unavailable("m", None),
             RegistryError::UpstreamTimeout(m()),
         ]
-    }
-
-    #[test]
-    fn variants_map_one_to_one_onto_spec_codes() {
-        let codes: Vec<&str> = every_variant().iter().map(|e| e.code()).collect();
-        assert_eq!(codes, ERROR_CODES);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod fanout;
 mod id;
 mod model;
 pub mod output_log;
+mod redact;
 mod registry;
 mod sanitize;
 mod source;
@@ -39,7 +40,7 @@ mod source;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use error::{RegistryError, ERROR_CODES};
+pub use error::RegistryError;
 pub use events::{
     Cursor, EventPayload, ResetReason, StreamItem, Subscription, MAX_SUBSCRIBER_QUEUE,
 };
@@ -49,6 +50,7 @@ pub use model::{
     limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, RuntimeView,
     SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
 };
+pub use redact::Redacted;
 pub use registry::{Page, Registry, RegistryConfig, WorkerFilter, MAX_PAGE};
 pub use sanitize::{sanitize_message, REDACTED};
 pub use source::{

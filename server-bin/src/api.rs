@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::error::ApiError;
 use crate::routes::Endpoint;
 use crate::server::{App, ConnAbort};
 use crate::sse;
@@ -34,7 +35,7 @@ pub async fn dispatch(
     endpoint: Endpoint,
     params: &[String],
     req: Request<Incoming>,
-) -> Result<Response<Body>, RegistryError> {
+) -> Result<Response<Body>, ApiError> {
     let param = |i: usize| params.get(i).map(String::as_str).unwrap_or_default();
     match endpoint {
         Endpoint::Console => Ok(h::with_type(
@@ -85,12 +86,9 @@ pub async fn dispatch(
     }
 }
 
-fn readyz(app: &Arc<App>) -> Result<Response<Body>, RegistryError> {
+fn readyz(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
     if app.is_stopping() {
-        return Err(RegistryError::unavailable(
-            "the server is shutting down",
-            None,
-        ));
+        return Err(RegistryError::unavailable("the server is shutting down", None).into());
     }
     if app.registry.is_ready() {
         Ok(h::json(StatusCode::OK, &json!({ "status": "ready" })))
@@ -98,7 +96,8 @@ fn readyz(app: &Arc<App>) -> Result<Response<Body>, RegistryError> {
         Err(RegistryError::unavailable(
             "not every runtime has answered yet",
             Some(Duration::from_secs(1)),
-        ))
+        )
+        .into())
     }
 }
 
@@ -172,7 +171,7 @@ async fn json_body<T: DeserializeOwned>(
     app: &Arc<App>,
     req: Request<Incoming>,
     optional: bool,
-) -> Result<Option<T>, RegistryError> {
+) -> Result<Option<T>, ApiError> {
     let (parts, body) = req.into_parts();
     let bytes = h::read_body(
         &parts.headers,
@@ -183,10 +182,7 @@ async fn json_body<T: DeserializeOwned>(
     .await?;
     // Shutdown may have begun while the body arrived: nothing changes from now on.
     if app.is_stopping() {
-        return Err(RegistryError::unavailable(
-            "the server is shutting down",
-            None,
-        ));
+        return Err(RegistryError::unavailable("the server is shutting down", None).into());
     }
     h::parse_json(&parts.headers, &bytes, optional)
 }
@@ -195,17 +191,17 @@ async fn json_body<T: DeserializeOwned>(
 async fn required_body<T: DeserializeOwned>(
     app: &Arc<App>,
     req: Request<Incoming>,
-) -> Result<T, RegistryError> {
+) -> Result<T, ApiError> {
     json_body(app, req, false)
         .await?
-        .ok_or_else(|| RegistryError::InvalidJson("the request body is empty".into()))
+        .ok_or_else(|| ApiError::InvalidJson("the request body is empty".into()))
 }
 
 async fn spawn(
     app: &Arc<App>,
     runtime: &str,
     req: Request<Incoming>,
-) -> Result<Response<Body>, RegistryError> {
+) -> Result<Response<Body>, ApiError> {
     no_query(&req)?;
     let runtime = runtime_id(runtime)?;
     // The runtime must exist before its body is worth reading.
@@ -229,7 +225,7 @@ async fn input(
     app: &Arc<App>,
     id: &str,
     req: Request<Incoming>,
-) -> Result<Response<Body>, RegistryError> {
+) -> Result<Response<Body>, ApiError> {
     no_query(&req)?;
     let id = worker_id(id)?;
     let input: InputBody = required_body(app, req).await?;
@@ -255,7 +251,7 @@ async fn stop(
     app: &Arc<App>,
     id: &str,
     req: Request<Incoming>,
-) -> Result<Response<Body>, RegistryError> {
+) -> Result<Response<Body>, ApiError> {
     no_query(&req)?;
     let id = worker_id(id)?;
     let stop: Option<StopBody> = json_body(app, req, true).await?;
@@ -263,7 +259,8 @@ async fn stop(
         Some(ms) if ms > MAX_GRACE_MS => {
             return Err(RegistryError::InvalidRequest(format!(
                 "`grace_ms` must be at most {MAX_GRACE_MS}"
-            )))
+            ))
+            .into())
         }
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
@@ -272,7 +269,7 @@ async fn stop(
     Ok(h::json(StatusCode::ACCEPTED, &app.registry.worker(&id)?))
 }
 
-fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let pairs = query(req, &["runtime", "state", "label", "limit", "page"])?;
     let mut filter = WorkerFilter::default();
     if let Some(r) = single(&pairs, "runtime")? {
@@ -316,7 +313,7 @@ async fn output(
     app: &Arc<App>,
     id: &str,
     req: &Request<Incoming>,
-) -> Result<Response<Body>, RegistryError> {
+) -> Result<Response<Body>, ApiError> {
     let pairs = query(req, &["after", "follow"])?;
     let id = worker_id(id)?;
     let seq = |text: &str, what: &str| {
@@ -351,14 +348,15 @@ async fn output(
             return Err(RegistryError::InvalidRequest(format!(
                 "`follow` must be 0 or 1, not {:?}",
                 shorten(other)
-            )))
+            ))
+            .into())
         }
     };
     let abort = req.extensions().get::<ConnAbort>().cloned();
-    sse::output(app, id, after, follow, from_start_if_unknown, abort).await
+    Ok(sse::output(app, id, after, follow, from_start_if_unknown, abort).await?)
 }
 
-fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let pairs = query(req, &["runtime", "cursor"])?;
     let runtime = match single(&pairs, "runtime")? {
         Some(r) => {

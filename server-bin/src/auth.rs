@@ -13,6 +13,8 @@ use std::str::FromStr;
 use http::header::{AUTHORIZATION, HOST, ORIGIN};
 use http::{HeaderMap, Method};
 use registry_core::RegistryError;
+
+use crate::error::ApiError;
 use serde::{Deserialize, Serialize};
 
 use crate::config::LoadedToken;
@@ -166,11 +168,7 @@ impl Tokens {
 
     /// Checks a request's credential against what the route needs. Returns the token's name
     /// for the log (never the token).
-    pub fn authorize(
-        &self,
-        headers: &HeaderMap,
-        access: Access,
-    ) -> Result<Option<&str>, RegistryError> {
+    pub fn authorize(&self, headers: &HeaderMap, access: Access) -> Result<Option<&str>, ApiError> {
         let Access::Token(needed) = access else {
             return Ok(None);
         };
@@ -185,7 +183,7 @@ impl Tokens {
                 scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
             })
             .ok_or_else(|| {
-                RegistryError::Unauthorized(
+                ApiError::Unauthorized(
                     "this server needs a token: send `Authorization: Bearer <token>`".into(),
                 )
             })?;
@@ -197,11 +195,12 @@ impl Tokens {
             }
         }
         let (name, scope) =
-            found.ok_or_else(|| RegistryError::Unauthorized("the token is not valid".into()))?;
+            found.ok_or_else(|| ApiError::Unauthorized("the token is not valid".into()))?;
         if !scope.allows(needed) {
             return Err(RegistryError::Forbidden(format!(
                 "the token {name:?} has the read scope; this request needs the operate scope"
-            )));
+            ))
+            .into());
         }
         Ok(Some(name))
     }
@@ -247,32 +246,33 @@ impl Allowed {
 
     /// `Host` must name this server: a loopback name or a configured one. Anything else is
     /// a DNS-rebinding page or a misdirected client: `403`.
-    pub fn check_host(&self, headers: &HeaderMap) -> Result<(), RegistryError> {
+    pub fn check_host(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if headers.get_all(HOST).iter().count() > 1 {
             return Err(RegistryError::InvalidRequest(
                 "the request has more than one Host header".into(),
-            ));
+            )
+            .into());
         }
         let Some(host) = headers.get(HOST).and_then(|v| v.to_str().ok()) else {
-            return Err(RegistryError::InvalidRequest(
-                "the request has no Host header".into(),
-            ));
+            return Err(
+                RegistryError::InvalidRequest("the request has no Host header".into()).into(),
+            );
         };
         if self.host_allowed(&host_name(host)) {
             Ok(())
         } else {
             Err(RegistryError::Forbidden(
                 "the Host header does not name this server; add the name to `allowed_hosts` in the [server] config".into(),
-            ))
+            ).into())
         }
     }
 
     /// A request line in absolute form (`GET http://name/…`) must name this server too.
-    pub fn check_target(&self, uri: &http::Uri) -> Result<(), RegistryError> {
+    pub fn check_target(&self, uri: &http::Uri) -> Result<(), ApiError> {
         match uri.authority() {
             Some(a) if !self.host_allowed(&host_name(a.as_str())) => Err(RegistryError::Forbidden(
                 "the request names another host; add the name to `allowed_hosts` in the [server] config".into(),
-            )),
+            ).into()),
             _ => Ok(()),
         }
     }
@@ -281,12 +281,12 @@ impl Allowed {
     /// own origin or a configured one: a web page elsewhere can't spawn processes here.
     /// Requests without `Origin` (curl, other programs) pass: browsers always send it on
     /// such requests.
-    pub fn check_origin(&self, method: &Method, headers: &HeaderMap) -> Result<(), RegistryError> {
+    pub fn check_origin(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
         if matches!(*method, Method::GET | Method::HEAD) {
             return Ok(());
         }
         let refused = || {
-            RegistryError::OriginNotAllowed(
+            ApiError::OriginNotAllowed(
                 "requests from this web origin are not allowed; add it to `allowed_origins` in the [server] config".into(),
             )
         };

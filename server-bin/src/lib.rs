@@ -26,6 +26,7 @@ mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod error;
 pub mod metrics;
 pub mod routes;
 mod server;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, ALLOW};
+use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -21,9 +21,10 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::api;
 use crate::auth::{Allowed, AllowedHost, AllowedOrigin, Tokens};
 use crate::config::{LoadedToken, ServerSection};
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::routes::{resolve, Resolution, UNMATCHED};
-use crate::wire::{error_response, Body};
+use crate::wire::Body;
 
 /// How the server behaves, apart from the registry it serves.
 #[derive(Debug, Clone)]
@@ -136,7 +137,7 @@ async fn handle(
             if let Some(detail) = error.internal_detail() {
                 tracing::error!(request_id = %request_id, %method, route, detail, "internal error");
             }
-            error_response(&error)
+            error.to_response()
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -160,7 +161,7 @@ async fn handle(
 async fn pipeline(
     app: &Arc<App>,
     req: Request<Incoming>,
-) -> (&'static str, Result<Response<Body>, RegistryError>) {
+) -> (&'static str, Result<Response<Body>, ApiError>) {
     if let Err(e) = app
         .allowed
         .check_host(req.headers())
@@ -174,25 +175,14 @@ async fn pipeline(
             route,
             params.into_iter().map(str::to_string).collect::<Vec<_>>(),
         ),
-        Resolution::WrongMethod(template, allowed) => {
-            let list = allowed
-                .iter()
-                .map(http::Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut resp = error_response(&RegistryError::MethodNotAllowed(format!(
-                "{} is not allowed here; this path takes {list}",
-                req.method()
-            )));
-            if let Ok(allow) = HeaderValue::from_str(&list) {
-                resp.headers_mut().insert(ALLOW, allow);
-            }
-            return (template, Ok(resp));
+        Resolution::WrongMethod(template, allow) => {
+            let method = req.method().clone();
+            return (template, Err(ApiError::MethodNotAllowed { method, allow }));
         }
         Resolution::NotFound => {
             return (
                 UNMATCHED,
-                Err(RegistryError::RouteNotFound(
+                Err(ApiError::RouteNotFound(
                     "no such route; GET /v1/openapi.json lists every route".into(),
                 )),
             )
@@ -208,10 +198,7 @@ async fn pipeline(
     if app.is_stopping() && route.method != http::Method::GET {
         return (
             template,
-            Err(RegistryError::unavailable(
-                "the server is shutting down",
-                None,
-            )),
+            Err(RegistryError::unavailable("the server is shutting down", None).into()),
         );
     }
     (

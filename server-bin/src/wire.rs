@@ -1,5 +1,4 @@
-//! HTTP plumbing: the body type, JSON answers, the one error → HTTP mapping, and reading
-//! request bodies under the cap.
+//! HTTP plumbing: the body type, JSON answers, and reading request bodies under the cap.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -7,12 +6,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Frame, Incoming};
 use registry_core::RegistryError;
+
+use crate::error::ApiError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -34,9 +35,10 @@ pub fn empty() -> Body {
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(bytes) => with_type(status, "application/json", bytes),
-        Err(e) => error_response(&RegistryError::internal(format!(
+        Err(e) => ApiError::from(RegistryError::internal(format!(
             "serializing a response: {e}"
-        ))),
+        )))
+        .to_response(),
     }
 }
 
@@ -53,80 +55,9 @@ pub fn with_type(
     resp
 }
 
-/// The HTTP status of an error code (SPEC §6).
-pub fn status_of(error: &RegistryError) -> StatusCode {
-    match error {
-        RegistryError::InvalidRequest(_) | RegistryError::InvalidJson(_) => StatusCode::BAD_REQUEST,
-        RegistryError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-        RegistryError::Forbidden(_) | RegistryError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
-        RegistryError::RuntimeNotFound(_)
-        | RegistryError::WorkerNotFound(_)
-        | RegistryError::RouteNotFound(_) => StatusCode::NOT_FOUND,
-        RegistryError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-        RegistryError::Conflict(_) => StatusCode::CONFLICT,
-        RegistryError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        RegistryError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        RegistryError::CapacityExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
-        RegistryError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-        RegistryError::RuntimeUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        RegistryError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        // `Internal` and any variant added later.
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorFields<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorFields<'a> {
-    code: &'a str,
-    message: String,
-    retryable: bool,
-}
-
-/// The one place where an error becomes an HTTP answer: `{"error": {code, message,
-/// retryable}}`, with `Retry-After` on `503` and `429`. An internal error's detail is not
-/// here: the caller logs it with the request's id.
-pub fn error_response(error: &RegistryError) -> Response<Body> {
-    let status = status_of(error);
-    let message = match error {
-        RegistryError::Internal { .. } => {
-            "internal error; the server's log has the detail under this request's id".to_string()
-        }
-        other => other.public_message(),
-    };
-    let body = ErrorBody {
-        error: ErrorFields {
-            code: error.code(),
-            message,
-            retryable: error.is_retryable(),
-        },
-    };
-    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = with_type(status, "application/json", bytes);
-    let retry_after = match error {
-        RegistryError::RuntimeUnavailable { retry_after, .. } => {
-            Some(retry_after.unwrap_or(Duration::from_secs(1)))
-        }
-        RegistryError::CapacityExceeded(_) => Some(Duration::from_secs(1)),
-        _ => None,
-    };
-    if let Some(after) = retry_after {
-        // Whole seconds, rounded up, at least one.
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    }
-    if let RegistryError::Unauthorized(_) = error {
-        resp.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer"),
-        );
-    }
-    resp
+/// An `invalid_request` error.
+fn invalid(message: String) -> ApiError {
+    RegistryError::InvalidRequest(message).into()
 }
 
 /// Whether the request declares a JSON body (`application/json`, parameters allowed).
@@ -146,11 +77,11 @@ pub async fn read_body(
     body: Incoming,
     cap: u64,
     within: Duration,
-) -> Result<Bytes, RegistryError> {
+) -> Result<Bytes, ApiError> {
     let too_large = || {
-        RegistryError::PayloadTooLarge(format!(
+        ApiError::from(RegistryError::PayloadTooLarge(format!(
             "the request body is larger than the limit of {cap} bytes"
-        ))
+        )))
     };
     let announced = headers
         .get(CONTENT_LENGTH)
@@ -162,7 +93,7 @@ pub async fn read_body(
     let limit = usize::try_from(cap).unwrap_or(usize::MAX);
     let read = tokio::time::timeout(within, Limited::new(body, limit).collect());
     let Ok(read) = read.await else {
-        return Err(RegistryError::InvalidRequest(format!(
+        return Err(invalid(format!(
             "the request body did not arrive within {} s",
             within.as_secs()
         )));
@@ -170,9 +101,7 @@ pub async fn read_body(
     match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(RegistryError::InvalidRequest(format!(
-            "the request body could not be read: {e}"
-        ))),
+        Err(e) => Err(invalid(format!("the request body could not be read: {e}"))),
     }
 }
 
@@ -183,17 +112,17 @@ pub fn parse_json<T: DeserializeOwned>(
     headers: &http::HeaderMap,
     bytes: &[u8],
     optional: bool,
-) -> Result<Option<T>, RegistryError> {
+) -> Result<Option<T>, ApiError> {
     if optional && bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
     if !is_json(headers) {
-        return Err(RegistryError::UnsupportedMediaType(
+        return Err(ApiError::UnsupportedMediaType(
             "this request needs a JSON body with `Content-Type: application/json`".into(),
         ));
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(RegistryError::InvalidJson(
+        return Err(ApiError::InvalidJson(
             "the request body is empty; this request needs a JSON object".into(),
         ));
     }
@@ -202,12 +131,8 @@ pub fn parse_json<T: DeserializeOwned>(
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(
             match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-                Ok(_) => {
-                    RegistryError::InvalidRequest("the request body must be a JSON object".into())
-                }
-                Err(e) => {
-                    RegistryError::InvalidJson(format!("the request body is not valid JSON: {e}"))
-                }
+                Ok(_) => invalid("the request body must be a JSON object".into()),
+                Err(e) => ApiError::InvalidJson(format!("the request body is not valid JSON: {e}")),
             },
         );
     }
@@ -216,7 +141,7 @@ pub fn parse_json<T: DeserializeOwned>(
         // Only whitespace may follow the object: `{…} junk` is not JSON.
         Ok(value) => match de.end() {
             Ok(()) => Ok(Some(value)),
-            Err(e) => Err(RegistryError::InvalidJson(format!(
+            Err(e) => Err(ApiError::InvalidJson(format!(
                 "the request body is not valid JSON: {e}"
             ))),
         },
@@ -226,13 +151,13 @@ pub fn parse_json<T: DeserializeOwned>(
             match inner.classify() {
                 serde_json::error::Category::Data => {
                     let text = strip_position(&inner.to_string());
-                    Err(RegistryError::InvalidRequest(if path == "." {
+                    Err(invalid(if path == "." {
                         format!("invalid request body: {text}")
                     } else {
                         format!("invalid field `{path}`: {text}")
                     }))
                 }
-                _ => Err(RegistryError::InvalidJson(format!(
+                _ => Err(ApiError::InvalidJson(format!(
                     "the request body is not valid JSON: {inner}"
                 ))),
             }
@@ -360,44 +285,5 @@ mod tests {
             strip_position("unknown field `grace`, expected `grace_ms`"),
             "unknown field `grace`, expected `grace_ms`"
         );
-    }
-
-    #[test]
-    fn unavailable_answers_carry_retry_after_in_whole_seconds() {
-        let r = error_response(&RegistryError::unavailable(
-            "down",
-            Some(Duration::from_millis(1500)),
-        ));
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(r.headers()[RETRY_AFTER], "2");
-        let r = error_response(&RegistryError::unavailable("down", None));
-        assert_eq!(r.headers()[RETRY_AFTER], "1");
-    }
-
-    #[test]
-    fn every_error_code_has_its_contract_status() {
-        let cases = [
-            (RegistryError::InvalidRequest(String::new()), 400),
-            (RegistryError::InvalidJson(String::new()), 400),
-            (RegistryError::Unauthorized(String::new()), 401),
-            (RegistryError::Forbidden(String::new()), 403),
-            (RegistryError::OriginNotAllowed(String::new()), 403),
-            (RegistryError::RuntimeNotFound(String::new()), 404),
-            (RegistryError::WorkerNotFound(String::new()), 404),
-            (RegistryError::RouteNotFound(String::new()), 404),
-            (RegistryError::MethodNotAllowed(String::new()), 405),
-            (RegistryError::Conflict(String::new()), 409),
-            (RegistryError::PayloadTooLarge(String::new()), 413),
-            (RegistryError::UnsupportedMediaType(String::new()), 415),
-            (RegistryError::CapacityExceeded(String::new()), 429),
-            (RegistryError::internal("x"), 500),
-            (RegistryError::Unsupported(String::new()), 501),
-            (RegistryError::unavailable("", None), 503),
-            (RegistryError::UpstreamTimeout(String::new()), 504),
-        ];
-        assert_eq!(cases.len(), registry_core::ERROR_CODES.len());
-        for (e, status) in cases {
-            assert_eq!(status_of(&e).as_u16(), status, "{}", e.code());
-        }
     }
 }

@@ -618,7 +618,7 @@ async fn nothing_of_the_upstream_reaches_a_client_of_the_downstream() -> Result<
         vec![LoadedToken {
             name: "federation".into(),
             scope: Scope::Operate,
-            secret: token.clone(),
+            secret: token.clone().into(),
         }],
     );
     let up = TestServer::start_with(up_config, up_options).await?;

@@ -45,7 +45,6 @@ mod server;
 mod tests;
 mod tokens;
 
-use std::fmt;
 use std::fs;
 use std::path::Path;
 
@@ -69,15 +68,6 @@ pub struct Config {
     pub server: ServerSection,
     /// The `[[runtimes]]` tables, in file order.
     pub runtimes: Vec<RuntimeSection>,
-}
-
-/// Prints `<redacted>` in place of a value.
-struct Redacted;
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 /// The file as serde reads it, before the runtimes are checked.

@@ -6,14 +6,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use registry_core::{de, MAX_SUBSCRIBER_QUEUE};
+use registry_core::{de, Redacted, MAX_SUBSCRIBER_QUEUE};
 use serde::Deserialize;
 
 use crate::auth::{is_loopback, AllowedHost, AllowedOrigin};
 
 use super::lines::{ConfigFileError, KeyIndex};
 use super::tokens::{LoadedToken, TokenSection};
-use super::{Config, Redacted};
+use super::Config;
 
 /// The listen address when neither the file nor a flag gives one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -99,7 +99,7 @@ impl fmt::Debug for ServerSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerSection")
             .field("listen", &self.listen)
-            .field("state_dir", &Redacted)
+            .field("state_dir", &Redacted(()))
             .field("tokens", &self.tokens)
             .field("allowed_hosts", &self.allowed_hosts)
             .field("allowed_origins", &self.allowed_origins)

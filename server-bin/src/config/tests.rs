@@ -42,7 +42,7 @@ fn token(name: &str, env: Option<&str>, file: Option<&Path>) -> TokenSection {
         name: name.to_string(),
         scope: Scope::Operate,
         token_env: env.map(str::to_string),
-        token_file: file.map(Path::to_path_buf),
+        token_file: file.map(Path::to_path_buf).into(),
     }
 }
 

@@ -2,7 +2,6 @@
 //! and reading the secrets when the server starts.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::fs;
 use std::path::PathBuf;
 
@@ -11,7 +10,9 @@ use serde::Deserialize;
 use crate::auth::Scope;
 
 use super::lines::{ConfigFileError, KeyIndex};
-use super::{Config, Redacted};
+use registry_core::Redacted;
+
+use super::Config;
 
 /// The shortest token secret accepted, in bytes.
 const MIN_SECRET_LEN: usize = 16;
@@ -19,7 +20,7 @@ const MIN_SECRET_LEN: usize = 16;
 /// One `[[server.tokens]]` entry: where a bearer token's secret comes from, never the secret.
 ///
 /// Exactly one of `token_env` and `token_file` is set. `Debug` does not print the file path.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSection {
     /// A name for the token, unique in the file; errors and logs use it.
@@ -31,18 +32,7 @@ pub struct TokenSection {
     pub token_env: Option<String>,
     /// A file that holds the secret (trailing whitespace is ignored).
     #[serde(default)]
-    pub token_file: Option<PathBuf>,
-}
-
-impl fmt::Debug for TokenSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenSection")
-            .field("name", &self.name)
-            .field("scope", &self.scope)
-            .field("token_env", &self.token_env)
-            .field("token_file", &self.token_file.as_ref().map(|_| Redacted))
-            .finish()
-    }
+    pub token_file: Redacted<Option<PathBuf>>,
 }
 
 impl TokenSection {
@@ -85,24 +75,14 @@ impl TokenSection {
 }
 
 /// A token with its secret read. Not `Serialize`; `Debug` does not print the secret.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct LoadedToken {
     /// The token's name from the config.
     pub name: String,
     /// What the token may do.
     pub scope: Scope,
     /// The secret a client sends as `Authorization: Bearer <secret>`.
-    pub secret: String,
-}
-
-impl fmt::Debug for LoadedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadedToken")
-            .field("name", &self.name)
-            .field("scope", &self.scope)
-            .field("secret", &Redacted)
-            .finish()
-    }
+    pub secret: Redacted<String>,
 }
 
 impl Config {
@@ -124,7 +104,7 @@ impl Config {
                     format!("token name {name:?} is used twice; token names must be unique"),
                 ));
             }
-            let read = match (&token.token_env, &token.token_file) {
+            let read = match (&token.token_env, &*token.token_file) {
                 (Some(var), None) => match std::env::var(var) {
                     Ok(value) => value,
                     Err(std::env::VarError::NotPresent) => {
@@ -196,7 +176,7 @@ impl Config {
             loaded.push(LoadedToken {
                 name: name.clone(),
                 scope: token.scope,
-                secret: secret.to_string(),
+                secret: secret.into(),
             });
         }
         Ok(loaded)

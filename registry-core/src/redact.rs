@@ -1,0 +1,120 @@
+//! Redaction in `Debug`: one wrapper for a value that is kept and used but never shown, so
+//! a type holding internal authority (a path, a secret, a remote name) can derive `Debug`
+//! and a new field is never shown by accident.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+
+use serde::{Deserialize, Deserializer};
+
+/// What [`Redacted`]'s `Debug` prints in place of the value.
+pub const DEBUG_PLACEHOLDER: &str = "<redacted>";
+
+/// A value whose `Debug` prints `<redacted>` and nothing of the value: not its length, not
+/// whether an `Option` inside is set. It is neither `Display` nor `Serialize`, so it
+/// can't reach a response or a log line by formatting either.
+///
+/// It reads as the value it holds (`Deref`), deserializes as that value, and compares
+/// with it, so a config field or a struct field changes only its type.
+///
+/// ```
+/// use registry_core::Redacted;
+///
+/// #[derive(Debug)]
+/// struct Link {
+///     name: String,
+///     url: Redacted<String>,
+/// }
+///
+/// let link = Link { name: "gpu-box".into(), url: Redacted("http://10.0.0.7:7411".into()) };
+/// assert_eq!(format!("{link:?}"), r#"Link { name: "gpu-box", url: <redacted> }"#);
+/// assert!(link.url.starts_with("http://"));
+/// ```
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Redacted<T>(pub T);
+
+impl<T> Redacted<T> {
+    /// The value.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(DEBUG_PLACEHOLDER)
+    }
+}
+
+impl<T> Deref for Redacted<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for Redacted<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T> From<T> for Redacted<T> {
+    fn from(value: T) -> Self {
+        Redacted(value)
+    }
+}
+
+impl From<&str> for Redacted<String> {
+    fn from(value: &str) -> Self {
+        Redacted(value.to_string())
+    }
+}
+
+impl<T: PartialEq> PartialEq<T> for Redacted<T> {
+    fn eq(&self, other: &T) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Redacted<String> {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Redacted<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Redacted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_nothing_of_the_value() {
+        let secret = Redacted("hunter2-0123456789".to_string());
+        assert_eq!(format!("{secret:?}"), "<redacted>");
+        assert_eq!(format!("{secret:#?}"), "<redacted>");
+        let none: Redacted<Option<String>> = Redacted(None);
+        let some = Redacted(Some("x".to_string()));
+        assert_eq!(format!("{none:?}"), format!("{some:?}"));
+    }
+
+    #[test]
+    fn it_reads_deserializes_and_compares_as_its_value() {
+        #[derive(Deserialize, Debug)]
+        struct File {
+            path: Redacted<String>,
+            #[serde(default)]
+            other: Redacted<Option<String>>,
+        }
+        let file: File = toml::from_str("path = \"/srv/hidden\"").unwrap();
+        assert_eq!(file.path, "/srv/hidden");
+        assert_eq!(file.path.len(), 11);
+        assert!(file.other.is_none());
+        assert!(!format!("{file:?}").contains("hidden"));
+    }
+}
