@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{RegistryError, RuntimeId, SourceKey, WorkerId};
+use crate::{RegistryError, RuntimeId, SourceKey, WorkerId, REDACTED};
 
 /// A worker's state (SPEC §2). `exited`, `stopped` and `failed` are terminal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -395,7 +395,8 @@ pub struct SpawnRequest {
     pub request_id: Option<String>,
 }
 
-/// Limits on a spawn request's fields.
+/// Limits on a spawn request's fields and on a stop's grace period: the one copy every source
+/// and the server use.
 pub mod limits {
     /// Longest name, label key or value, request id, profile name (bytes).
     pub const MAX_SHORT_TEXT: usize = 256;
@@ -411,6 +412,9 @@ pub mod limits {
     pub const MAX_ARGV_BYTES: usize = 256 << 10;
     /// Longest initial `stdin`.
     pub const MAX_STDIN_BYTES: usize = 1 << 20;
+    /// Longest grace period between SIGTERM and SIGKILL: one day. A longer one (from a stop,
+    /// a profile or the config) is cut to this by the sources, and refused by the HTTP API.
+    pub const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 }
 
 impl SpawnRequest {
@@ -527,7 +531,15 @@ impl fmt::Debug for SpawnRequest {
             .field("profile", &self.profile)
             .field("command", &self.command)
             .field("args", &self.args)
-            .field("env", &format_args!("<{} redacted>", self.env.len()))
+            // The names only: a value may be a secret.
+            .field(
+                "env",
+                &self
+                    .env
+                    .keys()
+                    .map(|k| (k, REDACTED))
+                    .collect::<BTreeMap<_, _>>(),
+            )
             .field("name", &self.name)
             .field("labels", &self.labels)
             .field("stdin", &self.stdin.as_ref().map(|s| s.len()))

@@ -100,7 +100,10 @@
 
 mod config;
 mod events;
-pub mod limits;
+/// Bounds on one spawn request and on a stop's grace period: the core's, which the registry
+/// and every source share. [`Runtime::spawn`] refuses a request beyond them with
+/// [`RuntimeError::InvalidRequest`], whose message names the field (never its value).
+pub use registry_core::limits;
 mod output;
 mod runtime;
 mod spawner;
