@@ -118,6 +118,9 @@ pub enum FailReason {
     Killed,
     /// The source lost it for good.
     Lost,
+    /// Its restart policy gave up: it was restarted `max_restarts` times within the
+    /// restart window and ended once more.
+    CrashLoop,
 }
 
 /// Which output stream a chunk came from.

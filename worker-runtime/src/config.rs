@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::restart::{Backoff, Restart, RestartPolicy};
 use registry_core::de;
 use serde::Deserialize;
 
@@ -129,6 +130,34 @@ pub struct Profile {
     /// In config files a human duration such as `"10s"` or `"500ms"`.
     #[serde(default, deserialize_with = "de::opt_duration")]
     pub grace: Option<Duration>,
+    /// When a worker's process that ended by itself is started again: `"never"` (the
+    /// default), `"on-failure"` or `"always"`. See [`Restart`].
+    #[serde(default)]
+    pub restart: Restart,
+    /// The delay before a restart: `{ base = "500ms", cap = "60s", reset_after = "30s" }`
+    /// (each key optional). See [`Backoff`].
+    #[serde(default)]
+    pub restart_backoff: Backoff,
+    /// Most restarts within `restart_window`; the exit after them makes the worker `failed`
+    /// with reason `crash_loop`. Default 10.
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// The window `max_restarts` counts in, e.g. `"10m"` (the default).
+    #[serde(default, deserialize_with = "de::opt_duration")]
+    pub restart_window: Option<Duration>,
+}
+
+impl Profile {
+    /// The restart policy these keys make.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        let default = RestartPolicy::default();
+        RestartPolicy {
+            restart: self.restart,
+            backoff: self.restart_backoff,
+            max_restarts: self.max_restarts.unwrap_or(default.max_restarts),
+            window: self.restart_window.unwrap_or(default.window),
+        }
+    }
 }
 
 impl fmt::Debug for Profile {
@@ -139,6 +168,10 @@ impl fmt::Debug for Profile {
             .field("env", &RedactedMap(&self.env))
             .field("output_retention", &self.output_retention)
             .field("grace", &self.grace)
+            .field("restart", &self.restart)
+            .field("restart_backoff", &self.restart_backoff)
+            .field("max_restarts", &self.max_restarts)
+            .field("restart_window", &self.restart_window)
             .finish()
     }
 }
@@ -203,6 +236,38 @@ mod tests {
         let minimal: Profile = toml::from_str(r#"command = ["true"]"#).unwrap();
         assert_eq!(minimal.grace, None);
         assert!(minimal.env.is_empty() && minimal.cwd.is_none());
+    }
+
+    #[test]
+    fn a_profile_reads_its_restart_policy() {
+        let p: Profile = toml::from_str(
+            r#"
+            command = ["/bin/sh", "-c"]
+            restart = "on-failure"
+            restart_backoff = { base = "100ms", cap = "5s" }
+            max_restarts = 3
+            restart_window = "1m"
+            "#,
+        )
+        .unwrap();
+        let policy = p.restart_policy();
+        assert_eq!(policy.restart, Restart::OnFailure);
+        assert_eq!(policy.backoff.base, Duration::from_millis(100));
+        assert_eq!(policy.backoff.cap, Duration::from_secs(5));
+        assert_eq!(policy.backoff.reset_after, Duration::from_secs(30));
+        assert_eq!(
+            (policy.max_restarts, policy.window),
+            (3, Duration::from_secs(60))
+        );
+        let none: Profile = toml::from_str(r#"command = ["true"]"#).unwrap();
+        assert_eq!(none.restart_policy(), RestartPolicy::default());
+        assert!(
+            toml::from_str::<Profile>("command = [\"true\"]\nrestart = \"sometimes\"").is_err()
+        );
+        assert!(toml::from_str::<Profile>(
+            "command = [\"true\"]\nrestart_backoff = { base = \"1s\", jitter = 1 }"
+        )
+        .is_err());
     }
 
     #[test]

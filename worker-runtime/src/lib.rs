@@ -105,6 +105,7 @@ mod events;
 /// [`RuntimeError::InvalidRequest`], whose message names the field (never its value).
 pub use registry_core::limits;
 mod output;
+mod restart;
 mod runtime;
 mod spawner;
 mod sys;
@@ -115,5 +116,8 @@ mod watchdog;
 pub use config::{Profile, RuntimeConfig};
 pub use events::{EventReader, RuntimeEvent};
 pub use output::{OutputItem, OutputReader};
+pub use restart::{Backoff, Restart, RestartPolicy, MAX_RESTARTS_LIMIT};
 pub use runtime::Runtime;
-pub use types::{FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo};
+pub use types::{
+    FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
+};

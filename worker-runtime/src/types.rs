@@ -84,6 +84,26 @@ pub struct WorkerInfo {
     pub args: Vec<String>,
     /// The argv asked for, when spawned by command.
     pub command: Option<Vec<String>>,
+    /// How often the restart policy started the worker's process again.
+    pub restarts: u32,
+    /// How the previous run ended, once the worker was restarted.
+    pub last_exit: Option<LastExit>,
+    /// While the worker waits to be restarted (it is [`State::Starting`] then): when the next
+    /// run is due.
+    pub retry_at: Option<SystemTime>,
+}
+
+/// How a run of a restarted worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastExit {
+    /// The exit code, when the process exited by itself.
+    pub code: Option<i32>,
+    /// The number of the signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// [`FailReason::Killed`] when a signal nobody asked for ended it.
+    pub reason: Option<FailReason>,
+    /// When it ended.
+    pub at: SystemTime,
 }
 
 /// An error of a [`Runtime`](crate::Runtime) call.

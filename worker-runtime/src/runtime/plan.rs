@@ -12,7 +12,9 @@ use registry_core::RegistryError;
 use tokio::process::Command;
 
 use super::Inner;
+use crate::config::Profile;
 use crate::limits::MAX_GRACE;
+use crate::restart::RestartPolicy;
 use crate::sys;
 use crate::types::{RuntimeError, SpawnSpec};
 
@@ -26,6 +28,7 @@ pub(super) struct Plan {
     pub(super) cwd: Option<PathBuf>,
     pub(super) retention: u64,
     pub(super) grace: Duration,
+    pub(super) restart: RestartPolicy,
 }
 
 impl Plan {
@@ -130,6 +133,7 @@ impl Inner {
                 .and_then(|p| p.grace)
                 .unwrap_or(self.config.grace)
                 .min(MAX_GRACE),
+            restart: profile.map(Profile::restart_policy).unwrap_or_default(),
         })
     }
 }
