@@ -74,6 +74,17 @@ impl WorkerState {
         }
     }
 
+    /// The state-order rule across restarts: `runs` and `next_runs` count the restarts a
+    /// worker had by each report. A higher count is a new run of the same worker, which starts
+    /// over (at `starting`); within a run [`may_become`](Self::may_become) holds. A terminal
+    /// worker never changes again, and the count never goes back.
+    pub fn may_become_across_runs(self, runs: u32, next: WorkerState, next_runs: u32) -> bool {
+        if self.is_terminal() || next_runs < runs {
+            return false;
+        }
+        next_runs > runs || self.may_become(next)
+    }
+
     /// The wire name (`running`, …).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -162,6 +173,25 @@ pub struct SourceWorker {
     pub args: Vec<String>,
     /// The argv the client asked for in place of a profile.
     pub command: Option<Vec<String>>,
+    /// How often a restart policy started the worker again (0 where there is none).
+    pub restarts: u32,
+    /// How the previous run ended, once the worker was restarted.
+    pub last_exit: Option<LastExit>,
+    /// While the worker waits to be restarted (as `starting`): when the next run is due.
+    pub retry_at: Option<OffsetDateTime>,
+}
+
+/// How the previous run of a restarted worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastExit {
+    /// The exit code, when the process exited by itself.
+    pub code: Option<i32>,
+    /// `killed` when a signal nobody asked for ended it.
+    pub reason: Option<FailReason>,
+    /// When it ended.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 /// A worker as clients see it (SPEC §2).
@@ -200,6 +230,16 @@ pub struct WorkerView {
     pub args: Vec<String>,
     /// The argv asked for in place of a profile.
     pub command: Option<Vec<String>>,
+    /// How often a restart policy started the worker again. Absent from an older roster's
+    /// answer, and then 0.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the previous run ended, once the worker was restarted.
+    #[serde(default)]
+    pub last_exit: Option<LastExit>,
+    /// While the worker waits to be restarted (as `starting`): when the next run is due.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub retry_at: Option<OffsetDateTime>,
 }
 
 impl WorkerView {
@@ -220,6 +260,9 @@ impl WorkerView {
             profile: worker.profile.clone(),
             args: worker.args.clone(),
             command: worker.command.clone(),
+            restarts: worker.restarts,
+            last_exit: worker.last_exit,
+            retry_at: worker.retry_at,
         }
     }
 }
@@ -739,6 +782,9 @@ mod tests {
             profile: Some("shell".into()),
             args: vec![],
             command: None,
+            restarts: 0,
+            last_exit: None,
+            retry_at: None,
         };
         let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();
         let view = WorkerView::from_source(id, RuntimeId::new("local").unwrap(), &w);

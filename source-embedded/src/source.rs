@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use registry_core::{
-    Capabilities, Diagnostic, HealthStatus, OutputChunk, OutputEvent, OutputRequest, OutputStream,
-    RegistryError, RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker,
-    SpawnRequest,
+    Capabilities, Diagnostic, HealthStatus, LastExit, OutputChunk, OutputEvent, OutputRequest,
+    OutputStream, RegistryError, RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey,
+    SourceWorker, SpawnRequest,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -122,6 +122,13 @@ impl Keys {
             profile: info.profile,
             args: info.args,
             command: info.command,
+            restarts: info.restarts,
+            last_exit: info.last_exit.map(|e| LastExit {
+                code: e.code,
+                reason: e.reason,
+                at: at(e.at),
+            }),
+            retry_at: info.retry_at.map(at),
         }
     }
 
