@@ -47,7 +47,7 @@ pub use events::{
 pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory, SourceKind};
 pub use id::{IdIssuer, RuntimeId, SourceKey, WorkerId, KEY_FILE};
 pub use model::{
-    limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, RuntimeView,
+    limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, LastExit, RuntimeView,
     SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
 };
 pub use redact::Redacted;

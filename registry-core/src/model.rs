@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{RegistryError, RuntimeId, SourceKey, WorkerId};
+use crate::{RegistryError, RuntimeId, SourceKey, WorkerId, REDACTED};
 
 /// A worker's state (SPEC §2). `exited`, `stopped` and `failed` are terminal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -74,6 +74,17 @@ impl WorkerState {
         }
     }
 
+    /// The state-order rule across restarts: `runs` and `next_runs` count the restarts a
+    /// worker had by each report. A higher count is a new run of the same worker, which starts
+    /// over (at `starting`); within a run [`may_become`](Self::may_become) holds. A terminal
+    /// worker never changes again, and the count never goes back.
+    pub fn may_become_across_runs(self, runs: u32, next: WorkerState, next_runs: u32) -> bool {
+        if self.is_terminal() || next_runs < runs {
+            return false;
+        }
+        next_runs > runs || self.may_become(next)
+    }
+
     /// The wire name (`running`, …).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -118,6 +129,9 @@ pub enum FailReason {
     Killed,
     /// The source lost it for good.
     Lost,
+    /// Its restart policy gave up: it was restarted `max_restarts` times within the
+    /// restart window and ended once more.
+    CrashLoop,
 }
 
 /// Which output stream a chunk came from.
@@ -159,6 +173,25 @@ pub struct SourceWorker {
     pub args: Vec<String>,
     /// The argv the client asked for in place of a profile.
     pub command: Option<Vec<String>>,
+    /// How often a restart policy started the worker again (0 where there is none).
+    pub restarts: u32,
+    /// How the previous run ended, once the worker was restarted.
+    pub last_exit: Option<LastExit>,
+    /// While the worker waits to be restarted (as `starting`): when the next run is due.
+    pub retry_at: Option<OffsetDateTime>,
+}
+
+/// How the previous run of a restarted worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastExit {
+    /// The exit code, when the process exited by itself.
+    pub code: Option<i32>,
+    /// `killed` when a signal nobody asked for ended it.
+    pub reason: Option<FailReason>,
+    /// When it ended.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 /// A worker as clients see it (SPEC §2).
@@ -197,6 +230,16 @@ pub struct WorkerView {
     pub args: Vec<String>,
     /// The argv asked for in place of a profile.
     pub command: Option<Vec<String>>,
+    /// How often a restart policy started the worker again. Absent from an older roster's
+    /// answer, and then 0.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the previous run ended, once the worker was restarted.
+    #[serde(default)]
+    pub last_exit: Option<LastExit>,
+    /// While the worker waits to be restarted (as `starting`): when the next run is due.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub retry_at: Option<OffsetDateTime>,
 }
 
 impl WorkerView {
@@ -217,6 +260,9 @@ impl WorkerView {
             profile: worker.profile.clone(),
             args: worker.args.clone(),
             command: worker.command.clone(),
+            restarts: worker.restarts,
+            last_exit: worker.last_exit,
+            retry_at: worker.retry_at,
         }
     }
 }
@@ -395,7 +441,8 @@ pub struct SpawnRequest {
     pub request_id: Option<String>,
 }
 
-/// Limits on a spawn request's fields.
+/// Limits on a spawn request's fields and on a stop's grace period: the one copy every source
+/// and the server use.
 pub mod limits {
     /// Longest name, label key or value, request id, profile name (bytes).
     pub const MAX_SHORT_TEXT: usize = 256;
@@ -411,6 +458,9 @@ pub mod limits {
     pub const MAX_ARGV_BYTES: usize = 256 << 10;
     /// Longest initial `stdin`.
     pub const MAX_STDIN_BYTES: usize = 1 << 20;
+    /// Longest grace period between SIGTERM and SIGKILL: one day. A longer one (from a stop,
+    /// a profile or the config) is cut to this by the sources, and refused by the HTTP API.
+    pub const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 }
 
 impl SpawnRequest {
@@ -527,7 +577,15 @@ impl fmt::Debug for SpawnRequest {
             .field("profile", &self.profile)
             .field("command", &self.command)
             .field("args", &self.args)
-            .field("env", &format_args!("<{} redacted>", self.env.len()))
+            // The names only: a value may be a secret.
+            .field(
+                "env",
+                &self
+                    .env
+                    .keys()
+                    .map(|k| (k, REDACTED))
+                    .collect::<BTreeMap<_, _>>(),
+            )
             .field("name", &self.name)
             .field("labels", &self.labels)
             .field("stdin", &self.stdin.as_ref().map(|s| s.len()))
@@ -724,6 +782,9 @@ mod tests {
             profile: Some("shell".into()),
             args: vec![],
             command: None,
+            restarts: 0,
+            last_exit: None,
+            retry_at: None,
         };
         let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();
         let view = WorkerView::from_source(id, RuntimeId::new("local").unwrap(), &w);

@@ -631,10 +631,13 @@ impl Inner {
         let view = WorkerView::from_source(id.clone(), runtime.clone(), worker);
         let mut furthest = view.state;
         if let Some(old) = st.workers.get(&id) {
-            if old.view == view || !old.furthest.may_become(view.state) {
+            let moves_on =
+                old.furthest
+                    .may_become_across_runs(old.view.restarts, view.state, view.restarts);
+            if old.view == view || !moves_on {
                 return id;
             }
-            if view.state == WorkerState::Unknown {
+            if view.state == WorkerState::Unknown && view.restarts == old.view.restarts {
                 furthest = old.furthest;
             }
         }

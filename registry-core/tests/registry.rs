@@ -66,6 +66,9 @@ impl Scripted {
             profile: Some("shell".into()),
             args: vec![],
             command: None,
+            restarts: 0,
+            last_exit: None,
+            retry_at: None,
         }
     }
 

@@ -244,8 +244,8 @@ struct StopBody {
     grace_ms: Option<u64>,
 }
 
-/// The longest grace a stop may ask for (a day): longer is surely a mistake.
-const MAX_GRACE_MS: u64 = 86_400_000;
+/// The longest grace a stop may ask for (the core's, a day): longer is surely a mistake.
+const MAX_GRACE_MS: u64 = registry_core::limits::MAX_GRACE.as_secs() * 1000;
 
 async fn stop(
     app: &Arc<App>,

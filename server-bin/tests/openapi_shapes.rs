@@ -1340,6 +1340,34 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
         .add_runtime(RuntimeId::new("flaky")?, "flaky", Arc::new(Flaky::new()?))
         .await?;
 
+    // A worker waiting to be restarted: `restarts`, `last_exit` and `retry_at` are set.
+    let again: EmbeddedConfig = toml::from_str(
+        "[profiles.again]\ncommand = [\"/bin/sh\", \"-c\"]\nrestart = \"always\"\n\
+         restart_backoff = { base = \"60s\", cap = \"60s\" }\n",
+    )?;
+    server
+        .registry
+        .add_runtime(
+            RuntimeId::new("again")?,
+            "embedded",
+            Arc::new(EmbeddedSource::new(again)?),
+        )
+        .await?;
+    // One run ended with a code, one by a signal: `last_exit` holds each of its fields.
+    for script in ["exit 3", "kill -9 $$"] {
+        let body = json!({ "profile": "again", "args": [script] }).to_string();
+        let waiting = id_of(
+            &api.post(&server, "/v1/runtimes/again/workers", &body)
+                .await?,
+        )?;
+        api.wait_worker(&server, &waiting, |w| !w["retry_at"].is_null())
+            .await?;
+        let stop = api
+            .post(&server, &format!("/v1/workers/{waiting}/stop"), "{}")
+            .await?;
+        expect(&stop, 202, "")?;
+    }
+
     // Workers of every end: exited (with output on both streams), stopped, failed.
     let body = json!({
         "profile": "shell", "args": ["echo out; echo err >&2"], "name": "a",

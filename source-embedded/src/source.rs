@@ -6,15 +6,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use registry_core::{
-    Capabilities, Diagnostic, FailReason, HealthStatus, OutputChunk, OutputEvent, OutputRequest,
+    Capabilities, Diagnostic, HealthStatus, LastExit, OutputChunk, OutputEvent, OutputRequest,
     OutputStream, RegistryError, RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey,
-    SourceWorker, SpawnRequest, StreamKind, WorkerState,
+    SourceWorker, SpawnRequest,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use worker_runtime::{
-    EventReader, LocalId, OutputItem, OutputReader, Runtime, RuntimeEvent, SpawnSpec, State,
-    WorkerInfo,
+    EventReader, LocalId, OutputItem, OutputReader, Runtime, RuntimeEvent, WorkerInfo,
 };
 
 use crate::error::registry_error;
@@ -49,7 +48,7 @@ impl EmbeddedSource {
     /// config (a profile with an empty command, an `event_retention` of 0) and `internal`
     /// outside a tokio runtime.
     pub fn new(config: EmbeddedConfig) -> Result<Self, RegistryError> {
-        let runtime = Runtime::new(config.runtime_config()).map_err(registry_error)?;
+        let runtime = Runtime::new(config).map_err(registry_error)?;
         let (closing, _) = watch::channel(false);
         Ok(EmbeddedSource { runtime, closing })
     }
@@ -113,20 +112,9 @@ impl Keys {
             key: self.key(info.id),
             name: info.name,
             labels: info.labels,
-            state: match info.state {
-                State::Starting => WorkerState::Starting,
-                State::Running => WorkerState::Running,
-                State::Stopping => WorkerState::Stopping,
-                State::Exited => WorkerState::Exited,
-                State::Stopped => WorkerState::Stopped,
-                State::Failed => WorkerState::Failed,
-            },
+            state: info.state,
             exit_code: info.exit_code,
-            reason: info.reason.map(|r| match r {
-                worker_runtime::FailReason::SpawnFailed => FailReason::SpawnFailed,
-                worker_runtime::FailReason::Killed => FailReason::Killed,
-                worker_runtime::FailReason::Lost => FailReason::Lost,
-            }),
+            reason: info.reason,
             created_at: at(info.created_at),
             started_at: info.started_at.map(at),
             ended_at: info.ended_at.map(at),
@@ -134,6 +122,13 @@ impl Keys {
             profile: info.profile,
             args: info.args,
             command: info.command,
+            restarts: info.restarts,
+            last_exit: info.last_exit.map(|e| LastExit {
+                code: e.code,
+                reason: e.reason,
+                at: at(e.at),
+            }),
+            retry_at: info.retry_at.map(at),
         }
     }
 
@@ -163,28 +158,8 @@ impl RuntimeSource for EmbeddedSource {
     }
 
     async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
-        request.validate()?;
-        let SpawnRequest {
-            profile,
-            command,
-            args,
-            env,
-            name,
-            labels,
-            stdin,
-            request_id,
-        } = request;
-        let spec = SpawnSpec {
-            profile,
-            command,
-            args,
-            env,
-            name,
-            labels,
-            stdin,
-            request_id,
-        };
-        let info = self.runtime.spawn(spec).await.map_err(registry_error)?;
+        // The worker runtime takes the core's request as it is, and validates it itself.
+        let info = self.runtime.spawn(request).await.map_err(registry_error)?;
         Ok(self.keys().worker(info))
     }
 
@@ -363,14 +338,9 @@ async fn forward_output(
         };
         let Some(item) = item else { return };
         let event = match item {
-            OutputItem::Chunk { seq, stream, data } => OutputEvent::Chunk(OutputChunk {
-                seq,
-                stream: match stream {
-                    worker_runtime::Stream::Stdout => StreamKind::Stdout,
-                    worker_runtime::Stream::Stderr => StreamKind::Stderr,
-                },
-                data,
-            }),
+            OutputItem::Chunk { seq, stream, data } => {
+                OutputEvent::Chunk(OutputChunk { seq, stream, data })
+            }
             OutputItem::Gap { from, to } => OutputEvent::Gap { from, to },
             OutputItem::End => OutputEvent::End,
         };

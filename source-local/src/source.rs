@@ -725,6 +725,9 @@ fn view(w: &Worker) -> SourceWorker {
         profile: None,
         args: Vec::new(),
         command: None,
+        restarts: 0,
+        last_exit: None,
+        retry_at: None,
     }
 }
 

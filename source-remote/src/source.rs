@@ -281,7 +281,7 @@ impl Shared {
     /// `listed_only`, only a worker the table holds.
     fn learn_locked(&self, st: &mut State, worker: SourceWorker, listed_only: bool) {
         let newer = match st.table.get(worker.key.as_str()) {
-            Some(old) => old.lost_at.is_none() && later(old.worker.state, worker.state),
+            Some(old) => old.lost_at.is_none() && later_report(&old.worker, &worker),
             None => !listed_only,
         };
         if newer {
@@ -612,6 +612,17 @@ fn later(old: WorkerState, new: WorkerState) -> bool {
     new != old && new != WorkerState::Unknown && old.may_become(new)
 }
 
+/// Whether the report `new` of a worker is further along than `old`: a later run (more
+/// restarts), or the same run in a [`later`] state.
+fn later_report(old: &SourceWorker, new: &SourceWorker) -> bool {
+    if new.restarts != old.restarts {
+        return old
+            .state
+            .may_become_across_runs(old.restarts, new.state, new.restarts);
+    }
+    later(old.state, new.state)
+}
+
 /// The remote's view of a worker, keyed by its id there.
 fn from_view(view: &WorkerView) -> SourceWorker {
     SourceWorker {
@@ -628,6 +639,9 @@ fn from_view(view: &WorkerView) -> SourceWorker {
         profile: view.profile.clone(),
         args: view.args.clone(),
         command: view.command.clone(),
+        restarts: view.restarts,
+        last_exit: view.last_exit,
+        retry_at: view.retry_at,
     }
 }
 

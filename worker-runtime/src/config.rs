@@ -1,13 +1,32 @@
-//! Runtime configuration and spawn profiles.
+//! The runtime's configuration and its spawn profiles: the one deserialized shape of an
+//! `embedded` runtime's config table.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use crate::restart::{Backoff, Restart, RestartPolicy};
+use registry_core::de;
+use serde::Deserialize;
 
-/// Settings of one [`Runtime`](crate::Runtime).
+/// Settings of one [`Runtime`](crate::Runtime), and the one copy of them: the `embedded`
+/// source reads its `[[runtimes]]` table straight into this struct (every key optional,
+/// an unknown key an error that names it), e.g. in TOML:
+///
+/// ```toml
+/// max_workers = 256            # live workers at once
+/// max_finished = 1024          # finished records kept; the oldest go first
+/// allow_commands = false       # may a spawn give an argv instead of a profile?
+/// output_retention = "1MiB"    # output kept per worker (bytes, or "512KiB", …)
+/// retain_finished = "1h"       # how long a finished record is kept
+/// grace = "10s"                # SIGTERM → SIGKILL, unless the stop or the profile says
+/// event_retention = 4096       # the runtime's event ring, in events
+/// event_retention_bytes = "16MiB"  # … and in bytes (approximate)
+/// max_pending_input = "1MiB"   # stdin bytes that may wait for one worker
+/// [profiles.shell]
+/// command = ["/bin/sh", "-c"]
+/// ```
 ///
 /// `Default` gives the documented defaults; set the fields you need with struct update syntax:
 ///
@@ -19,7 +38,8 @@ use serde::{Deserialize, Deserializer};
 /// };
 /// assert_eq!(config.output_retention, 1024 * 1024);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Live (non-terminal) workers allowed at once; a spawn beyond it is
     /// [`RuntimeError::CapacityExceeded`](crate::RuntimeError::CapacityExceeded). Default 256.
@@ -32,20 +52,31 @@ pub struct RuntimeConfig {
     /// The spawn templates, by name.
     pub profiles: BTreeMap<String, Profile>,
     /// Output bytes kept per worker (at least this many of the newest bytes). Default 1 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
     pub output_retention: u64,
     /// How long a terminal worker record is kept before it is removed. Default 1 h.
+    #[serde(deserialize_with = "de::duration")]
     pub retain_finished: Duration,
     /// Time between SIGTERM and SIGKILL when stopping, unless the stop request or the
     /// profile says otherwise. Default 10 s; at most [`MAX_GRACE`](crate::limits::MAX_GRACE).
-    pub default_grace: Duration,
+    #[serde(deserialize_with = "de::duration")]
+    pub grace: Duration,
     /// Events kept in the runtime's event ring. Default 4096; must be at least 1.
     pub event_retention: usize,
     /// Approximate bytes the event ring may hold (the strings of each event's worker view plus
     /// a fixed overhead per event); beyond it the oldest events are evicted, as beyond
     /// `event_retention`. The newest event is always kept. Default 16 MiB.
+    #[serde(deserialize_with = "de::byte_size")]
     pub event_retention_bytes: u64,
     /// Bytes that may wait in one worker's stdin queue. Default 1 MiB.
+    #[serde(deserialize_with = "usize_size")]
     pub max_pending_input: usize,
+}
+
+/// A size, as [`de::byte_size`], that fits this machine's `usize`.
+fn usize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = de::byte_size(d)?;
+    usize::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too large")))
 }
 
 impl Default for RuntimeConfig {
@@ -57,7 +88,7 @@ impl Default for RuntimeConfig {
             profiles: BTreeMap::new(),
             output_retention: 1024 * 1024,
             retain_finished: Duration::from_secs(3600),
-            default_grace: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
             event_retention: 4096,
             event_retention_bytes: 16 * 1024 * 1024,
             max_pending_input: 1024 * 1024,
@@ -93,12 +124,40 @@ pub struct Profile {
     pub env: BTreeMap<String, String>,
     /// Output bytes kept per worker; overrides [`RuntimeConfig::output_retention`].
     /// In config files a number of bytes or a size such as `"4MiB"`.
-    #[serde(default, deserialize_with = "deserialize_opt_size")]
+    #[serde(default, deserialize_with = "de::opt_byte_size")]
     pub output_retention: Option<u64>,
-    /// Time between SIGTERM and SIGKILL; overrides [`RuntimeConfig::default_grace`].
+    /// Time between SIGTERM and SIGKILL; overrides [`RuntimeConfig::grace`].
     /// In config files a human duration such as `"10s"` or `"500ms"`.
-    #[serde(default, deserialize_with = "deserialize_opt_duration")]
+    #[serde(default, deserialize_with = "de::opt_duration")]
     pub grace: Option<Duration>,
+    /// When a worker's process that ended by itself is started again: `"never"` (the
+    /// default), `"on-failure"` or `"always"`. See [`Restart`].
+    #[serde(default)]
+    pub restart: Restart,
+    /// The delay before a restart: `{ base = "500ms", cap = "60s", reset_after = "30s" }`
+    /// (each key optional). See [`Backoff`].
+    #[serde(default)]
+    pub restart_backoff: Backoff,
+    /// Most restarts within `restart_window`; the exit after them makes the worker `failed`
+    /// with reason `crash_loop`. Default 10.
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// The window `max_restarts` counts in, e.g. `"10m"` (the default).
+    #[serde(default, deserialize_with = "de::opt_duration")]
+    pub restart_window: Option<Duration>,
+}
+
+impl Profile {
+    /// The restart policy these keys make.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        let default = RestartPolicy::default();
+        RestartPolicy {
+            restart: self.restart,
+            backoff: self.restart_backoff,
+            max_restarts: self.max_restarts.unwrap_or(default.max_restarts),
+            window: self.restart_window.unwrap_or(default.window),
+        }
+    }
 }
 
 impl fmt::Debug for Profile {
@@ -109,6 +168,10 @@ impl fmt::Debug for Profile {
             .field("env", &RedactedMap(&self.env))
             .field("output_retention", &self.output_retention)
             .field("grace", &self.grace)
+            .field("restart", &self.restart)
+            .field("restart_backoff", &self.restart_backoff)
+            .field("max_restarts", &self.max_restarts)
+            .field("restart_window", &self.restart_window)
             .finish()
     }
 }
@@ -131,65 +194,6 @@ impl fmt::Debug for RedactedMap<'_> {
             .entries(self.0.keys().map(|k| (k, Redacted)))
             .finish()
     }
-}
-
-fn deserialize_opt_duration<'de, D>(deserializer: D) -> Result<Option<Duration>, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-}
-
-/// A size: bytes as a number, or a string with a unit (B, kB, KiB, MB, MiB, GB, GiB).
-///
-/// The registry's config helpers read sizes the same way; this crate keeps its own copy so
-/// that it depends on no registry crate.
-fn deserialize_opt_size<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    struct Size;
-    impl serde::de::Visitor<'_> for Size {
-        type Value = u64;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a size: bytes as a whole number, or a string such as \"4MiB\"")
-        }
-        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
-            Ok(n)
-        }
-        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
-            u64::try_from(n)
-                .map_err(|_| E::custom(format!("{n} is not a size: a size is not negative")))
-        }
-        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
-            let t = text.trim();
-            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let mult: Option<u64> = match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => Some(1),
-                "kb" => Some(1_000),
-                "kib" => Some(1 << 10),
-                "mb" => Some(1_000_000),
-                "mib" => Some(1 << 20),
-                "gb" => Some(1_000_000_000),
-                "gib" => Some(1 << 30),
-                _ => None,
-            };
-            num.parse::<u64>()
-                .ok()
-                .zip(mult)
-                .and_then(|(n, m)| n.checked_mul(m))
-                .ok_or_else(|| {
-                    E::custom(format!(
-                        "{text:?} is not a size; write bytes as a number, or e.g. \"4MiB\""
-                    ))
-                })
-        }
-    }
-    deserializer.deserialize_any(Size).map(Some)
 }
 
 #[cfg(test)]
@@ -232,6 +236,38 @@ mod tests {
         let minimal: Profile = toml::from_str(r#"command = ["true"]"#).unwrap();
         assert_eq!(minimal.grace, None);
         assert!(minimal.env.is_empty() && minimal.cwd.is_none());
+    }
+
+    #[test]
+    fn a_profile_reads_its_restart_policy() {
+        let p: Profile = toml::from_str(
+            r#"
+            command = ["/bin/sh", "-c"]
+            restart = "on-failure"
+            restart_backoff = { base = "100ms", cap = "5s" }
+            max_restarts = 3
+            restart_window = "1m"
+            "#,
+        )
+        .unwrap();
+        let policy = p.restart_policy();
+        assert_eq!(policy.restart, Restart::OnFailure);
+        assert_eq!(policy.backoff.base, Duration::from_millis(100));
+        assert_eq!(policy.backoff.cap, Duration::from_secs(5));
+        assert_eq!(policy.backoff.reset_after, Duration::from_secs(30));
+        assert_eq!(
+            (policy.max_restarts, policy.window),
+            (3, Duration::from_secs(60))
+        );
+        let none: Profile = toml::from_str(r#"command = ["true"]"#).unwrap();
+        assert_eq!(none.restart_policy(), RestartPolicy::default());
+        assert!(
+            toml::from_str::<Profile>("command = [\"true\"]\nrestart = \"sometimes\"").is_err()
+        );
+        assert!(toml::from_str::<Profile>(
+            "command = [\"true\"]\nrestart_backoff = { base = \"1s\", jitter = 1 }"
+        )
+        .is_err());
     }
 
     #[test]

@@ -82,6 +82,13 @@
 //! [`State`]). A worker becomes terminal only after its output is drained, so
 //! [`OutputItem::End`] always follows its last chunk, and a terminal state never changes.
 //!
+//! **Restarts.** A profile's [`RestartPolicy`] may start a worker whose process ended by
+//! itself again, after a jittered, capped exponential delay: same id, same output log (seqs
+//! go on; a line on stderr marks each restart), `Starting` with
+//! [`WorkerInfo::retry_at`] while it waits, [`WorkerInfo::restarts`] and
+//! [`WorkerInfo::last_exit`] counting and describing the runs. Past `max_restarts` within the
+//! window it fails with [`FailReason::CrashLoop`]; a stop ends the policy at once.
+//!
 //! **Events.** Every change of a worker is a [`RuntimeEvent::Upserted`] with its full view,
 //! every removal a [`RuntimeEvent::Removed`], numbered from 1 in a ring bounded by count and
 //! by bytes.
@@ -100,8 +107,12 @@
 
 mod config;
 mod events;
-pub mod limits;
+/// Bounds on one spawn request and on a stop's grace period: the core's, which the registry
+/// and every source share. [`Runtime::spawn`] refuses a request beyond them with
+/// [`RuntimeError::InvalidRequest`], whose message names the field (never its value).
+pub use registry_core::limits;
 mod output;
+mod restart;
 mod runtime;
 mod spawner;
 mod sys;
@@ -112,5 +123,8 @@ mod watchdog;
 pub use config::{Profile, RuntimeConfig};
 pub use events::{EventReader, RuntimeEvent};
 pub use output::{OutputItem, OutputReader};
+pub use restart::{Backoff, Restart, RestartPolicy, MAX_RESTARTS_LIMIT};
 pub use runtime::Runtime;
-pub use types::{FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo};
+pub use types::{
+    FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
+};

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use registry_core::output_log::{OutputLog, OutputReader as LogReader};
-use registry_core::{OutputEvent, OutputRequest, StreamKind};
+use registry_core::{OutputEvent, OutputRequest};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
 
@@ -38,13 +38,6 @@ pub enum OutputItem {
     End,
 }
 
-fn stream_kind(stream: Stream) -> StreamKind {
-    match stream {
-        Stream::Stdout => StreamKind::Stdout,
-        Stream::Stderr => StreamKind::Stderr,
-    }
-}
-
 /// Copies one pipe into the log: reads of up to [`CHUNK_SIZE`] bytes, never splitting a
 /// UTF-8 character between chunks (an incomplete one is carried into the next chunk and
 /// flushed at end of file). Every read of at least one byte notifies `activity`, so the
@@ -57,7 +50,7 @@ pub(crate) async fn capture<R>(
 ) where
     R: AsyncRead + Unpin,
 {
-    let mut writer = log.writer(stream_kind(stream));
+    let mut writer = log.writer(stream);
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
         let n = match pipe.read(&mut buf).await {
@@ -65,7 +58,7 @@ pub(crate) async fn capture<R>(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::debug!(error = %e, stream = stream.as_str(), "worker output read failed");
+                tracing::debug!(error = %e, stream = ?stream, "worker output read failed");
                 break;
             }
         };
@@ -102,10 +95,7 @@ impl OutputReader {
         Some(match self.inner.next().await? {
             OutputEvent::Chunk(chunk) => OutputItem::Chunk {
                 seq: chunk.seq,
-                stream: match chunk.stream {
-                    StreamKind::Stdout => Stream::Stdout,
-                    StreamKind::Stderr => Stream::Stderr,
-                },
+                stream: chunk.stream,
                 data: chunk.data,
             },
             OutputEvent::Gap { from, to } => OutputItem::Gap { from, to },
@@ -155,7 +145,7 @@ mod tests {
     async fn a_gap_and_end_come_through_in_this_crate_s_types() {
         let log = OutputLog::new(10);
         for _ in 0..5 {
-            log.push(StreamKind::Stdout, bytes::Bytes::from_static(b"12345"));
+            log.push(Stream::Stdout, bytes::Bytes::from_static(b"12345"));
         }
         log.finish();
         let mut reader = OutputReader::new(&log, 0, true).unwrap();

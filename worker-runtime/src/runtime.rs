@@ -26,8 +26,11 @@ use crate::config::RuntimeConfig;
 use crate::events::{EventLog, EventReader, NewEvent};
 use crate::limits::MAX_GRACE;
 use crate::output::OutputReader;
+use crate::restart::{Decision, Ending, Restarts, MAX_RESTARTS_LIMIT};
 use crate::spawner::Spawner;
-use crate::types::{FailReason, LocalId, Problem, RuntimeError, SpawnSpec, State, WorkerInfo};
+use crate::types::{
+    FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, WorkerInfo,
+};
 use crate::util::lock;
 use crate::watchdog::Watchdog;
 use plan::Plan;
@@ -99,6 +102,13 @@ struct Record {
     stdin_rx: Option<mpsc::UnboundedReceiver<StdinItem>>,
     /// Set by the writer task when the pipe broke (the worker closed its stdin).
     stdin_broken: Arc<AtomicBool>,
+    /// The restart policy's bookkeeping.
+    restarts: Restarts,
+    /// The timer task that starts the next run while the worker waits to be restarted;
+    /// taken by that task when it fires, aborted by a stop.
+    retry_timer: Option<AbortHandle>,
+    /// When the current run's process started.
+    run_started: Option<Instant>,
 }
 
 struct Process {
@@ -132,6 +142,11 @@ impl Runtime {
             if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
                 return Err(RuntimeError::InvalidRequest(format!(
                     "profile {name:?} has an empty command"
+                )));
+            }
+            if profile.max_restarts.is_some_and(|n| n > MAX_RESTARTS_LIMIT) {
+                return Err(RuntimeError::InvalidRequest(format!(
+                    "profile {name:?}: `max_restarts` is at most {MAX_RESTARTS_LIMIT}"
                 )));
             }
         }
@@ -449,17 +464,11 @@ impl Inner {
             profile: spec.profile.clone(),
             args: spec.args.clone(),
             command: spec.command.clone(),
+            restarts: 0,
+            last_exit: None,
+            retry_at: None,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Some(text) = spec.stdin.as_ref().filter(|t| !t.is_empty()) {
-            // The initial text goes first, outside the pending-input budget.
-            let _ = tx.send((Bytes::from(text.clone()), None));
-        }
-        let permits = self.config.max_pending_input.min(Semaphore::MAX_PERMITS);
-        let stdin = StdinQueue {
-            tx,
-            permits: Arc::new(Semaphore::new(permits)),
-        };
+        let (stdin, rx) = self.stdin_queue(&spec);
         if let Some(request_id) = &spec.request_id {
             table.request_ids.insert(request_id.clone(), id);
         }
@@ -478,10 +487,28 @@ impl Inner {
                 stdin: Some(stdin),
                 stdin_rx: Some(rx),
                 stdin_broken: Arc::new(AtomicBool::new(false)),
+                restarts: Restarts::new(plan.restart),
+                retry_timer: None,
+                run_started: None,
             },
         );
         table.upsert(id);
         id
+    }
+
+    /// A fresh stdin queue for a run of the worker, holding the request's initial text.
+    fn stdin_queue(&self, spec: &SpawnSpec) -> (StdinQueue, mpsc::UnboundedReceiver<StdinItem>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(text) = spec.stdin.as_ref().filter(|t| !t.is_empty()) {
+            // The initial text goes first, outside the pending-input budget.
+            let _ = tx.send((Bytes::from(text.clone()), None));
+        }
+        let permits = self.config.max_pending_input.min(Semaphore::MAX_PERMITS);
+        let queue = StdinQueue {
+            tx,
+            permits: Arc::new(Semaphore::new(permits)),
+        };
+        (queue, rx)
     }
 
     /// Records that the process could not be started.
@@ -497,6 +524,14 @@ impl Inner {
         let mut table = lock(&self.table);
         let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
         if record.info.state.is_terminal() {
+            return Ok(());
+        }
+        if let Some(timer) = record.retry_timer.take() {
+            // Waiting to be restarted: the stop ends the policy, and the worker, at once.
+            timer.abort();
+            record.stop_requested = true;
+            table.end(id, State::Stopped, None, None, None);
+            table.enforce_max_finished(self.config.max_finished);
             return Ok(());
         }
         if record.process.as_ref().is_some_and(|p| p.group.is_gone()) {
@@ -565,10 +600,12 @@ impl Inner {
         }
     }
 
-    /// Records how the worker ended. Called after its pipes are drained.
-    fn finished(&self, id: LocalId, status: io::Result<ExitStatus>) {
+    /// Records how the worker's process ended, and ends the worker unless its restart policy
+    /// starts it again. Called after its pipes are drained.
+    fn finished(self: &Arc<Self>, id: LocalId, status: io::Result<ExitStatus>) {
         let mut table = lock(&self.table);
-        let Some(record) = table.workers.get(&id) else {
+        let closed = table.closed;
+        let Some(record) = table.workers.get_mut(&id) else {
             return;
         };
         let stopped = record.stop_requested;
@@ -589,6 +626,35 @@ impl Inner {
                 (State::Failed, None, None, Some(FailReason::Lost))
             }
         };
+        let mut reason = reason;
+        let ended_by_itself = state == State::Exited || reason == Some(FailReason::Killed);
+        if ended_by_itself && !closed && !record.info.state.is_terminal() {
+            let ending = if exit_code == Some(0) {
+                Ending::Success
+            } else {
+                Ending::Failure
+            };
+            let ran = record.run_started.map(|t| t.elapsed()).unwrap_or_default();
+            match record.restarts.decide(ending, ran, Instant::now()) {
+                Decision::End => {}
+                Decision::CrashLoop => {
+                    let (code, signal) = (exit_code, signal);
+                    table.end(id, State::Failed, code, signal, Some(FailReason::CrashLoop));
+                    table.enforce_max_finished(self.config.max_finished);
+                    return;
+                }
+                Decision::Restart(delay) => {
+                    let last = LastExit {
+                        code: exit_code,
+                        signal,
+                        reason: reason.take(),
+                        at: SystemTime::now(),
+                    };
+                    self.schedule_restart(&mut table, id, delay, last);
+                    return;
+                }
+            }
+        }
         table.end(id, state, exit_code, signal, reason);
         table.enforce_max_finished(self.config.max_finished);
     }
@@ -624,7 +690,11 @@ impl Table {
         record.stdin = None;
         record.stdin_rx = None;
         record.kill_at = None;
+        record.info.retry_at = None;
         if let Some(timer) = record.kill_timer.take() {
+            timer.abort();
+        }
+        if let Some(timer) = record.retry_timer.take() {
             timer.abort();
         }
         // The terminal state is published before the output's end, so a reader that gets `End`
@@ -692,6 +762,9 @@ impl Drop for Inner {
             // there (a worker still starting has no supervisor that could end its output).
             record.output.close();
             if let Some(timer) = &record.kill_timer {
+                timer.abort();
+            }
+            if let Some(timer) = &record.retry_timer {
                 timer.abort();
             }
         }

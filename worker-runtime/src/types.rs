@@ -1,4 +1,5 @@
-//! The public value types: ids, spawn requests, worker views, states and errors.
+//! The public value types of the runtime: local ids, worker views and errors. Spawn requests,
+//! states, fail reasons and stream names are the core's own types, re-exported here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -6,7 +7,7 @@ use std::num::ParseIntError;
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use crate::config::{Redacted, RedactedMap};
+use registry_core::SpawnRequest;
 
 /// A worker's id inside one [`Runtime`](crate::Runtime): issued from 1 upwards, never reused by
 /// that runtime value. Combine it with [`Runtime::instance_id`](crate::Runtime::instance_id)
@@ -28,127 +29,31 @@ impl FromStr for LocalId {
     }
 }
 
-/// What to run: exactly one of `profile` or `command`, plus arguments and metadata.
+/// What to run: the core's [`SpawnRequest`], under the name this crate's callers know.
 ///
-/// `Debug` output redacts the env values and the stdin text.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct SpawnSpec {
-    /// The name of a [`Profile`](crate::Profile) of the runtime.
-    pub profile: Option<String>,
-    /// An argv to run instead of a profile; only where
-    /// [`RuntimeConfig::allow_commands`](crate::RuntimeConfig::allow_commands) is set.
-    pub command: Option<Vec<String>>,
-    /// Arguments appended to the profile's (or the command's) argv.
-    pub args: Vec<String>,
-    /// Environment for this worker, applied last (it wins over the profile's).
-    pub env: BTreeMap<String, String>,
-    /// A client-given name; not unique.
-    pub name: Option<String>,
-    /// Client-given labels.
-    pub labels: BTreeMap<String, String>,
-    /// Text written to the worker's stdin right after it starts.
-    pub stdin: Option<String>,
-    /// Idempotency key: a second spawn with the same key and the same spec returns the same
-    /// worker; with another spec it is a [`RuntimeError::Conflict`].
-    pub request_id: Option<String>,
-}
+/// Exactly one of `profile` (a [`Profile`](crate::Profile) of the runtime) or `command` (an
+/// argv, only where [`RuntimeConfig::allow_commands`](crate::RuntimeConfig::allow_commands)
+/// is set), plus arguments and metadata. [`Runtime::spawn`](crate::Runtime::spawn) checks it
+/// with [`SpawnRequest::validate`], the bounds of [`limits`](crate::limits). A second spawn
+/// with the same `request_id` and the same spec returns the same worker; with another spec it
+/// is a [`RuntimeError::Conflict`]. `Debug` output redacts the env values and the stdin text.
+pub type SpawnSpec = SpawnRequest;
 
-impl fmt::Debug for SpawnSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SpawnSpec")
-            .field("profile", &self.profile)
-            .field("command", &self.command)
-            .field("args", &self.args)
-            .field("env", &RedactedMap(&self.env))
-            .field("name", &self.name)
-            .field("labels", &self.labels)
-            .field("stdin", &self.stdin.as_ref().map(|_| Redacted))
-            .field("request_id", &self.request_id)
-            .finish()
-    }
-}
-
-/// A worker's lifecycle state.
+/// A worker's lifecycle state: the core's [`WorkerState`](registry_core::WorkerState).
 ///
-/// `Starting` → `Running` → `Stopping` → one of the terminal states `Exited`, `Stopped`,
-/// `Failed`. A terminal state never changes again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum State {
-    /// The record exists; the process is being created.
-    Starting,
-    /// The process runs.
-    Running,
-    /// A stop was asked: SIGTERM was sent, SIGKILL follows after the grace period.
-    Stopping,
-    /// The worker ended by itself, with an exit code.
-    Exited,
-    /// The worker ended after a stop request (`exit_code` is set if it exited by itself,
-    /// `signal` if a signal ended it).
-    Stopped,
-    /// The worker could not start or ended badly; see [`FailReason`].
-    Failed,
-}
+/// `Starting` → `Running` → `Stopping` → one of the terminal states `Exited`, `Stopped`
+/// (ended after a stop request; `exit_code` is set if it exited by itself, `signal` if a
+/// signal ended it), `Failed` (see [`FailReason`]). A terminal state never changes again. This
+/// runtime never reports `Unknown`: it always knows its own processes.
+pub use registry_core::WorkerState as State;
 
-impl State {
-    /// Whether the state is final (`Exited`, `Stopped` or `Failed`).
-    pub fn is_terminal(self) -> bool {
-        matches!(self, State::Exited | State::Stopped | State::Failed)
-    }
+/// Why a worker is [`State::Failed`]: the core's [`FailReason`](registry_core::FailReason).
+/// `SpawnFailed` (the program could not be started), `Killed` (a signal nobody asked for;
+/// [`WorkerInfo::signal`] holds its number) or `Lost` (the exit status could not be read).
+pub use registry_core::FailReason;
 
-    /// The lower-case wire name: `"starting"`, `"running"`, …
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Stopping => "stopping",
-            State::Exited => "exited",
-            State::Stopped => "stopped",
-            State::Failed => "failed",
-        }
-    }
-}
-
-/// Why a worker is [`State::Failed`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FailReason {
-    /// The program could not be started (not found, not executable, bad working directory).
-    SpawnFailed,
-    /// A signal nobody asked for ended the worker; [`WorkerInfo::signal`] holds its number.
-    Killed,
-    /// The runtime lost track of the worker. This runtime does not produce it; it exists for
-    /// sources that can.
-    Lost,
-}
-
-impl FailReason {
-    /// The snake-case wire name: `"spawn_failed"`, `"killed"`, `"lost"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailReason::SpawnFailed => "spawn_failed",
-            FailReason::Killed => "killed",
-            FailReason::Lost => "lost",
-        }
-    }
-}
-
-/// Which output stream a chunk came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Stream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
-
-impl Stream {
-    /// The lower-case wire name: `"stdout"` or `"stderr"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-}
+/// Which output stream a chunk came from: the core's [`StreamKind`](registry_core::StreamKind).
+pub use registry_core::StreamKind as Stream;
 
 /// The public view of a worker. It never holds a pid or the environment.
 #[derive(Clone, Debug, PartialEq)]
@@ -179,6 +84,26 @@ pub struct WorkerInfo {
     pub args: Vec<String>,
     /// The argv asked for, when spawned by command.
     pub command: Option<Vec<String>>,
+    /// How often the restart policy started the worker's process again.
+    pub restarts: u32,
+    /// How the previous run ended, once the worker was restarted.
+    pub last_exit: Option<LastExit>,
+    /// While the worker waits to be restarted (it is [`State::Starting`] then): when the next
+    /// run is due.
+    pub retry_at: Option<SystemTime>,
+}
+
+/// How a run of a restarted worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastExit {
+    /// The exit code, when the process exited by itself.
+    pub code: Option<i32>,
+    /// The number of the signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// [`FailReason::Killed`] when a signal nobody asked for ended it.
+    pub reason: Option<FailReason>,
+    /// When it ended.
+    pub at: SystemTime,
 }
 
 /// An error of a [`Runtime`](crate::Runtime) call.

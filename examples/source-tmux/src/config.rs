@@ -11,9 +11,9 @@ use serde::Deserialize;
 /// Longest `socket_name`.
 pub const MAX_SOCKET_NAME: usize = 64;
 
-/// Longest grace period between SIGTERM and SIGKILL: one day. A longer one (from a stop, a
-/// profile or the config) is cut to this.
-pub const MAX_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest grace period between SIGTERM and SIGKILL (the core's): a longer one (from a stop,
+/// a profile or the config) is cut to this.
+pub use registry_core::limits::MAX_GRACE;
 
 /// Settings of a `tmux` runtime: the keys of its `[[runtimes]]` table besides `name` and
 /// `source`. Every key is optional; an unknown key is an error that names it.

@@ -214,6 +214,9 @@ impl Inner {
             profile: request.profile.clone(),
             args: request.args.clone(),
             command: request.command.clone(),
+            restarts: 0,
+            last_exit: None,
+            retry_at: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(text) = request.stdin.as_ref().filter(|t| !t.is_empty()) {

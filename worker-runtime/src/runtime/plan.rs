@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use registry_core::RegistryError;
 use tokio::process::Command;
 
 use super::Inner;
-use crate::limits::{
-    MAX_ARGV_BYTES, MAX_ARG_BYTES, MAX_GRACE, MAX_LABELS, MAX_SHORT_TEXT, MAX_STDIN_BYTES,
-};
+use crate::config::Profile;
+use crate::limits::MAX_GRACE;
+use crate::restart::RestartPolicy;
 use crate::sys;
 use crate::types::{RuntimeError, SpawnSpec};
 
@@ -27,6 +28,7 @@ pub(super) struct Plan {
     pub(super) cwd: Option<PathBuf>,
     pub(super) retention: u64,
     pub(super) grace: Duration,
+    pub(super) restart: RestartPolicy,
 }
 
 impl Plan {
@@ -51,12 +53,17 @@ impl Inner {
     /// Validates a spawn request against the config and builds what to run.
     pub(super) fn plan(&self, spec: &SpawnSpec) -> Result<Plan, RuntimeError> {
         let invalid = |m: &str| RuntimeError::InvalidRequest(m.into());
-        check_bounds(spec)?;
+        // The request's shape and bounds are the core's rule; what is left here is what only
+        // this runtime's config can say (profiles, commands allowed) and the profile's env.
+        spec.validate().map_err(|e| match e {
+            RegistryError::InvalidRequest(message) => RuntimeError::InvalidRequest(message),
+            other => RuntimeError::InvalidRequest(other.public_message()),
+        })?;
         let (mut argv, profile) = match (&spec.profile, &spec.command) {
-            (Some(_), Some(_)) => {
-                return Err(invalid("give either a profile or a command, not both"))
+            // `validate` refused both and neither.
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(invalid("give either a profile or a command"))
             }
-            (None, None) => return Err(invalid("give a profile or a command")),
             (Some(name), None) => {
                 let profile = self.config.profiles.get(name).ok_or_else(|| {
                     let known: Vec<&str> =
@@ -124,54 +131,9 @@ impl Inner {
                 .unwrap_or(self.config.output_retention),
             grace: profile
                 .and_then(|p| p.grace)
-                .unwrap_or(self.config.default_grace)
+                .unwrap_or(self.config.grace)
                 .min(MAX_GRACE),
+            restart: profile.map(Profile::restart_policy).unwrap_or_default(),
         })
     }
-}
-
-/// Refuses a request beyond the [`limits`](crate::limits), naming the field.
-fn check_bounds(spec: &SpawnSpec) -> Result<(), RuntimeError> {
-    let invalid = |m: String| Err(RuntimeError::InvalidRequest(m));
-    let command = spec.command.as_deref().unwrap_or_default();
-    for (field, list) in [("command", command), ("args", &spec.args[..])] {
-        if list.iter().any(|a| a.len() > MAX_ARG_BYTES) {
-            return invalid(format!(
-                "an entry of `{field}` is longer than {MAX_ARG_BYTES} bytes"
-            ));
-        }
-    }
-    let argv_bytes = command
-        .iter()
-        .chain(&spec.args)
-        .chain(spec.env.iter().flat_map(|(k, v)| [k, v]))
-        .fold(0usize, |sum, s| sum.saturating_add(s.len()));
-    if argv_bytes > MAX_ARGV_BYTES {
-        return invalid(format!(
-            "`command`, `args` and `env` together are longer than {MAX_ARGV_BYTES} bytes"
-        ));
-    }
-    if spec
-        .stdin
-        .as_ref()
-        .is_some_and(|s| s.len() > MAX_STDIN_BYTES)
-    {
-        return invalid(format!("`stdin` is longer than {MAX_STDIN_BYTES} bytes"));
-    }
-    for (field, text) in [("name", &spec.name), ("request_id", &spec.request_id)] {
-        if text.as_ref().is_some_and(|t| t.len() > MAX_SHORT_TEXT) {
-            return invalid(format!("`{field}` is longer than {MAX_SHORT_TEXT} bytes"));
-        }
-    }
-    if spec.labels.len() > MAX_LABELS {
-        return invalid(format!("`labels` holds more than {MAX_LABELS} entries"));
-    }
-    for (key, value) in &spec.labels {
-        if key.len() > MAX_SHORT_TEXT || value.len() > MAX_SHORT_TEXT {
-            return invalid(format!(
-                "a key or value of `labels` is longer than {MAX_SHORT_TEXT} bytes"
-            ));
-        }
-    }
-    Ok(())
 }

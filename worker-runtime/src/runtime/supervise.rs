@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use registry_core::output_log::OutputLog;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin};
@@ -16,10 +17,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::plan::Plan;
-use super::{Inner, Process, StdinItem};
+use super::{Inner, Process, StdinItem, Table};
 use crate::output::capture;
 use crate::sys;
-use crate::types::{LocalId, RuntimeError, State, Stream, WorkerInfo};
+use crate::types::{FailReason, LastExit, LocalId, RuntimeError, State, Stream, WorkerInfo};
 use crate::util::lock;
 
 /// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
@@ -128,6 +129,8 @@ impl Inner {
             group: Arc::clone(&group),
         });
         record.info.started_at = Some(SystemTime::now());
+        record.info.retry_at = None;
+        record.run_started = Some(Instant::now());
         if record.stop_requested {
             // A stop arrived while the process was being created: carry it out now.
             let due = record.kill_at.unwrap_or_else(Instant::now);
@@ -175,6 +178,81 @@ async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>) {
              worker runs, its children unprotected until it does"
         ),
     }
+}
+
+impl Inner {
+    /// Turns a worker whose process ended into one waiting to be restarted: `starting` with
+    /// `retry_at`, one more restart, the previous run's end, a fresh stdin queue, and a line in
+    /// its output that marks the restart (output seqs go on). Its timer starts the next run.
+    pub(super) fn schedule_restart(
+        self: &Arc<Self>,
+        table: &mut Table,
+        id: LocalId,
+        delay: Duration,
+        last: LastExit,
+    ) {
+        let (queue, rx) = match table.workers.get(&id) {
+            Some(record) => self.stdin_queue(&record.spec),
+            None => return,
+        };
+        let Some(record) = table.workers.get_mut(&id) else {
+            return;
+        };
+        record.process = None;
+        record.run_started = None;
+        record.stdin = Some(queue);
+        record.stdin_rx = Some(rx);
+        record.stdin_broken = Arc::new(AtomicBool::new(false));
+        record.info.state = State::Starting;
+        record.info.restarts = record.info.restarts.saturating_add(1);
+        record.info.last_exit = Some(last);
+        // From the same instant as the run's end, so `retry_at - last_exit.at` is the delay.
+        record.info.retry_at = Some(last.at + delay);
+        let ended = match (last.code, last.signal) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            (None, None) => "an unknown status".to_string(),
+        };
+        let marker = format!(
+            "[roster] restart {} after {ended}; next run in {} ms\n",
+            record.info.restarts,
+            delay.as_millis()
+        );
+        record.output.push(Stream::Stderr, Bytes::from(marker));
+        let timer = self
+            .handle
+            .spawn(restart_after(Arc::downgrade(self), id, delay));
+        record.retry_timer = Some(timer.abort_handle());
+        table.upsert(id);
+    }
+}
+
+/// Waits out a restart's delay, then starts the worker's next run, unless a stop came first
+/// (it aborts this task or, once the timer has fired, finds it taken).
+async fn restart_after(weak: Weak<Inner>, id: LocalId, delay: Duration) {
+    tokio::time::sleep(delay).await;
+    let Some(inner) = weak.upgrade() else {
+        return;
+    };
+    let plan = {
+        let mut table = lock(&inner.table);
+        let Some(record) = table.workers.get_mut(&id) else {
+            return;
+        };
+        if record.retry_timer.take().is_none() || record.info.state.is_terminal() {
+            return;
+        }
+        match inner.plan(&record.spec) {
+            Ok(plan) => plan,
+            Err(e) => {
+                tracing::warn!(worker = %id, error = %e, "a worker cannot be restarted");
+                table.end(id, State::Failed, None, None, Some(FailReason::SpawnFailed));
+                return;
+            }
+        }
+    };
+    drop(inner);
+    let _ = start_worker(weak, id, plan).await;
 }
 
 /// Forks the process (on the spawner thread) and wires it up. Runs as its own task.
