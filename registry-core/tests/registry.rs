@@ -187,14 +187,9 @@ async fn registry_with(dir: &std::path::Path, sources: &[(&str, Arc<Scripted>)])
     registry
 }
 
-async fn wait_for(mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+async fn wait_for(cond: impl FnMut() -> bool) {
+    if let Err(e) = testkit::eventually_sync("the condition", WAIT, cond).await {
+        panic!("{e}");
     }
 }
 

@@ -21,13 +21,44 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>>>,
 {
+    poll(what, within, || {
+        let look = probe();
+        async move { Ok(look.await?.ok_or(None)) }
+    })
+    .await
+}
+
+/// [`eventually`] for a probe that says what it saw when it found nothing
+/// (`Ok(Err(seen))`); the error after `within` ends with the last thing seen.
+pub async fn eventually_seen<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<std::result::Result<T, String>>>,
+{
+    poll(what, within, || {
+        let look = probe();
+        async move { Ok(look.await?.map_err(Some)) }
+    })
+    .await
+}
+
+/// The one polling loop: `Ok(Err(seen))` is "not yet", with what was seen if anything.
+async fn poll<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<std::result::Result<T, Option<String>>>>,
+{
     let deadline = Instant::now() + within;
     loop {
-        if let Some(found) = probe().await? {
-            return Ok(found);
-        }
+        let seen = match probe().await? {
+            Ok(found) => return Ok(found),
+            Err(seen) => seen,
+        };
         if Instant::now() >= deadline {
-            bail!("{what}: not within {within:?}");
+            match seen {
+                Some(seen) => bail!("{what}: not within {within:?}; last seen: {seen}"),
+                None => bail!("{what}: not within {within:?}"),
+            }
         }
         sleep(POLL).await;
     }

@@ -21,10 +21,10 @@ mod fake;
 mod server;
 mod sse;
 
-pub use eventually::{eventually, eventually_sync, POLL, WAIT};
+pub use eventually::{eventually, eventually_seen, eventually_sync, POLL, WAIT};
 pub use fake::Fake;
 pub use server::{
-    config, header_bytes, request_to, send_request_to, send_to, unique, Seen, TestResponse,
-    TestServer,
+    config, header_bytes, request_to, send_request_to, send_to, shell_source, unique, Seen,
+    TestResponse, TestServer,
 };
 pub use sse::{parse_events, SseClient, SseDecoder, SseEvent};

@@ -10,10 +10,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use registry_core::Registry;
+use registry_core::{Registry, RegistryConfig, RuntimeId, RuntimeSource};
 use serde_json::Value;
 use server_bin::config::Config;
 use server_bin::ServeOptions;
+use source_embedded::{EmbeddedConfig, EmbeddedSource};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -382,7 +383,32 @@ impl TestResponse {
     }
 }
 
+/// An `embedded` source with the profile `shell` = `["/bin/sh", "-c"]`, and `extra` TOML
+/// (more keys of its table, e.g. `max_workers = 1`).
+pub fn shell_source(extra: &str) -> Result<EmbeddedSource> {
+    let config: EmbeddedConfig = toml::from_str(&format!(
+        "{extra}\n[profiles.shell]\ncommand = [\"/bin/sh\", \"-c\"]\n"
+    ))?;
+    Ok(EmbeddedSource::new(config)?)
+}
+
 impl TestServer {
+    /// A server whose one runtime, `runtime` (of kind `kind`), is `source`, built by the
+    /// test (a [`Fake`](crate::Fake), say), with `options`.
+    pub async fn start_with_source(
+        runtime: &str,
+        kind: &str,
+        source: Arc<dyn RuntimeSource>,
+        options: ServeOptions,
+    ) -> Result<TestServer> {
+        let dir = tempfile::tempdir()?;
+        let registry = Registry::new(RegistryConfig::new(dir.path().join("state")))?;
+        registry
+            .add_runtime(RuntimeId::new(runtime)?, kind, source)
+            .await?;
+        Self::start_registry(registry, dir, options).await
+    }
+
     /// A server for a registry built by the test itself (its runtimes added already), with
     /// its state in `dir`, and `options`.
     pub async fn start_registry(
