@@ -187,9 +187,16 @@ async fn registry_with(dir: &std::path::Path, sources: &[(&str, Arc<Scripted>)])
     registry
 }
 
-async fn wait_for(cond: impl FnMut() -> bool) {
-    if let Err(e) = testkit::eventually_sync("the condition", WAIT, cond).await {
-        panic!("{e}");
+// Not testkit's `eventually`: testkit reaches HTTP and the sources, and registry-core must
+// not, not even as a dev-dependency (tests/architecture.rs checks the lock file).
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
