@@ -199,6 +199,8 @@ async fn registry_with(dir: &std::path::Path, sources: &[(&str, Arc<Scripted>)])
     registry
 }
 
+// Not testkit's `eventually`: testkit reaches HTTP and the sources, and registry-core must
+// not, not even as a dev-dependency (tests/architecture.rs checks the lock file).
 async fn wait_for(mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {

@@ -40,6 +40,7 @@ use registry_core::{Registry, RegistryConfig, SourceFactories};
 use tokio::net::TcpListener;
 
 pub use api::OPENAPI;
+pub use error::ERRORS;
 pub use config::Config;
 pub use server::{serve, serve_with, ServeOptions};
 

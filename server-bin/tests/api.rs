@@ -12,18 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use common::{TestResponse, TestServer};
+use common::{shell_source, Fake, TestResponse, TestServer};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use hyper::body::Frame;
-use registry_core::{
-    Capabilities, OutputRequest, OutputStream, Registry, RegistryConfig, RegistryError, RuntimeId,
-    RuntimeSource, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-};
+use registry_core::RegistryError;
 use serde_json::{json, Value};
 use server_bin::config::{LoadedToken, Scope};
 use server_bin::ServeOptions;
-use source_embedded::{EmbeddedConfig, EmbeddedSource};
+use source_embedded::EmbeddedSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -230,77 +227,29 @@ const SECRET_DETAIL: &str = "secret detail /var/lib/x";
 /// The embedded source with its failures chosen: no `output` capability, `input` finds the
 /// runtime unavailable, `stop` times out, `remove` breaks inside. Spawning, listing and
 /// the lifecycle stream are the embedded source's own.
-#[derive(Debug)]
-struct Faulty {
-    inner: EmbeddedSource,
+fn faulty(inner: EmbeddedSource) -> Fake<EmbeddedSource> {
+    Fake::new(inner)
+        .with_capabilities(|c| c.output = false)
+        .with_stop(|_| {
+            Some(Err(RegistryError::UpstreamTimeout(
+                "the runtime did not answer the stop in time".into(),
+            )))
+        })
+        .with_input(|_| {
+            Some(Err(RegistryError::unavailable(
+                "the runtime is restarting",
+                Some(Duration::from_secs(3)),
+            )))
+        })
+        .with_remove(|| Some(Err(RegistryError::internal(SECRET_DETAIL))))
 }
 
-#[async_trait::async_trait]
-impl RuntimeSource for Faulty {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            output: false,
-            ..self.inner.capabilities()
-        }
-    }
-    async fn health(&self) -> SourceHealth {
-        self.inner.health().await
-    }
-    async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
-        self.inner.list().await
-    }
-    async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
-        self.inner.get(key).await
-    }
-    async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
-        self.inner.spawn(request).await
-    }
-    async fn stop(&self, _key: &SourceKey, _grace: Option<Duration>) -> Result<(), RegistryError> {
-        Err(RegistryError::UpstreamTimeout(
-            "the runtime did not answer the stop in time".into(),
-        ))
-    }
-    async fn input(&self, _key: &SourceKey, _data: Bytes) -> Result<(), RegistryError> {
-        Err(RegistryError::unavailable(
-            "the runtime is restarting",
-            Some(Duration::from_secs(3)),
-        ))
-    }
-    async fn remove(&self, _key: &SourceKey) -> Result<(), RegistryError> {
-        Err(RegistryError::internal(SECRET_DETAIL))
-    }
-    async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        self.inner.events().await
-    }
-    async fn output(
-        &self,
-        _key: &SourceKey,
-        _request: OutputRequest,
-    ) -> Result<OutputStream, RegistryError> {
-        Err(RegistryError::Unsupported("no output here".into()))
-    }
-    async fn shutdown(&self, grace: Option<Duration>) {
-        self.inner.shutdown(grace).await
-    }
-}
-
-/// A server whose only runtime, `wrapped`, is [`Faulty`], with one live worker in it.
+/// A server whose only runtime, `wrapped`, is [`faulty`], with one live worker in it.
 async fn start_faulty() -> Result<(TestServer, String)> {
-    let dir = tempfile::tempdir()?;
-    let registry = Registry::new(RegistryConfig::new(dir.path().join("state")))?;
-    let config: EmbeddedConfig = toml::from_str(
-        r#"
-        [profiles.shell]
-        command = ["/bin/sh", "-c"]
-        "#,
-    )?;
-    let source = Faulty {
-        inner: EmbeddedSource::new(config)?,
-    };
-    registry
-        .add_runtime(RuntimeId::new("wrapped")?, "wrapped", Arc::new(source))
-        .await?;
-    let server = TestServer::start_registry(registry, dir, ServeOptions::default()).await?;
+    let source = Arc::new(faulty(shell_source("")?));
+    let server =
+        TestServer::start_with_source("wrapped", "wrapped", source, ServeOptions::default())
+            .await?;
     let resp = server
         .post(
             "/v1/runtimes/wrapped/workers",

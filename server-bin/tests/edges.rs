@@ -2,24 +2,18 @@
 //! cursors on the final event, extreme config values, requests that straddle shutdown.
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use bytes::Bytes;
-use common::{TestServer, WAIT};
+use common::{shell_source, Fake, TestServer, WAIT};
 use http::StatusCode;
-use registry_core::{
-    Capabilities, OutputEvent, OutputRequest, OutputStream, Registry, RegistryConfig,
-    RegistryError, RuntimeId, RuntimeSource, SourceEvents, SourceHealth, SourceKey, SourceWorker,
-    SpawnRequest,
-};
+use registry_core::{Registry, RegistryConfig};
 use server_bin::config::Config;
 use server_bin::ServeOptions;
-use source_embedded::{EmbeddedConfig, EmbeddedSource};
+use source_embedded::EmbeddedSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------------------------------
 // A source that observes workers it does not own
@@ -29,82 +23,19 @@ use tokio::sync::mpsc;
 /// shutdown of a source that only observes its workers (as `remote` and `local` do): its
 /// output streams end when it lets go at shutdown, without `End`. With `hang`, its
 /// shutdown never returns (an upstream that does not answer).
-#[derive(Debug)]
-struct Observer {
-    inner: EmbeddedSource,
-    streams: Mutex<Vec<mpsc::Sender<OutputEvent>>>,
-    hang: bool,
-}
-
-#[async_trait::async_trait]
-impl RuntimeSource for Observer {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn health(&self) -> SourceHealth {
-        self.inner.health().await
-    }
-    async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
-        self.inner.list().await
-    }
-    async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
-        self.inner.get(key).await
-    }
-    async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
-        self.inner.spawn(request).await
-    }
-    async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
-        self.inner.stop(key, grace).await
-    }
-    async fn input(&self, key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
-        self.inner.input(key, data).await
-    }
-    async fn remove(&self, key: &SourceKey) -> Result<(), RegistryError> {
-        self.inner.remove(key).await
-    }
-    async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        self.inner.events().await
-    }
-    async fn output(
-        &self,
-        key: &SourceKey,
-        _request: OutputRequest,
-    ) -> Result<OutputStream, RegistryError> {
-        self.inner.get(key).await?;
-        let (tx, rx) = mpsc::channel(16);
-        self.streams.lock().unwrap().push(tx);
-        Ok(rx)
-    }
-    async fn shutdown(&self, grace: Option<Duration>) {
-        // Lets go of its connections: every output stream ends.
-        self.streams.lock().unwrap().clear();
-        if self.hang {
-            std::future::pending::<()>().await;
-        }
-        // (The workers of this test are the embedded source's children: clean them up.)
-        self.inner.shutdown(grace).await;
+fn observer(inner: EmbeddedSource, hang: bool) -> Fake<EmbeddedSource> {
+    let source = Fake::new(inner).with_held_output();
+    if hang {
+        source.with_hanging_shutdown()
+    } else {
+        source
     }
 }
 
-/// A server whose only runtime, `observed`, is an [`Observer`], with one running worker.
+/// A server whose only runtime, `observed`, is an [`observer`], with one running worker.
 async fn start_observer(hang: bool, options: ServeOptions) -> Result<(TestServer, String)> {
-    let dir = tempfile::tempdir()?;
-    let registry = Registry::new(RegistryConfig::new(dir.path().join("state")))?;
-    let config: EmbeddedConfig = toml::from_str(
-        r#"
-        [profiles.shell]
-        command = ["/bin/sh", "-c"]
-        "#,
-    )?;
-    let source = Observer {
-        inner: EmbeddedSource::new(config)?,
-        streams: Mutex::new(Vec::new()),
-        hang,
-    };
-    registry
-        .add_runtime(RuntimeId::new("observed")?, "observer", Arc::new(source))
-        .await?;
-    let server = TestServer::start_registry(registry, dir, options).await?;
+    let source = Arc::new(observer(shell_source("")?, hang));
+    let server = TestServer::start_with_source("observed", "observer", source, options).await?;
     let resp = server
         .post(
             "/v1/runtimes/observed/workers",

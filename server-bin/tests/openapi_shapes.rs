@@ -13,26 +13,20 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use bytes::Bytes;
-use common::{SseClient, SseEvent, TestResponse, TestServer, WAIT};
+use common::{shell_source, Fake, SseClient, SseEvent, TestResponse, TestServer, WAIT};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, StatusCode};
-use registry_core::{
-    Capabilities, Diagnostic, HealthStatus, OutputEvent, OutputRequest, OutputStream,
-    RegistryError, RuntimeId, RuntimeSource, SourceEvents, SourceHealth, SourceKey, SourceWorker,
-    SpawnRequest,
-};
+use registry_core::{Diagnostic, HealthStatus, RegistryError, RuntimeId, SourceHealth};
 use serde_json::{json, Value};
 use server_bin::config::{LoadedToken, Scope};
 use server_bin::ServeOptions;
-use source_embedded::{EmbeddedConfig, EmbeddedSource};
+use source_embedded::EmbeddedSource;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 // ---------------------------------------------------------------------------------------
@@ -1106,33 +1100,10 @@ const BREAK: &str = "break";
 /// restarting (`503`), or breaks inside (`500`); a stop times out (`504`); and its output
 /// streams are those of a source that only observes its workers: they end when it lets go at
 /// shutdown, without `End`.
-#[derive(Debug)]
-struct Flaky {
-    inner: EmbeddedSource,
-    streams: Mutex<Vec<mpsc::Sender<OutputEvent>>>,
-}
-
-impl Flaky {
-    fn new() -> Result<Flaky> {
-        let config: EmbeddedConfig =
-            toml::from_str("max_workers = 1\n[profiles.shell]\ncommand = [\"/bin/sh\", \"-c\"]\n")?;
-        Ok(Flaky {
-            inner: EmbeddedSource::new(config)?,
-            streams: Mutex::new(Vec::new()),
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl RuntimeSource for Flaky {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            remove: false,
-            ..self.inner.capabilities()
-        }
-    }
-    async fn health(&self) -> SourceHealth {
-        SourceHealth {
+fn flaky() -> Result<Fake<EmbeddedSource>> {
+    Ok(Fake::new(shell_source("max_workers = 1")?)
+        .with_capabilities(|c| c.remove = false)
+        .with_health(|| SourceHealth {
             status: HealthStatus::Unavailable,
             message: Some("the runtime is restarting".into()),
             retry_at: Some(OffsetDateTime::now_utc() + Duration::from_secs(30)),
@@ -1140,51 +1111,23 @@ impl RuntimeSource for Flaky {
                 code: "restarting".into(),
                 message: "the runtime is restarting".into(),
             }],
-        }
-    }
-    async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
-        self.inner.list().await
-    }
-    async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
-        self.inner.get(key).await
-    }
-    async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
-        self.inner.spawn(request).await
-    }
-    async fn stop(&self, _key: &SourceKey, _grace: Option<Duration>) -> Result<(), RegistryError> {
-        Err(RegistryError::UpstreamTimeout(
-            "the runtime did not answer the stop in time".into(),
-        ))
-    }
-    async fn input(&self, _key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
-        if data == BREAK {
-            return Err(RegistryError::internal("broken on purpose"));
-        }
-        Err(RegistryError::unavailable(
-            "the runtime is restarting",
-            Some(Duration::from_secs(3)),
-        ))
-    }
-    async fn remove(&self, key: &SourceKey) -> Result<(), RegistryError> {
-        self.inner.remove(key).await
-    }
-    async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        self.inner.events().await
-    }
-    async fn output(
-        &self,
-        key: &SourceKey,
-        _request: OutputRequest,
-    ) -> Result<OutputStream, RegistryError> {
-        self.inner.get(key).await?;
-        let (tx, rx) = mpsc::channel(16);
-        self.streams.lock().expect("not poisoned").push(tx);
-        Ok(rx)
-    }
-    async fn shutdown(&self, grace: Option<Duration>) {
-        self.streams.lock().expect("not poisoned").clear();
-        self.inner.shutdown(grace).await;
-    }
+        })
+        .with_stop(|_| {
+            Some(Err(RegistryError::UpstreamTimeout(
+                "the runtime did not answer the stop in time".into(),
+            )))
+        })
+        .with_input(|data| {
+            Some(Err(if data == BREAK {
+                RegistryError::internal("broken on purpose")
+            } else {
+                RegistryError::unavailable(
+                    "the runtime is restarting",
+                    Some(Duration::from_secs(3)),
+                )
+            }))
+        })
+        .with_held_output())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1213,13 +1156,7 @@ fn expect(resp: &TestResponse, status: u16, code: &str) -> Result<()> {
 }
 
 fn id_of(resp: &TestResponse) -> Result<String> {
-    ensure!(
-        resp.status == StatusCode::CREATED,
-        "spawn: {} {}",
-        resp.status,
-        resp.text()
-    );
-    Ok(resp.json()?["id"].as_str().context("an id")?.to_string())
+    resp.created_id()
 }
 
 /// Reads a stream to its end in the background.
@@ -1337,7 +1274,7 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
     // A runtime added while the server runs: `runtime.updated`.
     server
         .registry
-        .add_runtime(RuntimeId::new("flaky")?, "flaky", Arc::new(Flaky::new()?))
+        .add_runtime(RuntimeId::new("flaky")?, "flaky", Arc::new(flaky()?))
         .await?;
 
     // A worker waiting to be restarted: `restarts`, `last_exit` and `retry_at` are set.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 
 use common::process::{descendants, wait_all_gone, Process, Roster, POLL};
-use common::{parse_block, unique, SseEvent, WAIT};
+use common::{unique, SseDecoder, SseEvent, WAIT};
 
 // ---------------------------------------------------------------------------------------------
 // The roster process
@@ -260,6 +260,8 @@ impl Http {
             stream,
             raw: raw[start..].to_vec(),
             body: Vec::new(),
+            decoder: SseDecoder::default(),
+            ready: VecDeque::new(),
             ended: false,
         })
     }
@@ -287,8 +289,10 @@ struct Sse {
     stream: TcpStream,
     /// Chunked bytes not decoded yet.
     raw: Vec<u8>,
-    /// Decoded bytes not parsed into events yet.
+    /// Decoded bytes since the last blank line: an event not complete yet.
     body: Vec<u8>,
+    decoder: SseDecoder,
+    ready: VecDeque<SseEvent>,
     ended: bool,
 }
 
@@ -299,16 +303,16 @@ impl Sse {
         loop {
             if !self.ended {
                 let (decoded, used, last) = dechunk(&self.raw)?;
+                self.ready.extend(self.decoder.feed(&decoded)?);
                 self.body.extend_from_slice(&decoded);
+                if let Some(pos) = self.body.windows(2).rposition(|w| w == b"\n\n") {
+                    self.body.drain(..pos + 2);
+                }
                 self.raw.drain(..used);
                 self.ended = last;
             }
-            if let Some(pos) = self.body.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.body.drain(..pos + 2).collect();
-                if let Some(ev) = parse_block(&String::from_utf8_lossy(&block[..pos]))? {
-                    return Ok(Some(ev));
-                }
-                continue;
+            if let Some(ev) = self.ready.pop_front() {
+                return Ok(Some(ev));
             }
             if self.ended {
                 ensure!(

@@ -27,8 +27,6 @@ use common::{
 
 /// How long a test waits for a condition before it fails.
 const DEADLINE: Duration = Duration::from_secs(20);
-/// The pause between two looks at a polled condition.
-const POLL: Duration = Duration::from_millis(25);
 
 // ---------------------------------------------------------------------------------------------
 // Small tools
@@ -40,24 +38,21 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Polls `check` every [`POLL`] until it gives `Some`, or fails after [`DEADLINE`] with the
+/// Polls `check` (through testkit) until it gives `Some`, or fails after [`DEADLINE`] with the
 /// last thing `check` saw.
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(Option<T>, String)>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let (found, last) = check().await?;
-        if let Some(found) = found {
-            return Ok(found);
+    common::eventually_seen(what, DEADLINE, || {
+        let look = check();
+        async move {
+            let (found, last) = look.await?;
+            Ok(found.ok_or(last))
         }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{what}: not within {DEADLINE:?}; last seen: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    })
+    .await
 }
 
 /// The response must be an error with this status and `error.code`.

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
@@ -36,8 +36,6 @@ use common::{config, SseClient, SseEvent, TestResponse, TestServer};
 
 /// How long any condition may take to show (generous: the machine may be busy).
 const DEADLINE: Duration = Duration::from_secs(20);
-/// How often a condition is looked at.
-const POLL: Duration = Duration::from_millis(25);
 /// How long the silent network may take to be noticed (`heartbeat_timeout` is 1 s).
 const BLACKHOLE_NOTICED: Duration = Duration::from_secs(10);
 /// The most `Retry-After` may say with `backoff_cap = "500ms"` (rounded up, with room).
@@ -238,24 +236,14 @@ struct Rig {
     down: TestServer,
 }
 
-/// Polls `probe` every [`POLL`] until it finds something (`Ok(Ok(_))`), or fails after
+/// Polls `probe` (through testkit) until it finds something (`Ok(Ok(_))`), or fails after
 /// [`DEADLINE`] with the last thing it said (`Ok(Err(_))`).
-async fn until<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
+async fn until<T, F, Fut>(what: &str, probe: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<std::result::Result<T, String>>>,
 {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let last = match probe().await? {
-            Ok(found) => return Ok(found),
-            Err(last) => last,
-        };
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}; last seen: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    common::eventually_seen(&format!("timed out waiting for {what}"), DEADLINE, probe).await
 }
 
 fn shell(script: &str) -> String {
@@ -430,16 +418,9 @@ request_timeout = "2s"
 
     /// Spawns `sh -c script` in `far` through the downstream; the downstream's worker id.
     async fn spawn(&self, script: &str) -> Result<String> {
-        let resp = self
-            .post("/v1/runtimes/far/workers", &shell(script))
-            .await?;
-        ensure!(
-            resp.status == StatusCode::CREATED,
-            "spawn: {} {}",
-            resp.status,
-            resp.text()
-        );
-        Ok(resp.json()?["id"].as_str().context("an id")?.to_string())
+        self.post("/v1/runtimes/far/workers", &shell(script))
+            .await?
+            .created_id()
     }
 
     async fn wait_health(&self, status: &str) -> Result<Value> {

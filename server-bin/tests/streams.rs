@@ -246,14 +246,7 @@ fn group_alive(group: u32) -> bool {
 
 /// Polls `check` until it holds, failing with `what` after [`WAIT`].
 async fn eventually(what: &str, check: impl Fn() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("never happened: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+    common::eventually_sync(&format!("never happened: {what}"), WAIT, check).await
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,16 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use registry_core::conformance::{
     run_all, run_concrete_and_dyn_with, Expected, Harness, SpawnHarness,
 };
-use registry_core::{
-    Capabilities, OutputRequest, OutputStream, RegistryError, RuntimeSource, SourceEvents,
-    SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-};
+use registry_core::{Capabilities, RuntimeSource, SourceWorker, SpawnRequest};
 use source_embedded::{EmbeddedConfig, EmbeddedSource};
+use testkit::Fake;
 use worker_runtime::Profile;
 
 /// Small, so that the gap test writes little.
@@ -59,82 +55,9 @@ async fn conformance_concrete_type_and_as_dyn_runtime_source() -> anyhow::Result
 }
 
 /// The embedded source with some capabilities switched off, as a source that lacks them
-/// would be: it says so in its capabilities and refuses them with `Unsupported`. With
-/// `lists_nothing`, it is broken on purpose: `list` is always empty.
-#[derive(Debug)]
-struct Restricted {
-    inner: EmbeddedSource,
-    caps: Capabilities,
-    lists_nothing: bool,
-}
-
-impl Restricted {
-    fn new(inner: EmbeddedSource, off: impl FnOnce(&mut Capabilities)) -> Self {
-        let mut caps = inner.capabilities();
-        off(&mut caps);
-        Restricted {
-            inner,
-            caps,
-            lists_nothing: false,
-        }
-    }
-
-    fn check(&self, has: bool, what: &str) -> Result<(), RegistryError> {
-        if has {
-            Ok(())
-        } else {
-            Err(RegistryError::Unsupported(format!("no {what} here")))
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl RuntimeSource for Restricted {
-    fn capabilities(&self) -> Capabilities {
-        self.caps
-    }
-    async fn health(&self) -> SourceHealth {
-        self.inner.health().await
-    }
-    async fn list(&self) -> Result<Vec<SourceWorker>, RegistryError> {
-        if self.lists_nothing {
-            return Ok(Vec::new());
-        }
-        self.inner.list().await
-    }
-    async fn get(&self, key: &SourceKey) -> Result<SourceWorker, RegistryError> {
-        self.inner.get(key).await
-    }
-    async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
-        self.check(self.caps.spawn, "spawn")?;
-        self.inner.spawn(request).await
-    }
-    async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
-        self.check(self.caps.stop, "stop")?;
-        self.inner.stop(key, grace).await
-    }
-    async fn input(&self, key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
-        self.check(self.caps.input, "input")?;
-        self.inner.input(key, data).await
-    }
-    async fn remove(&self, key: &SourceKey) -> Result<(), RegistryError> {
-        self.check(self.caps.remove, "removal")?;
-        self.inner.remove(key).await
-    }
-    async fn events(&self) -> Result<SourceEvents, RegistryError> {
-        self.inner.events().await
-    }
-    async fn output(
-        &self,
-        key: &SourceKey,
-        request: OutputRequest,
-    ) -> Result<OutputStream, RegistryError> {
-        self.check(self.caps.output, "output")?;
-        self.inner.output(key, request).await
-    }
-    async fn shutdown(&self, grace: Option<Duration>) {
-        self.inner.shutdown(grace).await
-    }
+/// would be: it says so in its capabilities and refuses them with `Unsupported`.
+fn restricted(inner: EmbeddedSource, off: impl FnOnce(&mut Capabilities)) -> Fake<EmbeddedSource> {
+    Fake::new(inner).with_capabilities(off)
 }
 
 /// A harness that takes its time: each worker it starts is handed back only `delay` after
@@ -169,10 +92,10 @@ impl Harness for SlowHarness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_without_stop_ends_live_workers_by_itself() -> anyhow::Result<()> {
-    let source = Restricted::new(EmbeddedSource::new(config())?, |c| c.stop = false);
+    let source = restricted(EmbeddedSource::new(config())?, |c| c.stop = false);
     let harness = SpawnHarness::with_profile("shell")
         .with_output_retention(RETENTION)
-        .with_events_to_overflow(source.inner.events_to_overflow());
+        .with_events_to_overflow(source.inner().events_to_overflow());
     let report = run_all(&source, &harness).await?;
     println!("{report}");
     assert!(report.skipped.is_empty(), "{report}");
@@ -186,7 +109,7 @@ async fn conformance_without_stop_ends_live_workers_by_itself() -> anyhow::Resul
         assert!(report.passed.contains(&name), "{name}: {report}");
     }
     assert!(source
-        .inner
+        .inner()
         .list()
         .await?
         .iter()
@@ -206,7 +129,7 @@ async fn live_workers_of_the_suite_outlive_a_slow_harness() -> anyhow::Result<()
     // with stop switched off: only the script itself decides how long the worker lives.
     let sources = (0..5)
         .map(|_| {
-            Ok(Restricted::new(EmbeddedSource::new(config())?, |c| {
+            Ok(restricted(EmbeddedSource::new(config())?, |c| {
                 c.stop = false
             }))
         })
@@ -237,13 +160,13 @@ async fn live_workers_of_the_suite_outlive_a_slow_harness() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_picks_tests_by_capabilities_and_checks_unsupported() -> anyhow::Result<()> {
-    let source = Restricted::new(EmbeddedSource::new(config())?, |c| {
+    let source = restricted(EmbeddedSource::new(config())?, |c| {
         c.input = false;
         c.remove = false;
     });
     let harness = SpawnHarness::with_profile("shell")
         .with_output_retention(RETENTION)
-        .with_events_to_overflow(source.inner.events_to_overflow());
+        .with_events_to_overflow(source.inner().events_to_overflow());
     let report = run_all(&source, &harness).await?;
     println!("{report}");
     assert!(
@@ -273,14 +196,15 @@ async fn conformance_picks_tests_by_capabilities_and_checks_unsupported() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_messages_name_workers_by_name_never_by_key() -> anyhow::Result<()> {
     use registry_core::conformance as suite;
-    let mut source = Restricted::new(EmbeddedSource::new(config())?, |_| {});
-    source.lists_nothing = true;
+    // Broken on purpose: `list` is always empty.
+    let source =
+        restricted(EmbeddedSource::new(config())?, |_| {}).with_list(|| Some(Ok(Vec::new())));
     let harness = SpawnHarness::with_profile("shell");
     let failures = [
         suite::spawn_list_and_get_agree(&source, &harness).await,
         suite::events_start_with_resync_equal_to_list(&source, &harness).await,
     ];
-    let keys: Vec<String> = RuntimeSource::list(&source.inner)
+    let keys: Vec<String> = RuntimeSource::list(source.inner())
         .await?
         .iter()
         .map(|w| w.key.as_str().to_string())

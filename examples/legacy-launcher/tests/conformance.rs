@@ -7,12 +7,12 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use registry_core::conformance::{run_concrete_and_dyn, Expected, Harness, SourceUnderTest};
 use registry_core::SourceWorker;
 use source_local::{LocalConfig, LocalSource};
 use support::{launch, WAIT};
-use tokio::time::{sleep, Instant};
+use testkit::eventually;
 
 /// Small, so that the gap test writes little.
 const RETENTION: u64 = 4096;
@@ -34,21 +34,15 @@ impl Harness for LauncherHarness {
     ) -> Result<SourceWorker> {
         // The suite ends its workers itself (by stop, or the file its scripts watch for).
         launch(&self.spool, name, script, &[]).await?.detach();
-        let deadline = Instant::now() + WAIT;
-        loop {
+        let what = format!("the source to list the worker {name:?}");
+        eventually(&what, WAIT, || async move {
             let list = source
                 .list()
                 .await
                 .context("list while waiting for a worker")?;
-            if let Some(w) = list.into_iter().find(|w| w.name.as_deref() == Some(name)) {
-                return Ok(w);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the source did not list the worker {name:?} within {WAIT:?}"
-            );
-            sleep(Duration::from_millis(10)).await;
-        }
+            Ok(list.into_iter().find(|w| w.name.as_deref() == Some(name)))
+        })
+        .await
     }
 
     fn output_retention(&self) -> Option<u64> {

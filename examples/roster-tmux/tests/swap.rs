@@ -14,7 +14,7 @@ mod tmux_server;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use http::StatusCode;
 use serde_json::{json, Value};
 use server_bin::config::Config;
@@ -25,8 +25,6 @@ use tmux_server::TmuxServer;
 
 /// How long a test waits for a condition before it fails.
 const DEADLINE: Duration = Duration::from_secs(20);
-/// The pause between two looks at a polled condition.
-const POLL: Duration = Duration::from_millis(25);
 
 /// A test server for a config written in TOML, with the default kinds and `tmux`.
 async fn server_for(toml: &str) -> Result<TestServer> {
@@ -39,17 +37,21 @@ async fn server_for(toml: &str) -> Result<TestServer> {
 
 /// Waits until runtime `rt` of `server` is `ready`.
 async fn wait_ready(server: &TestServer, rt: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let v = server.get(&format!("/v1/runtimes/{rt}")).await?.json()?;
-        if v["health"]["status"] == "ready" {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("runtime {rt} not ready within {DEADLINE:?}: {v}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let path = format!("/v1/runtimes/{rt}");
+    let path = &path;
+    common::eventually_seen(
+        &format!("runtime {rt} to be ready"),
+        DEADLINE,
+        || async move {
+            let v = server.get(path).await?.json()?;
+            Ok(if v["health"]["status"] == "ready" {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            })
+        },
+    )
+    .await
 }
 
 /// Reads a stream until it closes.

@@ -2,14 +2,15 @@
 //! their descriptors, looking at processes in `/proc`, and waiting with deadlines.
 #![allow(dead_code)]
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use registry_core::{RuntimeSource, SourceKey, SourceWorker};
+use testkit::eventually;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::time::{sleep, Instant};
 
 /// How long a test waits for anything before it fails: generous, for a loaded machine.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -154,21 +155,17 @@ pub async fn wait_named<S: RuntimeSource + ?Sized>(
     within: Duration,
     check: impl Fn(&SourceWorker) -> bool,
 ) -> Result<SourceWorker> {
-    let deadline = Instant::now() + within;
-    loop {
+    let last = Cell::new(None);
+    let (check, last_state) = (&check, &last);
+    let what = format!("the worker {name:?} to reach the condition");
+    eventually(&what, within, || async move {
         let list = source.list().await?;
         let found = list.into_iter().find(|w| w.name.as_deref() == Some(name));
-        if let Some(w) = found.as_ref().filter(|w| check(w)) {
-            return Ok(w.clone());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the worker {name:?} did not reach the condition within {within:?}; it is {:?}",
-                found.map(|w| w.state)
-            );
-        }
-        sleep(POLL).await;
-    }
+        last_state.set(found.as_ref().map(|w| w.state));
+        Ok(found.filter(|w| check(w)))
+    })
+    .await
+    .with_context(|| format!("it is {:?}", last.get()))
 }
 
 /// Polls `get` until `check` holds.
@@ -177,20 +174,15 @@ pub async fn wait_key<S: RuntimeSource + ?Sized>(
     key: &SourceKey,
     check: impl Fn(&SourceWorker) -> bool,
 ) -> Result<SourceWorker> {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let last = Cell::new(None);
+    let (check, last_state) = (&check, &last);
+    eventually("the worker to reach the condition", WAIT, || async move {
         let w = source.get(key).await?;
-        if check(&w) {
-            return Ok(w);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the worker did not reach the condition within {WAIT:?}; it is {:?}",
-                w.state
-            );
-        }
-        sleep(POLL).await;
-    }
+        last_state.set(Some(w.state));
+        Ok(check(&w).then_some(w))
+    })
+    .await
+    .with_context(|| format!("it is {:?}", last.get()))
 }
 
 /// Polls until `get` says `worker_not_found`.
@@ -199,35 +191,19 @@ pub async fn wait_gone<S: RuntimeSource + ?Sized>(
     key: &SourceKey,
     within: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually("the worker to be gone", within, || async move {
         match source.get(key).await {
-            Err(e) if e.code() == "worker_not_found" => return Ok(()),
+            Err(e) if e.code() == "worker_not_found" => Ok(Some(())),
             Err(e) => bail!("get failed with {e}"),
-            Ok(w) => {
-                if Instant::now() >= deadline {
-                    bail!("the worker is still there after {within:?}: {:?}", w.state);
-                }
-            }
+            Ok(_) => Ok(None),
         }
-        sleep(POLL).await;
-    }
+    })
+    .await
 }
 
 /// Polls until `cond` holds.
-pub async fn wait_until(
-    what: &str,
-    within: Duration,
-    mut cond: impl FnMut() -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        if Instant::now() >= deadline {
-            bail!("{what} did not happen within {within:?}");
-        }
-        sleep(POLL).await;
-    }
-    Ok(())
+pub async fn wait_until(what: &str, within: Duration, cond: impl FnMut() -> bool) -> Result<()> {
+    testkit::eventually_sync(&format!("{what} did not happen"), within, cond).await
 }
 
 /// A following output stream of `key` from its first chunk.

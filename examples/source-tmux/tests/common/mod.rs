@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use source_tmux::{Profile, TmuxConfig, TmuxSource};
 
@@ -126,11 +126,10 @@ impl Drop for Server {
 }
 
 /// Polls `cond` every 20 ms until it holds, for [`WAIT`] at most.
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    let what = format!("timed out waiting until {what}");
+    if let Err(e) = testkit::eventually_sync(&what, WAIT, cond).await {
+        panic!("{e}");
     }
 }
 
