@@ -1,7 +1,14 @@
 //! The web console in a real browser: headless Chromium, driven over the DevTools protocol,
-//! loads `/`; the page's `EventSource` fills the tables from `/v1/events` live, a worker's
-//! panel streams its output, sends it a line, stops and removes it, and the spawn form
-//! starts a worker through a same-origin `POST` that carries the browser's own `Origin`.
+//! loads `/` through a loopback relay; the page fills its health strip and worker table from
+//! `/v1/events` live, filters it, starts a worker from the spawn form (a same-origin `POST`
+//! with the browser's own `Origin`), streams its output with colours and times, sends it
+//! input, pauses, stops and removes it behind a confirmation, opens a worker from its link,
+//! shows a gap and bounds its memory; then the relay cuts the page off (it resumes with
+//! `Last-Event-ID`), and roster restarts behind it on the same state with a token (the page
+//! asks for it, then resets to the new run's snapshot).
+//!
+//! It takes screenshots on the way; with `ROSTER_SCREENSHOTS=1` they are written to
+//! `docs/img/console-*.png`, the pictures the README shows.
 //!
 //! `tokio-tungstenite` (a dev-dependency) is here because the DevTools protocol is JSON over
 //! a websocket.
@@ -11,10 +18,12 @@
 mod common;
 
 use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -22,16 +31,16 @@ use common::{TestServer, WAIT};
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::StatusCode;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
+use server_bin::config::{LoadedToken, Scope};
+use server_bin::{Config, ServeOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How often a condition on the page is checked again.
 const POLL: Duration = Duration::from_millis(100);
-
-/// What the first worker runs: a greeting, then one line of stdin echoed back, then a wait.
-const ECHO_SCRIPT: &str = "echo hello-from-worker; read line; echo got:$line; sleep 60";
 
 /// `chromium` from the PATH, if it is there and executable.
 fn chromium() -> Option<PathBuf> {
@@ -302,8 +311,8 @@ const SNAPSHOT: &str = r#"(() => {
   const t = (id) => { const e = document.getElementById(id); return e ? e.textContent : null; };
   const out = t("out");
   return {
-    url: location.href, conn: t("conn"), runtimes: t("runtimes"), workers: t("workers"),
-    panel_hidden: document.getElementById("panel") ? document.getElementById("panel").hidden : null,
+    url: location.href, conn: t("conn"), conn_note: t("conn-note"), runtimes: t("runtimes"),
+    workers: t("workers"), pane_hidden: document.getElementById("pane").hidden,
     title: t("p-title"), state: t("p-state"), p_msg: t("p-msg"), sp_msg: t("sp-msg"),
     out: out === null ? null : out.slice(-2000),
   };
@@ -314,18 +323,240 @@ fn js(s: &str) -> String {
     Value::from(s).to_string()
 }
 
-/// An expression for the worker table's row of worker `id` (or `undefined`).
+/// An expression for the worker table's row of worker `id` (or `null`).
 fn row(id: &str) -> String {
+    format!("document.querySelector('#workers tr[data-id={}]')", js(id))
+}
+
+/// An expression for the text of the cell of class `cell` in worker `id`'s row (or
+/// `undefined`).
+fn cell(id: &str, cell: &str) -> String {
+    format!("({})?.querySelector('.{cell}')?.textContent", row(id))
+}
+
+/// An expression that clicks the element `selector` if it is there and enabled.
+fn click(selector: &str) -> String {
     format!(
-        "[...document.querySelectorAll('#workers tr')].find((tr) => tr.cells[1] && tr.cells[1].textContent === {})",
-        js(id)
+        "(() => {{ const e = document.querySelector({}); if (!e || e.disabled) return false; \
+         e.click(); return true; }})()",
+        js(selector)
     )
 }
 
-/// An expression for the text of cell `cell` of worker `id`'s row (or `undefined`).
-fn cell(id: &str, cell: usize) -> String {
-    format!("({})?.cells[{cell}]?.textContent", row(id))
+/// An expression that sets the value of form fields (`[(id, value)]`) as a person would.
+fn fill(fields: &[(&str, &str)]) -> String {
+    let sets: Vec<String> = fields
+        .iter()
+        .map(|(id, v)| {
+            format!(
+                "{{ const e = document.getElementById({}); e.value = {}; \
+                 e.dispatchEvent(new Event('input', {{bubbles: true}})); \
+                 e.dispatchEvent(new Event('change', {{bubbles: true}})); }}",
+                js(id),
+                js(v)
+            )
+        })
+        .collect();
+    format!("(() => {{ {} return true; }})()", sets.join(" "))
 }
+
+/// The text of the connection indicator is `text` (and, with `note`, its note holds it).
+fn conn_is(text: &str, note: &str) -> String {
+    format!(
+        "document.getElementById('conn').textContent === {} \
+         && document.getElementById('conn-note').textContent.includes({})",
+        js(text),
+        js(note)
+    )
+}
+
+/// Decodes standard base64 (what `Page.captureScreenshot` returns).
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in text.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' | b'\n' | b'\r' => continue,
+            _ => bail!("not base64: byte {b}"),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Ok(out)
+}
+
+impl Page {
+    /// A PNG of the page as it is now. With `ROSTER_SCREENSHOTS=1` it is also written to
+    /// `docs/img/console-{name}.png`, the pictures the README shows.
+    async fn screenshot(&mut self, name: &str) -> Result<()> {
+        let shot = self
+            .call("Page.captureScreenshot", json!({ "format": "png" }))
+            .await?;
+        let png = base64_decode(shot["data"].as_str().context("screenshot data")?)?;
+        ensure!(
+            png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "the screenshot {name} is not a PNG ({} bytes)",
+            png.len()
+        );
+        if std::env::var("ROSTER_SCREENSHOTS").as_deref() == Ok("1") {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(format!("console-{name}.png")), &png)?;
+        }
+        Ok(())
+    }
+}
+
+/// A TCP relay on loopback between the browser and a server: the page's origin stays the
+/// same while the server behind it is cut off, restarted or replaced.
+struct Relay {
+    addr: SocketAddr,
+    upstream: Arc<Mutex<Option<SocketAddr>>>,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Result<Relay> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let up = Arc::new(Mutex::new(Some(upstream)));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                // Refusing: the connection is closed at once, as a stopped server's would be.
+                let Some(target) = *up2.lock().unwrap_or_else(|e| e.into_inner()) else {
+                    drop(client);
+                    continue;
+                };
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                let mut conns = conns2.lock().unwrap_or_else(|e| e.into_inner());
+                conns.retain(|c| !c.is_finished());
+                conns.push(task.abort_handle());
+            }
+        });
+        Ok(Relay {
+            addr,
+            upstream: up,
+            conns,
+            accept,
+        })
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    fn cut(&self) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            c.abort();
+        }
+    }
+
+    /// Relays new connections to `upstream`.
+    fn restore(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(upstream);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Three runtimes: `local` (commands allowed), `batch` (keeps only 256 bytes of output per
+/// worker), and `gpu-box`, a remote roster that does not answer (nothing listens at its
+/// loopback port).
+fn console_config(dead_port: u16) -> Result<Config> {
+    Ok(Config::parse(&format!(
+        r#"
+[[runtimes]]
+name = "local"
+source = "embedded"
+allow_commands = true
+[runtimes.profiles.shell]
+command = ["/bin/sh", "-c"]
+
+[[runtimes]]
+name = "batch"
+source = "embedded"
+output_retention = 256
+[runtimes.profiles.shell]
+command = ["/bin/sh", "-c"]
+
+[[runtimes]]
+name = "gpu-box"
+source = "remote"
+url = "http://127.0.0.1:{dead_port}"
+remote_runtime = "local"
+"#
+    ))?)
+}
+
+/// A port nothing listens on (it was free a moment ago).
+fn dead_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Spawns in `runtime` and returns the worker's id.
+async fn spawn(server: &TestServer, runtime: &str, body: Value) -> Result<String> {
+    server
+        .post(
+            &format!("/v1/runtimes/{runtime}/workers"),
+            &body.to_string(),
+        )
+        .await?
+        .created_id()
+}
+
+/// Polls until `GET path` answers `status`.
+async fn wait_status(server: &TestServer, path: &str, status: StatusCode) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let resp = server.get(path).await?;
+        if resp.status == status {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{path} never answered {status}: {} {}",
+            resp.status,
+            resp.text()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// What the first worker the form starts runs: a coloured greeting, a line on stderr, then
+/// every line of stdin echoed back.
+const ECHO_SCRIPT: &str = r"printf '\033[31mred\033[0m and \033[1;32mbold green\033[0m\n'; echo hello-from-worker; echo to-stderr >&2; while read line; do echo got:$line; done";
+
+/// A worker that keeps running and writing: a coloured tick a second.
+const TICKER: &str = r"i=0; while :; do i=$((i+1)); printf '\033[32m✓\033[0m request %s served in \033[33m%sms\033[0m\n' $i $((i % 7 + 3)); sleep 1; done";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_drives_workers_through_the_browser() -> Result<()> {
@@ -337,167 +568,441 @@ async fn the_console_drives_workers_through_the_browser() -> Result<()> {
         return Ok(());
     };
     let started = std::time::Instant::now();
-    let server = TestServer::start().await?;
+    let config = console_config(dead_port()?)?;
+    let server = TestServer::start_in(
+        tempfile::tempdir()?,
+        config.clone(),
+        ServeOptions::default(),
+    )
+    .await?;
+    let relay = Relay::start(server.addr).await?;
     let browser = Browser::launch(&program).await?;
     let mut page = Page::open(&browser).await?;
+    page.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({ "width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
+    )
+    .await?;
     eprintln!("browser ready after {:?}", started.elapsed());
 
-    // The console loads, its event stream connects, and the snapshot lists the runtime.
-    let url = format!("http://127.0.0.1:{}/", server.addr.port());
+    // The console loads, its event stream connects, and the health strip shows every
+    // runtime: the remote one that does not answer as unavailable.
+    let url = format!("http://127.0.0.1:{}/", relay.addr.port());
     let nav = page.call("Page.navigate", json!({ "url": url })).await?;
     if let Some(error) = nav.get("errorText") {
         bail!("loading {url} failed: {error}");
     }
-    page.wait(&format!(
-        "location.href === {} && document.readyState === 'complete'",
-        js(&url)
-    ))
-    .await?;
+    page.wait(&conn_is("live", "")).await?;
     page.wait(
-        "document.getElementById('conn').textContent === 'live' \
-         && [...document.querySelectorAll('#runtimes tr')].some((tr) => tr.cells[0].textContent === 'local')",
+        "(() => { const h = (r) => document.querySelector(`.rt[data-runtime=\"${r}\"] .rt-health .st`)?.textContent; \
+         return h('local') === 'ready' && h('batch') === 'ready' && h('gpu-box') === 'unavailable'; })()",
     )
     .await?;
 
-    // A worker spawned through the API shows up live, without a reload.
-    let body = json!({
-        "profile": "shell", "args": [ECHO_SCRIPT], "name": "echo-worker",
-        "labels": {"team": "browser"},
-    });
-    let resp = server
-        .post("/v1/runtimes/local/workers", &body.to_string())
-        .await?;
-    ensure!(resp.status == StatusCode::CREATED, "spawn: {}", resp.text());
-    let id = resp.json()?["id"].as_str().context("an id")?.to_string();
+    // Workers started through the API show up live: state, exit codes told apart, the
+    // failure cause, start time and uptime.
+    let ticker = spawn(
+        &server,
+        "local",
+        json!({"profile": "shell", "args": [TICKER], "name": "web-1", "labels": {"team": "web"}}),
+    )
+    .await?;
+    let migrate = spawn(
+        &server,
+        "batch",
+        json!({"profile": "shell", "name": "migrate-db", "labels": {"team": "data"},
+               "args": ["echo migrating; echo 'error: table locked' >&2; exit 3"]}),
+    )
+    .await?;
+    let ok_job = spawn(
+        &server,
+        "local",
+        json!({"profile": "shell", "args": ["echo done"], "name": "nightly-report", "labels": {"team": "data"}}),
+    )
+    .await?;
+    let typo = spawn(
+        &server,
+        "local",
+        json!({"command": ["/nonexistent/tool"], "name": "typo"}),
+    )
+    .await?;
     page.wait(&format!(
-        "{} === 'echo-worker' && {} === 'local' && {} === 'running' && {} === 'team=browser'",
-        cell(&id, 0),
-        cell(&id, 2),
-        cell(&id, 3),
-        cell(&id, 5)
+        "{} === 'running' && {}?.startsWith('exited') && {}?.startsWith('exited') && {}?.startsWith('failed')",
+        cell(&ticker, "c-state"),
+        cell(&migrate, "c-state"),
+        cell(&ok_job, "c-state"),
+        cell(&typo, "c-state"),
     ))
     .await?;
-
-    // The runtime's counts follow the live workers too.
-    page.wait("document.getElementById('runtimes').textContent.includes('running 1')")
-        .await?;
-
-    // Its row opens the panel, which streams the worker's output.
     page.must(&format!(
-        "(() => {{ const tr = {}; if (!tr) return false; tr.click(); return true; }})()",
-        row(&id)
+        "(() => {{ const bad = ({m})?.querySelector('.exit'), good = ({o})?.querySelector('.exit'); \
+         return bad.textContent === 'exit 3' && bad.classList.contains('exit-bad') \
+           && good.textContent === 'exit 0' && good.classList.contains('exit-ok') \
+           && getComputedStyle(bad).backgroundColor !== getComputedStyle(good).backgroundColor; }})()",
+        m = row(&migrate),
+        o = row(&ok_job),
     ))
     .await?;
     page.wait(&format!(
-        "!document.getElementById('panel').hidden \
-         && document.getElementById('p-title').textContent.includes({}) \
-         && document.getElementById('out').textContent.includes('hello-from-worker') \
-         && !document.getElementById('p-text').disabled",
-        js(&id)
+        "{}?.includes('spawn failed') && /^\\d\\d:\\d\\d:\\d\\d$/.test({}) && /^\\d+s$/.test({})",
+        cell(&typo, "c-state"),
+        cell(&ticker, "c-started"),
+        cell(&ticker, "c-uptime"),
     ))
     .await?;
 
-    // A line typed into the input box reaches the worker's stdin.
-    page.must(
-        "(() => { document.getElementById('p-text').value = 'ping'; \
-         document.querySelector('#p-input button[type=submit]').click(); return true; })()",
-    )
-    .await?;
+    // Filters: by state, runtime, label and text.
+    let shown =
+        "[...document.querySelectorAll('#workers tr')].map((tr) => tr.dataset.id).sort().join(',')";
+    let only = |ids: &[&str]| {
+        let mut ids: Vec<&str> = ids.to_vec();
+        ids.sort_unstable();
+        format!("{shown} === {}", js(&ids.join(",")))
+    };
+    page.must(&fill(&[("f-state", "problem")])).await?;
+    page.wait(&only(&[&migrate, &typo])).await?;
+    page.must(&fill(&[("f-state", ""), ("f-runtime", "batch")]))
+        .await?;
+    page.wait(&only(&[&migrate])).await?;
+    page.must(&fill(&[("f-runtime", ""), ("f-label", "team=data")]))
+        .await?;
+    page.wait(&only(&[&migrate, &ok_job])).await?;
+    page.must(&fill(&[("f-label", ""), ("f-text", "nightly")]))
+        .await?;
+    page.wait(&only(&[&ok_job])).await?;
+    page.must(&fill(&[("f-text", "")])).await?;
+    page.wait(&only(&[&ticker, &migrate, &ok_job, &typo]))
+        .await?;
+    page.screenshot("overview").await?;
+
+    // The spawn form: the profile is suggested from what the runtime's workers used, and
+    // the same-origin POST with the browser's Origin is let through.
+    page.must(&click("#spawn-open")).await?;
     page.wait(
-        "document.getElementById('out').textContent.includes('got:ping') \
-         && document.getElementById('p-text').value === '' \
-         && document.getElementById('p-msg').textContent === ''",
+        "[...document.getElementById('sp-runtime').options].some((o) => o.value === 'local' && !o.disabled) \
+         && [...document.getElementById('sp-profiles').options].some((o) => o.value === 'shell')",
     )
     .await?;
-
-    // Stop: the API and the page both say stopped; then Remove takes it away everywhere.
-    page.must(
-        "(() => { const b = document.getElementById('p-stop'); if (b.disabled) return false; \
-         b.click(); return true; })()",
-    )
+    page.must(&fill(&[
+        ("sp-runtime", "local"),
+        ("sp-profile", "shell"),
+        ("sp-args", ECHO_SCRIPT),
+        ("sp-name", "echo-worker"),
+        ("sp-labels", "team=browser"),
+        ("sp-stdin", "first"),
+    ]))
     .await?;
-    server.wait_worker(&id, |w| w["state"] == "stopped").await?;
-    page.wait(&format!(
-        "document.getElementById('p-state').textContent === 'stopped' && {} === 'stopped' \
-         && document.getElementById('p-stop').disabled \
-         && !document.getElementById('p-remove').disabled \
-         && document.getElementById('p-text').disabled",
-        cell(&id, 3)
-    ))
-    .await?;
-    page.must("(() => { document.getElementById('p-remove').click(); return true; })()")
-        .await?;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let resp = server.get(&format!("/v1/workers/{id}")).await?;
-        if resp.status == StatusCode::NOT_FOUND {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the worker was never removed: {} {}",
-            resp.status,
-            resp.text()
-        );
-        tokio::time::sleep(POLL).await;
-    }
-    page.wait(&format!(
-        "!({}) && document.getElementById('panel').hidden",
-        row(&id)
-    ))
-    .await?;
-
-    // The spawn form: a same-origin POST with the browser's Origin is let through.
-    page.wait("[...document.getElementById('sp-runtime').options].some((o) => o.value === 'local' && !o.disabled)")
-        .await?;
-    page.must(
-        "(() => { const set = (id, v) => { document.getElementById(id).value = v; }; \
-         set('sp-runtime', 'local'); set('sp-profile', 'shell'); set('sp-command', ''); \
-         set('sp-args', 'echo made-by-the-form'); set('sp-name', 'from-the-form'); \
-         set('sp-labels', 'via=form'); \
-         document.querySelector('#spawn button[type=submit]').click(); return true; })()",
-    )
-    .await?;
-    page.wait("document.getElementById('sp-msg').textContent !== ''")
+    page.must(&click("#sp-form button[type=submit]")).await?;
+    page.wait("document.getElementById('sp-msg').textContent.startsWith('started w_')")
         .await?;
     let msg = page
         .eval("document.getElementById('sp-msg').textContent")
         .await?;
-    let msg = msg.as_str().unwrap_or_default();
-    let form_id = msg
+    let id = msg
+        .as_str()
+        .unwrap_or_default()
         .strip_prefix("started ")
-        .with_context(|| format!("the spawn form answered: {msg}"))?
+        .context("the spawn form's answer")?
         .to_string();
-    let list = server.get("/v1/workers").await?;
-    ensure!(list.status == StatusCode::OK, "list: {}", list.text());
-    let list = list.json()?;
-    let made = list["workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|w| w["name"] == "from-the-form")
-        .with_context(|| format!("no worker named from-the-form in {list}"))?;
-    assert_eq!(made["id"], form_id.as_str(), "{made}");
+    let made = server.get(&format!("/v1/workers/{id}")).await?.json()?;
+    assert_eq!(made["name"], "echo-worker", "{made}");
     assert_eq!(made["runtime_id"], "local", "{made}");
-    assert_eq!(made["labels"], json!({"via": "form"}), "{made}");
-    // The form opens the new worker's panel; its output and exit arrive live.
+    assert_eq!(made["profile"], "shell", "{made}");
+    assert_eq!(made["labels"], json!({"team": "browser"}), "{made}");
+    page.must(&click("#sp-close")).await?;
+
+    // The form opens the worker's pane at its link, with live output: ANSI colours
+    // rendered (no raw escapes), stderr apart, the first input echoed, a time on each line.
     page.wait(&format!(
-        "document.getElementById('p-title').textContent.includes({}) \
-         && document.getElementById('out').textContent.includes('made-by-the-form') \
-         && {} === 'exited' && {} === '0'",
-        js(&form_id),
-        cell(&form_id, 3),
-        cell(&form_id, 4)
+        "location.hash === {} && !document.getElementById('pane').hidden \
+         && document.getElementById('out').textContent.includes('got:first') \
+         && !document.getElementById('p-text').disabled",
+        js(&format!("#/workers/{id}"))
     ))
     .await?;
+    page.must(
+        "(() => { const out = document.getElementById('out'); \
+         const red = [...out.querySelectorAll('span.ansi')].find((s) => s.textContent === 'red'); \
+         const bold = [...out.querySelectorAll('span.ansi')].find((s) => s.textContent === 'bold green'); \
+         const err = [...out.querySelectorAll('.ln.stderr')].find((l) => l.textContent.includes('to-stderr')); \
+         return !!red && getComputedStyle(red).color === 'rgb(249, 112, 102)' \
+           && !!bold && getComputedStyle(bold).fontWeight === '700' \
+           && !!err && !out.textContent.includes('\\u001b') && !out.textContent.includes('[31m') \
+           && [...out.querySelectorAll('.ln')].every((l) => /^≤?\\d\\d:\\d\\d:\\d\\d\\.\\d{3}/.test(l.querySelector('.ts').textContent)); })()",
+    )
+    .await?;
+
+    // A line typed into the input box reaches the worker's stdin; live lines carry the
+    // time they arrived (no "≤": they were not read back from retention).
+    page.must(&fill(&[("p-text", "ping")])).await?;
+    page.must(&click("#p-input button[type=submit]")).await?;
+    let line_of = |text: &str| {
+        format!(
+            "[...document.querySelectorAll('#out .ln')].find((l) => l.querySelector('.tx').textContent === {})",
+            js(text)
+        )
+    };
+    page.wait(&format!(
+        "!!({l}) && /^\\d\\d:/.test(({l}).querySelector('.ts').textContent) \
+         && document.getElementById('p-text').value === '' && document.getElementById('p-msg').textContent === ''",
+        l = line_of("got:ping")
+    ))
+    .await?;
+
+    // Pause holds new output back (and counts it); resume shows it.
+    page.must(&click("#p-pause")).await?;
+    server
+        .post(
+            &format!("/v1/workers/{id}/input"),
+            &json!({"data": "while-paused\n"}).to_string(),
+        )
+        .await?;
+    page.wait("document.getElementById('p-pending').textContent === '1 chunks waiting'")
+        .await?;
+    page.must(&format!("!({})", line_of("got:while-paused")))
+        .await?;
+    page.must(&click("#p-pause")).await?;
+    page.wait(&format!(
+        "!!({}) && document.getElementById('p-pending').textContent === ''",
+        line_of("got:while-paused")
+    ))
+    .await?;
+    page.screenshot("worker").await?;
+
+    // Stop asks first; with a grace of 1 s the worker ends stopped, everywhere.
+    page.must(&click("#p-stop")).await?;
+    page.wait("document.getElementById('confirm').open").await?;
+    page.must(&fill(&[("confirm-grace", "1")])).await?;
+    page.must(&click("#confirm-ok")).await?;
+    server.wait_worker(&id, |w| w["state"] == "stopped").await?;
+    page.wait(&format!(
+        "document.getElementById('p-state').textContent.startsWith('stopped') && {}?.startsWith('stopped') \
+         && document.getElementById('p-stop').disabled && !document.getElementById('p-remove').disabled \
+         && document.getElementById('p-text').disabled && !document.getElementById('confirm').open",
+        cell(&id, "c-state")
+    ))
+    .await?;
+
+    // Remove asks first: cancelling keeps the worker; confirming removes it.
+    page.must(&click("#p-remove")).await?;
+    page.wait("document.getElementById('confirm').open").await?;
+    page.must(&click("#confirm-cancel")).await?;
+    page.wait("!document.getElementById('confirm').open")
+        .await?;
+    ensure!(
+        server.get(&format!("/v1/workers/{id}")).await?.status == StatusCode::OK,
+        "cancelling the removal removed the worker"
+    );
+    page.must(&click("#p-remove")).await?;
+    page.wait("document.getElementById('confirm').open").await?;
+    page.must(&click("#confirm-ok")).await?;
+    wait_status(&server, &format!("/v1/workers/{id}"), StatusCode::NOT_FOUND).await?;
+    page.wait(&format!(
+        "!({}) && document.getElementById('pane').hidden && location.hash === '#/'",
+        row(&id)
+    ))
+    .await?;
+
+    // A link to one worker opens its pane on a fresh load: the failure, its exit code and
+    // its times, and stderr apart.
+    page.eval(&format!(
+        "(() => {{ location.hash = {}; location.reload(); return true; }})()",
+        js(&format!("#/workers/{migrate}"))
+    ))
+    .await?;
+    page.wait(&format!(
+        "document.readyState === 'complete' && document.getElementById('conn').textContent === 'live' \
+         && !document.getElementById('pane').hidden \
+         && document.getElementById('p-title').textContent === 'migrate-db' \
+         && document.querySelector('#p-details .exit')?.textContent === '3' \
+         && document.querySelector('#p-details .exit')?.classList.contains('exit-bad') \
+         && document.getElementById('p-details').textContent.includes('ended') \
+         && [...document.querySelectorAll('#out .ln.stderr')].some((l) => l.textContent.includes('error: table locked')) \
+         && document.getElementById('out').textContent.includes('end of output') \
+         && {} === 'exited exit 3'",
+        cell(&migrate, "c-state")
+    ))
+    .await?;
+
+    // Retention dropped output: the pane says where ("gap"), then shows the tail (long
+    // lines, so that the tail the runtime keeps fits in the view).
+    let gappy = spawn(
+        &server,
+        "batch",
+        json!({"profile": "shell", "args": ["seq -f 'line %g of a long output, padded well past the width of a number' 1 20000"], "name": "gappy"}),
+    )
+    .await?;
+    server
+        .wait_worker(&gappy, |w| w["state"] == "exited")
+        .await?;
+    page.eval(&format!(
+        "location.hash = {}; true",
+        js(&format!("#/workers/{gappy}"))
+    ))
+    .await?;
+    page.wait(
+        "[...document.querySelectorAll('#out .note.gap')].some((n) => /^gap: output chunks? 1(–\\d+)? no longer retained/.test(n.textContent)) \
+         && [...document.querySelectorAll('#out .ln')].some((l) => l.querySelector('.tx').textContent === 'line 20000 of a long output, padded well past the width of a number') \
+         && document.getElementById('out').textContent.includes('end of output')",
+    )
+    .await?;
+
+    // The page's memory is bounded: of 20,000 lines it keeps the last 5,000 and says so.
+    let many = spawn(
+        &server,
+        "local",
+        json!({"profile": "shell", "args": ["seq 1 20000"], "name": "many-lines"}),
+    )
+    .await?;
+    server
+        .wait_worker(&many, |w| w["state"] == "exited")
+        .await?;
+    page.eval(&format!(
+        "location.hash = {}; true",
+        js(&format!("#/workers/{many}"))
+    ))
+    .await?;
+    page.wait(
+        "document.getElementById('out').textContent.includes('end of output') \
+         && document.querySelectorAll('#out .ln').length <= 5000 \
+         && [...document.querySelectorAll('#out .ln')].some((l) => l.querySelector('.tx').textContent === '20000') \
+         && /^\\d+ older lines dropped from this view/.test(document.querySelector('#out .note.dropped')?.textContent)",
+    )
+    .await?;
+
+    // A dropped connection: the page says it is reconnecting and shows no worker as live;
+    // what happens meanwhile arrives when it resumes (with Last-Event-ID: no snapshot).
+    page.eval(&format!(
+        "location.hash = {}; true",
+        js(&format!("#/workers/{ticker}"))
+    ))
+    .await?;
+    page.wait("document.getElementById('out').textContent.includes('request 1 served')")
+        .await?;
+    relay.cut();
+    page.wait(&format!(
+        "document.getElementById('conn').textContent === 'reconnecting…' \
+         && !document.getElementById('stale-banner').hidden \
+         && ({r}).classList.contains('stale') && {s} === 'running?' \
+         && document.querySelector('#p-state .st').classList.contains('stale')",
+        r = row(&ticker),
+        s = cell(&ticker, "c-state .st"),
+    ))
+    .await?;
+    page.screenshot("reconnecting").await?;
+    let late = spawn(
+        &server,
+        "local",
+        json!({"profile": "shell", "args": ["echo late"], "name": "started-while-away"}),
+    )
+    .await?;
+    server
+        .wait_worker(&late, |w| w["state"] == "exited")
+        .await?;
+    let seq_before = page
+        .eval("Number(document.getElementById('p-seq').textContent.slice(4))")
+        .await?;
+    relay.restore(server.addr);
+    page.wait(&format!(
+        "{} && {}?.startsWith('exited') && {} === 'running' && document.getElementById('stale-banner').hidden",
+        conn_is("live", "resumed: nothing missed"),
+        cell(&late, "c-state"),
+        cell(&ticker, "c-state"),
+    ))
+    .await?;
+    // The worker's output resumed after the last seq it had: nothing twice, nothing missing.
+    page.wait(&format!(
+        "Number(document.getElementById('p-seq').textContent.slice(4)) > {seq_before}"
+    ))
+    .await?;
+    page.must(
+        "(() => { const n = [...document.querySelectorAll('#out .ln .tx')].map((t) => t.textContent) \
+           .map((t) => /request (\\d+) served/.exec(t)).filter((m) => m).map((m) => Number(m[1])); \
+         return n.length > 1 && n.every((v, i) => v === n[0] + i); })()",
+    )
+    .await?;
+
+    // A restart of roster (on the same state, now asking for a token) while the page is cut
+    // off: the page stays "reconnecting" with its workers marked stale, asks for the token,
+    // then resets to the new run's snapshot, in which the old workers are gone.
+    relay.cut();
+    page.wait(&format!(
+        "document.getElementById('conn').textContent === 'reconnecting…' && ({}).classList.contains('stale')",
+        row(&ticker)
+    ))
+    .await?;
+    let dir = server.stop().await?;
+    let secret = "console-test-token-0123456789";
+    let options = ServeOptions {
+        tokens: vec![LoadedToken {
+            name: "console".into(),
+            scope: Scope::Operate,
+            secret: secret.into(),
+        }],
+        ..ServeOptions::default()
+    };
+    let server = TestServer::start_in(dir, config, options).await?;
+    relay.restore(server.addr);
+    page.wait(&format!(
+        "document.getElementById('conn').textContent === 'a token is needed' \
+         && document.getElementById('token-box').classList.contains('need') \
+         && {} === 'running?'",
+        cell(&ticker, "c-state .st")
+    ))
+    .await?;
+    page.must(&fill(&[("token", secret)])).await?;
+    page.must(&click("#token-box button[type=submit]")).await?;
+    page.wait(&format!(
+        "{} && !({}) && document.querySelectorAll('#workers tr').length === 0 \
+         && document.getElementById('p-state').textContent === 'gone' \
+         && document.getElementById('out').textContent.includes('this worker is gone')",
+        conn_is("live", "reloaded: the server restarted"),
+        row(&ticker)
+    ))
+    .await?;
+    // The token is kept for this tab only: in sessionStorage, nowhere else.
+    page.must(&format!(
+        "sessionStorage.getItem('roster.token') === {} && localStorage.length === 0 \
+         && document.cookie === '' && !location.href.includes({})",
+        js(secret),
+        js(secret)
+    ))
+    .await?;
+
+    // The new run serves the console's calls with the token: a worker started from the
+    // form shows up, and a reload keeps the token (the same tab).
+    page.must(&click("#spawn-open")).await?;
+    page.must(&fill(&[
+        ("sp-runtime", "local"),
+        ("sp-profile", "shell"),
+        ("sp-args", "echo after-the-restart"),
+        ("sp-name", "after-restart"),
+        ("sp-labels", ""),
+        ("sp-stdin", ""),
+    ]))
+    .await?;
+    page.must(&click("#sp-form button[type=submit]")).await?;
+    page.wait(
+        "document.getElementById('sp-msg').textContent.startsWith('started w_') \
+         && document.getElementById('out').textContent.includes('after-the-restart')",
+    )
+    .await?;
+    page.eval("location.reload(); true").await?;
+    page.wait(&format!(
+        "document.readyState === 'complete' && {} \
+         && [...document.querySelectorAll('#workers tr')].some((tr) => tr.textContent.includes('after-restart'))",
+        conn_is("live", "")
+    ))
+    .await?;
+
     ensure!(
         page.log.iter().all(|l| !l.starts_with("exception")),
         "the page threw:\n{}",
         page.log.join("\n")
     );
-
     drop(page);
     drop(browser);
+    drop(relay);
     server.stop().await?;
     eprintln!("the console's browser test took {:?}", started.elapsed());
     Ok(())
