@@ -49,6 +49,10 @@ pub struct Opts {
     /// Print JSON rows on stdout instead of the table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Do not run `bench/peers/install.sh` first (it is idempotent and quick when the peers
+    /// are there; without this flag `spawn` and `records` run it).
+    #[arg(long, global = true)]
+    pub no_install: bool,
     /// spawn: workers per round (default 1000).
     #[arg(long, global = true)]
     pub spawn_workers: Option<usize>,
@@ -145,6 +149,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(opts: &Opts, which: &[&str]) -> Result<()> {
+    if !opts.no_install && which.iter().any(|s| ["spawn", "records"].contains(s)) {
+        install_peers().await?;
+    }
     let dir = tempfile::tempdir()?;
     let mut rows: Vec<Row> = Vec::new();
     for name in which {
@@ -186,5 +193,21 @@ async fn run(opts: &Opts, which: &[&str]) -> Result<()> {
             )
         );
     }
+    Ok(())
+}
+
+/// Runs `bench/peers/install.sh`; a peer it cannot install is left for the scenarios to
+/// report as not measured.
+async fn install_peers() -> Result<()> {
+    let script = common::workspace_root().join("bench/peers/install.sh");
+    common::progress("installing the peers (bench/peers/install.sh)");
+    let status = tokio::process::Command::new("bash")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "bench/peers/install.sh failed: {status}");
     Ok(())
 }

@@ -30,7 +30,7 @@ pub fn missing(peer: &str) -> Option<String> {
         _ => dir.join("npm/node_modules/.bin/pm2"),
     };
     (!exe.exists()).then(|| {
-        format!("not installed (run bench/peers/install.sh; looked in target/bench-peers)")
+        "not installed (bench/peers/install.sh puts it under target/bench-peers)".to_string()
     })
 }
 

@@ -161,8 +161,8 @@ pub fn table(rows: &[Row], header: &str) -> String {
             let _ = writeln!(out, "\n== {}", r.scenario);
             let _ = writeln!(
                 out,
-                "{:<46} {:<12} {:>10} {:>10} {:>10} {:<10} {:<22} {}",
-                "metric", "subject", "min", "median", "max", "unit", "ratio", "goal / counts"
+                "{:<46} {:<12} {:>10} {:>10} {:>10} {:<10} {:<22} goal / counts",
+                "metric", "subject", "min", "median", "max", "unit", "ratio"
             );
             last = &r.scenario;
         }

@@ -17,6 +17,9 @@ use crate::Opts;
 
 const IN_FLIGHT: usize = 32;
 
+/// A peer's samples so far, or why it could not be measured, and the exits it saw.
+type PeerSamples = (&'static str, Result<Vec<f64>, String>, u64);
+
 /// The workers per round for these options.
 pub fn size(opts: &Opts) -> usize {
     opts.spawn_workers
@@ -38,7 +41,7 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
     .await?;
 
     let mut samples: Vec<(&str, Vec<f64>, u64)> = vec![("roster", vec![], 0), ("raw", vec![], 0)];
-    let mut peer_samples: Vec<(&str, Result<Vec<f64>, String>, u64)> = peers::PEERS
+    let mut peer_samples: Vec<PeerSamples> = peers::PEERS
         .iter()
         .map(|p| (*p, peers::missing(p).map_or(Ok(Vec::new()), Err), 0))
         .collect();
