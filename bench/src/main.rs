@@ -56,6 +56,13 @@ pub struct Opts {
     /// spawn: workers per round (default 1000).
     #[arg(long, global = true)]
     pub spawn_workers: Option<usize>,
+    /// spawn: seconds a peer's round may take before it is cut off and its rate taken
+    /// over the exits it saw (default 60; pm2 needs minutes for 1,000).
+    #[arg(long, global = true)]
+    pub peer_cap_secs: Option<f64>,
+    /// records: finished programs each peer holds for its per-record RSS (default 200).
+    #[arg(long, global = true)]
+    pub peer_records: Option<usize>,
     /// get: seconds of load per round (default 10).
     #[arg(long, global = true)]
     pub get_secs: Option<f64>,

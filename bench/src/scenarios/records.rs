@@ -116,7 +116,10 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
     roster.daemon.stop().await?;
 
     // The peers: idle, and holding the spawn scenario's number of finished programs.
-    let k = spawn::size(opts);
+    let k = opts
+        .peer_records
+        .unwrap_or(if opts.tiny { 10 } else { 200 })
+        .max(1);
     for peer in peers::PEERS {
         if let Some(why) = peers::missing(peer) {
             idle_rows.push(Row::not_measured("records", "daemon idle RSS", peer, &why));
@@ -125,8 +128,9 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
         progress(&format!(
             "records: {peer} idle and with {k} finished programs"
         ));
-        let idle = peers::spawn_round(peer, 0, &dir.join(format!("{peer}-idle"))).await;
-        let held = peers::spawn_round(peer, k, &dir.join(format!("{peer}-held"))).await;
+        let cap = spawn::peer_cap(opts);
+        let idle = peers::spawn_round(peer, 0, &dir.join(format!("{peer}-idle")), cap).await;
+        let held = peers::spawn_round(peer, k, &dir.join(format!("{peer}-held")), cap).await;
         match idle {
             Ok(r) => idle_rows.push(Row::new(
                 "records",
@@ -151,7 +155,7 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
                 peer,
                 "bytes",
                 Better::Lower,
-                vec![r.rss_after.saturating_sub(r.rss_idle) as f64 / k as f64],
+                vec![r.rss_after.saturating_sub(r.rss_idle) as f64 / r.exits.max(1) as f64],
             )
             .count("records", r.exits),
             Err(e) => Row::not_measured("records", &metric, peer, &format!("{e:#}")),

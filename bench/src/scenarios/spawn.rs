@@ -27,6 +27,11 @@ pub fn size(opts: &Opts) -> usize {
         .max(1)
 }
 
+/// How long one peer round may take before it is cut off.
+pub fn peer_cap(opts: &Opts) -> Duration {
+    Duration::from_secs_f64(opts.peer_cap_secs.unwrap_or(60.0).max(1.0))
+}
+
 /// Runs the scenario.
 pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
     let n = size(opts);
@@ -62,10 +67,10 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
             let Ok(list) = got else { continue };
             progress(&format!("spawn round {}/{rounds}: {peer}", round + 1));
             let scratch = dir.join(format!("{peer}-{round}"));
-            match peers::spawn_round(peer, n, &scratch).await {
+            match peers::spawn_round(peer, n, &scratch, peer_cap(opts)).await {
                 Ok(r) => {
-                    ensure!(r.exits >= n as u64, "{peer} saw {} of {n} exits", r.exits);
-                    list.push(n as f64 / r.secs);
+                    // Cut off at the cap: the rate of what it did finish.
+                    list.push(r.exits as f64 / r.secs);
                     *exits += r.exits;
                 }
                 Err(e) => *got = Err(format!("{e:#}")),
