@@ -26,6 +26,7 @@ pub const WAIT: Duration = Duration::from_secs(60);
 pub struct Client {
     sender: SendRequest<Full<Bytes>>,
     host: String,
+    addr: SocketAddr,
 }
 
 impl Client {
@@ -43,6 +44,7 @@ impl Client {
         Ok(Client {
             sender,
             host: format!("127.0.0.1:{}", addr.port()),
+            addr,
         })
     }
 
@@ -65,6 +67,10 @@ impl Client {
         body: Option<(&str, &str)>,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, Bytes)> {
+        // The server closes a kept-alive connection that was idle for long: open a new one.
+        if self.sender.is_closed() {
+            *self = Client::connect(self.addr).await?;
+        }
         let req = self.build(method, path, body, headers)?;
         let exchange = async {
             self.sender.ready().await?;

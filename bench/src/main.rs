@@ -161,6 +161,7 @@ async fn run(opts: &Opts, which: &[&str]) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let mut rows: Vec<Row> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
     for name in which {
         common::progress(&format!("scenario {name}"));
         let scratch = dir.path().join(name);
@@ -173,7 +174,20 @@ async fn run(opts: &Opts, which: &[&str]) -> Result<()> {
             "records" => scenarios::records::run(opts, &scratch).await,
             _ => scenarios::heal::run(opts, &scratch).await,
         };
-        rows.extend(got.map_err(|e| e.context(format!("scenario {name}")))?);
+        match got {
+            Ok(got) => rows.extend(got),
+            // The other scenarios still run; the run fails at the end.
+            Err(e) => {
+                common::progress(&format!("scenario {name} failed: {e:#}"));
+                failed.push(format!("{name}: {e:#}"));
+                rows.push(Row::not_measured(
+                    name,
+                    "the scenario",
+                    "roster",
+                    &format!("failed: {e:#}"),
+                ));
+            }
+        }
     }
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -200,6 +214,7 @@ async fn run(opts: &Opts, which: &[&str]) -> Result<()> {
             )
         );
     }
+    anyhow::ensure!(failed.is_empty(), "failed scenarios: {}", failed.join("; "));
     Ok(())
 }
 
