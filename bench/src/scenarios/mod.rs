@@ -1,0 +1,8 @@
+//! One module per scenario; each returns its rows.
+
+pub mod fanout;
+pub mod get;
+pub mod heal;
+pub mod output;
+pub mod records;
+pub mod spawn;
