@@ -40,8 +40,8 @@ use registry_core::{Registry, RegistryConfig, SourceFactories};
 use tokio::net::TcpListener;
 
 pub use api::OPENAPI;
-pub use error::ERRORS;
 pub use config::Config;
+pub use error::ERRORS;
 pub use server::{serve, serve_with, ServeOptions};
 
 /// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.

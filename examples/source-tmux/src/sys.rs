@@ -293,7 +293,10 @@ mod tests {
         // execs (the fd is close-on-exec), so the last writer may go a moment later.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while peek_fifo(&reader).unwrap() != FifoPeek::NoWriter {
-            assert!(std::time::Instant::now() < deadline, "the writer never went");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never went"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
