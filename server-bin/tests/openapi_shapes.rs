@@ -24,7 +24,7 @@ use registry_core::{Diagnostic, HealthStatus, RegistryError, RuntimeId, SourceHe
 use serde_json::{json, Value};
 use server_bin::config::{LoadedToken, Scope};
 use server_bin::ServeOptions;
-use source_embedded::EmbeddedSource;
+use source_embedded::{EmbeddedConfig, EmbeddedSource};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
