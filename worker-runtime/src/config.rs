@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use registry_core::Redacted;
 use serde::{Deserialize, Deserializer};
 
 /// Settings of one [`Runtime`](crate::Runtime).
@@ -105,20 +106,11 @@ impl fmt::Debug for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Profile")
             .field("command", &self.command)
-            .field("cwd", &self.cwd.as_ref().map(|_| Redacted))
+            .field("cwd", &self.cwd.as_ref().map(|_| Redacted(())))
             .field("env", &RedactedMap(&self.env))
             .field("output_retention", &self.output_retention)
             .field("grace", &self.grace)
             .finish()
-    }
-}
-
-/// Prints `<redacted>` in place of a secret value.
-pub(crate) struct Redacted;
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 
@@ -128,7 +120,7 @@ pub(crate) struct RedactedMap<'a>(pub(crate) &'a BTreeMap<String, String>);
 impl fmt::Debug for RedactedMap<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries(self.0.keys().map(|k| (k, Redacted)))
+            .entries(self.0.keys().map(|k| (k, Redacted(()))))
             .finish()
     }
 }

@@ -6,7 +6,9 @@ use std::num::ParseIntError;
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use crate::config::{Redacted, RedactedMap};
+use registry_core::Redacted;
+
+use crate::config::RedactedMap;
 
 /// A worker's id inside one [`Runtime`](crate::Runtime): issued from 1 upwards, never reused by
 /// that runtime value. Combine it with [`Runtime::instance_id`](crate::Runtime::instance_id)
@@ -62,7 +64,7 @@ impl fmt::Debug for SpawnSpec {
             .field("env", &RedactedMap(&self.env))
             .field("name", &self.name)
             .field("labels", &self.labels)
-            .field("stdin", &self.stdin.as_ref().map(|_| Redacted))
+            .field("stdin", &self.stdin.as_ref().map(|_| Redacted(())))
             .field("request_id", &self.request_id)
             .finish()
     }
