@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::RegistryError;
+use crate::{Redacted, RegistryError};
 
 /// The config name of a runtime: `^[a-z][a-z0-9-]{0,62}$`. Chosen by the operator, public.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -147,24 +147,18 @@ impl fmt::Debug for WorkerId {
 /// prints `SourceKey(<redacted>)`. Sources build it with [`SourceKey::new`] and read it back
 /// with [`SourceKey::as_str`]; it must be stable for the life of the worker, and it should be
 /// unique across restarts of the source, since the registry derives the public id from it.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceKey(String);
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey(Redacted<String>);
 
 impl SourceKey {
     /// Wraps a source's handle.
     pub fn new(key: impl Into<String>) -> Self {
-        SourceKey(key.into())
+        SourceKey(Redacted(key.into()))
     }
 
     /// The handle, for the source that made it.
     pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SourceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SourceKey(<redacted>)")
+        &self.0 .0
     }
 }
 

@@ -30,7 +30,7 @@ pub const DEBUG_PLACEHOLDER: &str = "<redacted>";
 /// assert_eq!(format!("{link:?}"), r#"Link { name: "gpu-box", url: <redacted> }"#);
 /// assert!(link.url.starts_with("http://"));
 /// ```
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Redacted<T>(pub T);
 
 impl<T> Redacted<T> {

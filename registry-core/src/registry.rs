@@ -69,7 +69,7 @@ impl fmt::Debug for RegistryConfig {
     // Redacting: the state directory is a path.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryConfig")
-            .field("state_dir", &format_args!("<redacted>"))
+            .field("state_dir", &crate::Redacted(()))
             .field("event_retention", &self.event_retention)
             .field("event_retention_bytes", &self.event_retention_bytes)
             .field("subscriber_queue", &self.subscriber_queue)

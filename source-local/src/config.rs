@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use registry_core::{de, ConfigError, RuntimeId};
+use registry_core::{de, ConfigError, Redacted, RuntimeId};
 use serde::Deserialize;
 
 /// The shortest `poll_interval` accepted: a rescan is a directory read and a `stat` per
@@ -150,7 +150,7 @@ impl fmt::Debug for LocalConfig {
     // Redacting: the spool directory is internal authority.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalConfig")
-            .field("spool_dir", &"<redacted>")
+            .field("spool_dir", &Redacted(()))
             .field("grace", &self.grace)
             .field("output_retention", &self.output_retention)
             .field("retain_finished", &self.retain_finished)

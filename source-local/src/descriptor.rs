@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use registry_core::limits::MAX_SHORT_TEXT;
+use registry_core::Redacted;
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -30,11 +31,11 @@ pub(crate) struct Descriptor {
 impl fmt::Debug for Descriptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Descriptor")
-            .field("pid", &"<redacted>")
+            .field("pid", &Redacted(()))
             .field("started_at", &self.started_at)
             .field("name", &self.name)
-            .field("socket", &self.socket.as_ref().map(|_| "<redacted>"))
-            .field("log", &self.log.as_ref().map(|_| "<redacted>"))
+            .field("socket", &self.socket.as_ref().map(|_| Redacted(())))
+            .field("log", &self.log.as_ref().map(|_| Redacted(())))
             .finish()
     }
 }

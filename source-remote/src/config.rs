@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use registry_core::{de, ConfigError, RuntimeId};
+use registry_core::{de, ConfigError, Redacted, RuntimeId};
 use serde::Deserialize;
 
 /// The table of a `[[runtimes]]` entry with `source = "remote"`.
@@ -96,7 +96,7 @@ impl fmt::Debug for RemoteConfig {
     // Redacting: the URL and the token's file are internal authority.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteConfig")
-            .field("remote_runtime", &"<redacted>")
+            .field("remote_runtime", &Redacted(()))
             .field(
                 "token",
                 &(self.token_env.is_some() || self.token_file.is_some()),

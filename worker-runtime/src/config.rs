@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::restart::{Backoff, Restart, RestartPolicy};
-use registry_core::de;
+use registry_core::{de, Redacted};
 use serde::Deserialize;
 
 /// Settings of one [`Runtime`](crate::Runtime), and the one copy of them: the `embedded`
@@ -164,7 +164,7 @@ impl fmt::Debug for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Profile")
             .field("command", &self.command)
-            .field("cwd", &self.cwd.as_ref().map(|_| Redacted))
+            .field("cwd", &self.cwd.as_ref().map(|_| Redacted(())))
             .field("env", &RedactedMap(&self.env))
             .field("output_retention", &self.output_retention)
             .field("grace", &self.grace)
@@ -176,22 +176,13 @@ impl fmt::Debug for Profile {
     }
 }
 
-/// Prints `<redacted>` in place of a secret value.
-pub(crate) struct Redacted;
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 /// Prints a map's keys with redacted values.
 pub(crate) struct RedactedMap<'a>(pub(crate) &'a BTreeMap<String, String>);
 
 impl fmt::Debug for RedactedMap<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries(self.0.keys().map(|k| (k, Redacted)))
+            .entries(self.0.keys().map(|k| (k, Redacted(()))))
             .finish()
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use registry_core::de;
+use registry_core::{de, Redacted};
 use serde::Deserialize;
 
 /// Longest `socket_name`.
@@ -89,7 +89,10 @@ impl fmt::Debug for TmuxConfig {
     // Redacting: `tmux` may be a path; profiles redact their own.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TmuxConfig")
-            .field("socket_name", &self.socket_name.as_ref().map(|_| Redacted))
+            .field(
+                "socket_name",
+                &self.socket_name.as_ref().map(|_| Redacted(())),
+            )
             .field("profiles", &self.profiles)
             .field("allow_commands", &self.allow_commands)
             .field("max_workers", &self.max_workers)
@@ -140,20 +143,11 @@ impl fmt::Debug for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Profile")
             .field("command", &self.command)
-            .field("cwd", &self.cwd.as_ref().map(|_| Redacted))
+            .field("cwd", &self.cwd.as_ref().map(|_| Redacted(())))
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("output_retention", &self.output_retention)
             .field("grace", &self.grace)
             .finish()
-    }
-}
-
-/// Prints `<redacted>` in place of a value.
-struct Redacted;
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 
