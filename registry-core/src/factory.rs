@@ -10,24 +10,25 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use crate::{RegistryError, RuntimeId, RuntimeSource};
+use crate::{Redacted, RedactedValues, RegistryError, RuntimeId, RuntimeSource};
 
-/// What a factory gets to build one runtime's source.
-#[derive(Clone)]
+/// What a factory gets to build one runtime's source. `Debug` shows the table's keys, not
+/// its values (they may be URLs and paths), and hides the state directory.
+#[derive(Clone, Debug)]
 pub struct SourceConfig {
     /// The runtime's id (its `name` in the config).
     pub runtime_id: RuntimeId,
     /// The runtime's table with `name` and `source` taken out.
-    pub table: toml::Table,
+    pub table: RedactedValues<toml::Table>,
     /// A directory this runtime may keep state in (created on demand by the source).
-    pub state_dir: PathBuf,
+    pub state_dir: Redacted<PathBuf>,
 }
 
 impl SourceConfig {
     /// Parses the table into the source's own config type (which should use
     /// `#[serde(deny_unknown_fields)]`). The error names the offending key.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        toml::Value::Table(self.table.clone())
+        toml::Value::Table(self.table.0.clone())
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError {
                 runtime: self.runtime_id.to_string(),
@@ -35,16 +36,6 @@ impl SourceConfig {
                 // which `message()` alone drops.
                 message: e.to_string().trim().replace('\n', " "),
             })
-    }
-}
-
-impl fmt::Debug for SourceConfig {
-    // Redacting: the table may hold URLs and paths.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SourceConfig")
-            .field("runtime_id", &self.runtime_id)
-            .field("keys", &self.table.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
     }
 }
 
@@ -262,7 +253,7 @@ mod tests {
         SourceConfig {
             runtime_id: RuntimeId::new("demo").unwrap(),
             table: text.parse().unwrap(),
-            state_dir: PathBuf::from("/nonexistent"),
+            state_dir: PathBuf::from("/nonexistent").into(),
         }
     }
 

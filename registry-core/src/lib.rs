@@ -50,7 +50,7 @@ pub use model::{
     limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, LastExit, RuntimeView,
     SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
 };
-pub use redact::Redacted;
+pub use redact::{Redacted, RedactedValues};
 pub use registry::{Page, Registry, RegistryConfig, WorkerFilter, MAX_PAGE};
 pub use sanitize::{sanitize_message, REDACTED};
 pub use source::{

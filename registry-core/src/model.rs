@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{RegistryError, RuntimeId, SourceKey, WorkerId, REDACTED};
+use crate::{Redacted, RedactedValues, RegistryError, RuntimeId, SourceKey, WorkerId};
 
 /// A worker's state (SPEC §2). `exited`, `stopped` and `failed` are terminal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -411,8 +411,9 @@ pub struct RuntimeView {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// A spawn request (SPEC §3). Unknown fields are refused when it is parsed.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A spawn request (SPEC §3). Unknown fields are refused when it is parsed. `Debug` shows
+/// the environment's names, never its values, and never the stdin text.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnRequest {
     /// A template from the runtime's config.
@@ -426,7 +427,7 @@ pub struct SpawnRequest {
     pub args: Vec<String>,
     /// Environment added to the profile's. Never shown anywhere.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: RedactedValues<BTreeMap<String, String>>,
     /// A name for people; not unique.
     #[serde(default)]
     pub name: Option<String>,
@@ -434,8 +435,8 @@ pub struct SpawnRequest {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Text written to stdin right after start.
-    #[serde(default)]
-    pub stdin: Option<String>,
+    #[serde(default, serialize_with = "crate::redact::serialize_revealed")]
+    pub stdin: Option<Redacted<String>>,
     /// Makes the call idempotent.
     #[serde(default)]
     pub request_id: Option<String>,
@@ -570,30 +571,6 @@ impl SpawnRequest {
     }
 }
 
-impl fmt::Debug for SpawnRequest {
-    // Redacting: environment values are internal authority.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SpawnRequest")
-            .field("profile", &self.profile)
-            .field("command", &self.command)
-            .field("args", &self.args)
-            // The names only: a value may be a secret.
-            .field(
-                "env",
-                &self
-                    .env
-                    .keys()
-                    .map(|k| (k, REDACTED))
-                    .collect::<BTreeMap<_, _>>(),
-            )
-            .field("name", &self.name)
-            .field("labels", &self.labels)
-            .field("stdin", &self.stdin.as_ref().map(|s| s.len()))
-            .field("request_id", &self.request_id)
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,7 +699,7 @@ mod tests {
             .to_string()
             .contains("together"));
         let big_stdin = SpawnRequest {
-            stdin: Some("s".repeat(limits::MAX_STDIN_BYTES + 1)),
+            stdin: Some("s".repeat(limits::MAX_STDIN_BYTES + 1).into()),
             ..req()
         };
         assert!(big_stdin
@@ -735,7 +712,7 @@ mod tests {
                 "x".repeat(limits::MAX_ARG_BYTES),
                 "y".repeat(limits::MAX_ARG_BYTES - 100),
             ],
-            stdin: Some("s".repeat(limits::MAX_STDIN_BYTES)),
+            stdin: Some("s".repeat(limits::MAX_STDIN_BYTES).into()),
             ..req()
         };
         assert!(at_limits.validate().is_ok());

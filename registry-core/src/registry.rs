@@ -13,6 +13,8 @@ use dashmap::DashMap;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
+use crate::Redacted;
+
 use crate::events::{EventLog, Resubscribe, Start};
 use crate::{
     sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
@@ -38,11 +40,11 @@ const MAX_DIAGNOSTICS: usize = 100;
 /// Largest page of `list_workers`.
 pub const MAX_PAGE: usize = 1000;
 
-/// Settings of a [`Registry`].
-#[derive(Clone)]
+/// Settings of a [`Registry`]. `Debug` hides the state directory (a path).
+#[derive(Clone, Debug)]
 pub struct RegistryConfig {
     /// Where the id key lives (created with mode 0700 if missing).
-    pub state_dir: PathBuf,
+    pub state_dir: Redacted<PathBuf>,
     /// Events kept for resume (default 10,000). Older cursors get a reset.
     pub event_retention: usize,
     /// Bytes of events kept for resume, roughly (default 64 MiB): a second bound, so that
@@ -57,23 +59,11 @@ impl RegistryConfig {
     /// The defaults, with state in `state_dir`.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         RegistryConfig {
-            state_dir: state_dir.into(),
+            state_dir: Redacted(state_dir.into()),
             event_retention: 10_000,
             event_retention_bytes: 64 << 20,
             subscriber_queue: 1024,
         }
-    }
-}
-
-impl fmt::Debug for RegistryConfig {
-    // Redacting: the state directory is a path.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RegistryConfig")
-            .field("state_dir", &crate::Redacted(()))
-            .field("event_retention", &self.event_retention)
-            .field("event_retention_bytes", &self.event_retention_bytes)
-            .field("subscriber_queue", &self.subscriber_queue)
-            .finish()
     }
 }
 

@@ -1110,8 +1110,8 @@ fn factories_refuse_a_kind_twice_and_name_the_known_kinds() {
     );
     let cfg = SourceConfig {
         runtime_id: rt("x"),
-        table: toml::Table::new(),
-        state_dir: std::env::temp_dir(),
+        table: toml::Table::new().into(),
+        state_dir: std::env::temp_dir().into(),
     };
     assert!(f.build("scripted", cfg.clone()).is_ok());
     let err = f.build("tmux", cfg).unwrap_err();

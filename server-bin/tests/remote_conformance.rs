@@ -30,8 +30,8 @@ fn remote(upstream: &TestServer) -> Result<RemoteSource> {
     .parse()?;
     let config = SourceConfig {
         runtime_id: RuntimeId::new("far")?,
-        table,
-        state_dir: std::env::temp_dir(),
+        table: table.into(),
+        state_dir: std::env::temp_dir().into(),
     };
     Ok(RemoteSource::from_config(&config)?)
 }

@@ -26,8 +26,8 @@ fn remote_at(addr: std::net::SocketAddr, extra: &str) -> Result<RemoteSource> {
         format!("url = \"http://{addr}\"\nremote_runtime = \"local\"\n{extra}").parse()?;
     Ok(RemoteSource::from_config(&SourceConfig {
         runtime_id: RuntimeId::new("far")?,
-        table,
-        state_dir: std::env::temp_dir(),
+        table: table.into(),
+        state_dir: std::env::temp_dir().into(),
     })?)
 }
 

@@ -12,7 +12,7 @@ fn table(text: &str) -> SourceConfig {
     SourceConfig {
         runtime_id: RuntimeId::new("local").unwrap(),
         table: text.parse().expect("test TOML parses"),
-        state_dir: PathBuf::from("/nonexistent"),
+        state_dir: PathBuf::from("/nonexistent").into(),
     }
 }
 

@@ -174,7 +174,7 @@ mod tests {
         let config = SourceConfig {
             runtime_id: RuntimeId::new("legacy").unwrap(),
             table: text.parse().unwrap(),
-            state_dir: PathBuf::from("/nonexistent"),
+            state_dir: PathBuf::from("/nonexistent").into(),
         };
         let runtime = config.runtime_id.clone();
         config.parse::<LocalConfig>()?.checked(&runtime)

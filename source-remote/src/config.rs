@@ -259,7 +259,7 @@ mod tests {
         SourceConfig {
             runtime_id: RuntimeId::new("far").unwrap(),
             table: text.parse().unwrap(),
-            state_dir: PathBuf::from("/nonexistent"),
+            state_dir: PathBuf::from("/nonexistent").into(),
         }
     }
 

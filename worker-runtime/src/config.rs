@@ -2,12 +2,11 @@
 //! `embedded` runtime's config table.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::restart::{Backoff, Restart, RestartPolicy};
-use registry_core::{de, Redacted};
+use registry_core::{de, Redacted, RedactedValues};
 use serde::Deserialize;
 
 /// Settings of one [`Runtime`](crate::Runtime), and the one copy of them: the `embedded`
@@ -110,18 +109,18 @@ impl Default for RuntimeConfig {
 /// ```
 ///
 /// `Debug` output shows the env keys but never their values, and never the `cwd` path.
-#[derive(Clone, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     /// The argv prefix, e.g. `["/bin/sh", "-c"]`. Must not be empty.
     pub command: Vec<String>,
     /// Working directory of the worker; the runtime's own when unset.
     #[serde(default)]
-    pub cwd: Option<PathBuf>,
+    pub cwd: Option<Redacted<PathBuf>>,
     /// Environment added to the worker's (after the few host variables that pass through,
     /// before the spawn request's own `env`).
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: RedactedValues<BTreeMap<String, String>>,
     /// Output bytes kept per worker; overrides [`RuntimeConfig::output_retention`].
     /// In config files a number of bytes or a size such as `"4MiB"`.
     #[serde(default, deserialize_with = "de::opt_byte_size")]
@@ -157,33 +156,6 @@ impl Profile {
             max_restarts: self.max_restarts.unwrap_or(default.max_restarts),
             window: self.restart_window.unwrap_or(default.window),
         }
-    }
-}
-
-impl fmt::Debug for Profile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Profile")
-            .field("command", &self.command)
-            .field("cwd", &self.cwd.as_ref().map(|_| Redacted(())))
-            .field("env", &RedactedMap(&self.env))
-            .field("output_retention", &self.output_retention)
-            .field("grace", &self.grace)
-            .field("restart", &self.restart)
-            .field("restart_backoff", &self.restart_backoff)
-            .field("max_restarts", &self.max_restarts)
-            .field("restart_window", &self.restart_window)
-            .finish()
-    }
-}
-
-/// Prints a map's keys with redacted values.
-pub(crate) struct RedactedMap<'a>(pub(crate) &'a BTreeMap<String, String>);
-
-impl fmt::Debug for RedactedMap<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.keys().map(|k| (k, Redacted(()))))
-            .finish()
     }
 }
 

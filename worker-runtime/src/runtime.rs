@@ -501,7 +501,7 @@ impl Inner {
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(text) = spec.stdin.as_ref().filter(|t| !t.is_empty()) {
             // The initial text goes first, outside the pending-input budget.
-            let _ = tx.send((Bytes::from(text.clone()), None));
+            let _ = tx.send((Bytes::from(text.0.clone()), None));
         }
         let permits = self.config.max_pending_input.min(Semaphore::MAX_PERMITS);
         let queue = StdinQueue {

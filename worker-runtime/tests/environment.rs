@@ -21,7 +21,8 @@ async fn the_hosts_environment_is_not_visible_but_the_profiles_is() -> Result<()
             env: BTreeMap::from([
                 ("PROFILE_VAR".to_string(), "from-profile".to_string()),
                 ("OVERRIDDEN".to_string(), "profile".to_string()),
-            ]),
+            ])
+            .into(),
             ..Default::default()
         },
     );
@@ -37,7 +38,8 @@ async fn the_hosts_environment_is_not_visible_but_the_profiles_is() -> Result<()
             env: BTreeMap::from([
                 ("REQUEST_VAR".to_string(), "from-request".to_string()),
                 ("OVERRIDDEN".to_string(), "request".to_string()),
-            ]),
+            ])
+            .into(),
             ..Default::default()
         })
         .await?;

@@ -320,7 +320,7 @@ async fn terminal_states_never_change() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn env_values_and_stdin_are_redacted_in_debug_output() -> Result<()> {
     let spec = SpawnSpec {
-        env: BTreeMap::from([("TOKEN".to_string(), "s3cr3t-value".to_string())]),
+        env: BTreeMap::from([("TOKEN".to_string(), "s3cr3t-value".to_string())]).into(),
         stdin: Some("private-input".into()),
         ..sh("true")
     };
@@ -330,7 +330,7 @@ async fn env_values_and_stdin_are_redacted_in_debug_output() -> Result<()> {
     let profile = Profile {
         command: vec!["/bin/sh".into()],
         cwd: Some("/srv/secret-dir".into()),
-        env: BTreeMap::from([("TOKEN".to_string(), "s3cr3t-value".to_string())]),
+        env: BTreeMap::from([("TOKEN".to_string(), "s3cr3t-value".to_string())]).into(),
         ..Default::default()
     };
     let text = format!(

@@ -274,7 +274,7 @@ async fn invalid_spawn_requests_are_refused() -> Result<()> {
     assert!(matches!(neither, Err(RuntimeError::InvalidRequest(_))));
     let bad_env = rt
         .spawn(SpawnSpec {
-            env: BTreeMap::from([("A=B".to_string(), "x".to_string())]),
+            env: BTreeMap::from([("A=B".to_string(), "x".to_string())]).into(),
             ..sh("true")
         })
         .await;
@@ -371,14 +371,14 @@ async fn oversized_spawn_requests_are_refused_naming_the_field() -> Result<()> {
             "`command`, `args` and `env`",
             SpawnSpec {
                 args: vec![long(MAX_ARG_BYTES), long(MAX_ARG_BYTES / 2)],
-                env: BTreeMap::from([("K".to_string(), long(MAX_ARG_BYTES / 2))]),
+                env: BTreeMap::from([("K".to_string(), long(MAX_ARG_BYTES / 2))]).into(),
                 ..sh("exit 0")
             },
         ),
         (
             "`stdin`",
             SpawnSpec {
-                stdin: Some(long(MAX_STDIN_BYTES + 1)),
+                stdin: Some(long(MAX_STDIN_BYTES + 1).into()),
                 ..sh("exit 0")
             },
         ),
@@ -439,7 +439,7 @@ async fn oversized_spawn_requests_are_refused_naming_the_field() -> Result<()> {
             labels: (0..MAX_LABELS)
                 .map(|i| (format!("{i:0>256}"), long(MAX_SHORT_TEXT)))
                 .collect(),
-            stdin: Some(long(MAX_STDIN_BYTES)),
+            stdin: Some(long(MAX_STDIN_BYTES).into()),
             ..sh("exit 0")
         })
         .await?;

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use registry_core::{de, Redacted};
+use registry_core::{de, Redacted, RedactedValues};
 use serde::Deserialize;
 
 /// Longest `socket_name`.
@@ -118,7 +118,7 @@ impl fmt::Debug for TmuxConfig {
 /// ```
 ///
 /// `Debug` shows the env keys but never their values, and never the `cwd` path.
-#[derive(Clone, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     /// The argv prefix, e.g. `["/bin/sh", "-c"]`. Must not be empty.
@@ -126,29 +126,17 @@ pub struct Profile {
     /// Working directory of the worker; the server process's own when unset. A relative
     /// path is taken from the server process's working directory.
     #[serde(default)]
-    pub cwd: Option<PathBuf>,
+    pub cwd: Option<Redacted<PathBuf>>,
     /// Environment added to the worker's. Names are letters, digits and `_`, not starting
     /// with a digit (the worker's shell wrapper exports them).
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: RedactedValues<BTreeMap<String, String>>,
     /// Output bytes kept per worker; overrides the runtime's `output_retention`.
     #[serde(default, deserialize_with = "de::opt_byte_size")]
     pub output_retention: Option<u64>,
     /// Time between SIGTERM and SIGKILL; overrides the runtime's `grace`.
     #[serde(default, deserialize_with = "de::opt_duration")]
     pub grace: Option<Duration>,
-}
-
-impl fmt::Debug for Profile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Profile")
-            .field("command", &self.command)
-            .field("cwd", &self.cwd.as_ref().map(|_| Redacted(())))
-            .field("env", &self.env.keys().collect::<Vec<_>>())
-            .field("output_retention", &self.output_retention)
-            .field("grace", &self.grace)
-            .finish()
-    }
 }
 
 impl TmuxConfig {

@@ -239,6 +239,6 @@ impl SourceKind for TmuxSource {
                 Some(TmuxConfig::default_socket_name(config.runtime_id.as_str()));
         }
         // An operator's message; an internal error's detail names no path here.
-        TmuxSource::new(settings, config.state_dir.clone()).map_err(|e| config.build_error(e))
+        TmuxSource::new(settings, config.state_dir.0.clone()).map_err(|e| config.build_error(e))
     }
 }

@@ -222,7 +222,7 @@ impl Inner {
         if let Some(text) = request.stdin.as_ref().filter(|t| !t.is_empty()) {
             // The initial text goes first, outside the input budget (the request's own
             // limit bounds it).
-            let _ = tx.send((Bytes::from(text.clone()), None));
+            let _ = tx.send((Bytes::from(text.0.clone()), None));
         }
         if let Some(request_id) = &request.request_id {
             t.request_ids.insert(request_id.clone(), id);
@@ -534,7 +534,7 @@ impl TmuxSource {
             for profile in config.profiles.values_mut() {
                 if let Some(cwd) = profile.cwd.as_mut() {
                     if cwd.is_relative() {
-                        *cwd = here.join(&*cwd);
+                        *cwd = here.join(&**cwd).into();
                     }
                 }
             }

@@ -134,12 +134,12 @@ impl Plan {
                 )));
             }
         }
-        let mut env = profile.map(|p| p.env.clone()).unwrap_or_default();
+        let mut env = profile.map(|p| p.env.0.clone()).unwrap_or_default();
         env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(Plan {
             argv,
             env,
-            cwd: profile.and_then(|p| p.cwd.clone()),
+            cwd: profile.and_then(|p| p.cwd.as_ref().map(|c| c.0.clone())),
             retention: profile
                 .and_then(|p| p.output_retention)
                 .unwrap_or(config.output_retention),

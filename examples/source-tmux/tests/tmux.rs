@@ -198,7 +198,7 @@ async fn paths_and_arguments_with_quotes_hashes_and_semicolons_pass_unchanged() 
                 "pwd; printf '%s|' \"$@\"".into(),
                 "sh".into(),
             ],
-            cwd: Some(odd.clone()),
+            cwd: Some(odd.clone().into()),
             ..Default::default()
         },
     );
@@ -327,7 +327,8 @@ async fn environment_is_the_profiles_and_the_requests_and_not_the_servers() {
             env: BTreeMap::from([
                 ("FROM_PROFILE".to_string(), "p 'q' \"r\" $x".to_string()),
                 ("BOTH".to_string(), "profile".to_string()),
-            ]),
+            ])
+            .into(),
             ..Default::default()
         },
     );
@@ -338,7 +339,8 @@ async fn environment_is_the_profiles_and_the_requests_and_not_the_servers() {
             env: BTreeMap::from([
                 ("BOTH".to_string(), "request".to_string()),
                 ("MULTI".to_string(), "line1\nline2".to_string()),
-            ]),
+            ])
+            .into(),
             ..Default::default()
         })
         .await
@@ -401,7 +403,7 @@ async fn environment_is_the_profiles_and_the_requests_and_not_the_servers() {
 
     let err = source
         .spawn(SpawnRequest {
-            env: BTreeMap::from([("NOT-A-NAME".to_string(), "x".to_string())]),
+            env: BTreeMap::from([("NOT-A-NAME".to_string(), "x".to_string())]).into(),
             ..shell("true")
         })
         .await
@@ -425,7 +427,7 @@ async fn a_program_that_cannot_run_is_spawn_failed() {
         "nowhere".into(),
         Profile {
             command: vec!["/bin/sh".into(), "-c".into(), "true".into()],
-            cwd: Some(server.state.path().join("missing-dir")),
+            cwd: Some(server.state.path().join("missing-dir").into()),
             ..Default::default()
         },
     );
@@ -787,7 +789,7 @@ fn table(runtime: &str, text: &str, state: PathBuf) -> SourceConfig {
     SourceConfig {
         runtime_id: RuntimeId::new(runtime).unwrap(),
         table: text.parse().expect("test TOML parses"),
-        state_dir: state,
+        state_dir: state.into(),
     }
 }
 

@@ -155,12 +155,13 @@ impl Config {
         for runtime in &self.runtimes {
             let config = SourceConfig {
                 runtime_id: runtime.id.clone(),
-                table: runtime.table.clone(),
+                table: runtime.table.clone().into(),
                 state_dir: self
                     .server
                     .state_dir
                     .join("runtimes")
-                    .join(runtime.id.as_str()),
+                    .join(runtime.id.as_str())
+                    .into(),
             };
             let source = factories
                 .build(&runtime.kind, config)

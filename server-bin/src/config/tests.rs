@@ -291,7 +291,7 @@ fn each_runtime_gets_its_table_and_a_state_dir_under_runtimes() {
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].runtime_id.as_str(), "p");
-    assert_eq!(seen[0].state_dir, Path::new("/srv/roster/runtimes/p"));
+    assert_eq!(*seen[0].state_dir, Path::new("/srv/roster/runtimes/p"));
     assert_eq!(seen[0].table.keys().collect::<Vec<_>>(), ["x"]);
 }
 

@@ -125,7 +125,7 @@ impl Inner {
         Ok(Plan {
             argv,
             env: env.into_iter().collect(),
-            cwd: profile.and_then(|p| p.cwd.clone()),
+            cwd: profile.and_then(|p| p.cwd.as_ref().map(|c| c.0.clone())),
             retention: profile
                 .and_then(|p| p.output_retention)
                 .unwrap_or(self.config.output_retention),
