@@ -59,6 +59,12 @@ impl<T> DerefMut for Redacted<T> {
     }
 }
 
+impl<T: AsRef<U>, U: ?Sized> AsRef<U> for Redacted<T> {
+    fn as_ref(&self) -> &U {
+        self.0.as_ref()
+    }
+}
+
 impl<T> From<T> for Redacted<T> {
     fn from(value: T) -> Self {
         Redacted(value)

@@ -133,7 +133,7 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
         config.server.listen = listen;
     }
     if let Some(dir) = args.state_dir {
-        config.server.state_dir = dir;
+        config.server.state_dir = dir.into();
     }
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -66,7 +66,7 @@ pub async fn build_registry(
 ) -> anyhow::Result<Registry> {
     let s = &config.server;
     let registry = Registry::new(RegistryConfig {
-        state_dir: s.state_dir.clone().into(),
+        state_dir: s.state_dir.clone(),
         event_retention: s.event_retention,
         event_retention_bytes: usize::try_from(s.event_retention_bytes).unwrap_or(usize::MAX),
         subscriber_queue: s.subscriber_queue,

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 fn build_err(text: &str) -> ConfigFileError {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::parse(text).unwrap();
-    config.server.state_dir = dir.path().to_path_buf();
+    config.server.state_dir = dir.path().to_path_buf().into();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         match config.build_sources(&server_bin::default_factories()) {

@@ -1,6 +1,5 @@
 //! The config table of a `local` runtime.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,12 +26,12 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// poll_interval = "500ms"             # rescan period (also the fallback when inotify fails)
 /// watch = true                        # follow the directory with inotify as well
 /// ```
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// The directory the older launcher writes its descriptors (`*.json`) into. A relative
     /// path is taken from the current directory when the source is built.
-    pub spool_dir: PathBuf,
+    pub spool_dir: Redacted<PathBuf>,
     /// Time between SIGTERM and SIGKILL when stopping, unless the stop request gives one.
     /// Default 10 s.
     #[serde(default = "defaults::grace", deserialize_with = "de::duration")]
@@ -105,7 +104,7 @@ impl LocalConfig {
     /// The defaults for a spool directory.
     pub fn new(spool_dir: impl Into<PathBuf>) -> Self {
         LocalConfig {
-            spool_dir: spool_dir.into(),
+            spool_dir: spool_dir.into().into(),
             grace: defaults::grace(),
             output_retention: defaults::output_retention(),
             retain_finished: defaults::retain_finished(),
@@ -143,22 +142,6 @@ impl LocalConfig {
             message,
         })?;
         Ok(self)
-    }
-}
-
-impl fmt::Debug for LocalConfig {
-    // Redacting: the spool directory is internal authority.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalConfig")
-            .field("spool_dir", &Redacted(()))
-            .field("grace", &self.grace)
-            .field("output_retention", &self.output_retention)
-            .field("retain_finished", &self.retain_finished)
-            .field("max_workers", &self.max_workers)
-            .field("max_descriptor_bytes", &self.max_descriptor_bytes)
-            .field("poll_interval", &self.poll_interval)
-            .field("watch", &self.watch)
-            .finish()
     }
 }
 

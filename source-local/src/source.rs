@@ -166,8 +166,9 @@ impl LocalSource {
             ));
         }
         config.spool_dir = std::path::absolute(&config.spool_dir)
-            .map_err(|e| RegistryError::internal(format!("the spool directory: {e}")))?;
-        let watch = Arc::new(DirWatch::new(config.spool_dir.clone(), config.watch));
+            .map_err(|e| RegistryError::internal(format!("the spool directory: {e}")))?
+            .into();
+        let watch = Arc::new(DirWatch::new(config.spool_dir.0.clone(), config.watch));
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             state: Mutex::new(State {

@@ -158,7 +158,7 @@ impl TestServer {
         factories: &registry_core::SourceFactories,
         options: ServeOptions,
     ) -> Result<TestServer> {
-        config.server.state_dir = dir.path().join("state");
+        config.server.state_dir = dir.path().join("state").into();
         let registry = server_bin::build_registry(&config, factories).await?;
         Self::start_registry(registry, dir, options).await
     }

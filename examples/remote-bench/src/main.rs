@@ -312,7 +312,7 @@ struct Server {
 
 impl Server {
     async fn start(mut config: Config, state_dir: &Path) -> Result<Server> {
-        config.server.state_dir = state_dir.to_path_buf();
+        config.server.state_dir = state_dir.to_path_buf().into();
         let registry =
             server_bin::build_registry(&config, &server_bin::default_factories()).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;

@@ -1,7 +1,6 @@
 //! The `tmux` runtime's table in the config file.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,13 +38,13 @@ pub use registry_core::limits::MAX_GRACE;
 /// ```
 ///
 /// `Debug` shows neither paths nor environment values.
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TmuxConfig {
     /// The name of the tmux server this runtime owns (`tmux -L NAME`): letters, digits, `_`
     /// and `-`, at most [`MAX_SOCKET_NAME`] characters. Default (the factory's):
     /// `roster-<runtime name>`, cut to [`MAX_SOCKET_NAME`].
-    pub socket_name: Option<String>,
+    pub socket_name: Option<Redacted<String>>,
     /// Spawn templates by name.
     pub profiles: BTreeMap<String, Profile>,
     /// Whether a spawn may give a `command` in place of a profile. Default `false`.
@@ -66,7 +65,7 @@ pub struct TmuxConfig {
     pub retain_finished: Duration,
     /// The tmux program: a path, or a name looked up on `PATH`. Default `tmux`. Version 3.3
     /// or newer.
-    pub tmux: PathBuf,
+    pub tmux: Redacted<PathBuf>,
 }
 
 impl Default for TmuxConfig {
@@ -80,27 +79,8 @@ impl Default for TmuxConfig {
             output_retention: 1 << 20,
             grace: Duration::from_secs(10),
             retain_finished: Duration::from_secs(3600),
-            tmux: PathBuf::from("tmux"),
+            tmux: PathBuf::from("tmux").into(),
         }
-    }
-}
-
-impl fmt::Debug for TmuxConfig {
-    // Redacting: `tmux` may be a path; profiles redact their own.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TmuxConfig")
-            .field(
-                "socket_name",
-                &self.socket_name.as_ref().map(|_| Redacted(())),
-            )
-            .field("profiles", &self.profiles)
-            .field("allow_commands", &self.allow_commands)
-            .field("max_workers", &self.max_workers)
-            .field("max_finished", &self.max_finished)
-            .field("output_retention", &self.output_retention)
-            .field("grace", &self.grace)
-            .field("retain_finished", &self.retain_finished)
-            .finish_non_exhaustive()
     }
 }
 

@@ -236,7 +236,7 @@ impl SourceKind for TmuxSource {
         let mut settings: TmuxConfig = config.parse()?;
         if settings.socket_name.is_none() {
             settings.socket_name =
-                Some(TmuxConfig::default_socket_name(config.runtime_id.as_str()));
+                Some(TmuxConfig::default_socket_name(config.runtime_id.as_str()).into());
         }
         // An operator's message; an internal error's detail names no path here.
         TmuxSource::new(settings, config.state_dir.0.clone()).map_err(|e| config.build_error(e))

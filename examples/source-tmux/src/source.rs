@@ -510,7 +510,7 @@ impl TmuxSource {
             .socket_name
             .clone()
             .unwrap_or_else(|| "roster".into());
-        let tmux = Tmux::new(program, socket);
+        let tmux = Tmux::new(program, socket.0);
         match tmux.blocking_version() {
             Ok(Some(version)) if version < tmux::MIN_VERSION => {
                 return Err(RegistryError::InvalidRequest(format!(

@@ -678,7 +678,7 @@ async fn leftover_helper() {
         return;
     };
     let config = TmuxConfig {
-        socket_name: Some(socket.into_string().unwrap()),
+        socket_name: Some(socket.into_string().unwrap().into()),
         profiles: BTreeMap::from([(
             "shell".to_string(),
             Profile {

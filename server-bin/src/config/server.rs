@@ -1,7 +1,6 @@
 //! The `[server]` table: its serde struct with the defaults, the checks serde does not
 //! make, and the rule that an open server listens on loopback only.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,7 +38,7 @@ const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 /// The `[server]` table. Every key is optional; an unknown key is an error.
 ///
 /// `Debug` does not print `state_dir`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     /// The address to listen on. Default [`DEFAULT_LISTEN`]. Without tokens it must be a
@@ -47,7 +46,7 @@ pub struct ServerSection {
     pub listen: SocketAddr,
     /// Where the server keeps its state (the worker id key, each runtime's directory).
     /// Default `./.roster`.
-    pub state_dir: PathBuf,
+    pub state_dir: Redacted<PathBuf>,
     /// The bearer tokens, `[[server.tokens]]`. None by default.
     pub tokens: Vec<TokenSection>,
     /// `Host` names accepted besides the loopback names, compared without the port. Read
@@ -81,7 +80,7 @@ impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 7411)),
-            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR).into(),
             tokens: Vec::new(),
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
@@ -92,24 +91,6 @@ impl Default for ServerSection {
             event_retention_bytes: DEFAULT_EVENT_RETENTION_BYTES,
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
         }
-    }
-}
-
-impl fmt::Debug for ServerSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerSection")
-            .field("listen", &self.listen)
-            .field("state_dir", &Redacted(()))
-            .field("tokens", &self.tokens)
-            .field("allowed_hosts", &self.allowed_hosts)
-            .field("allowed_origins", &self.allowed_origins)
-            .field("max_body", &self.max_body)
-            .field("shutdown_grace", &self.shutdown_grace)
-            .field("sse_ping", &self.sse_ping)
-            .field("event_retention", &self.event_retention)
-            .field("event_retention_bytes", &self.event_retention_bytes)
-            .field("subscriber_queue", &self.subscriber_queue)
-            .finish()
     }
 }
 

@@ -30,7 +30,7 @@ fn embedded() -> SourceFactories {
 fn build_err(text: &str) -> ConfigFileError {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::parse(text).unwrap();
-    config.server.state_dir = dir.path().to_path_buf();
+    config.server.state_dir = dir.path().to_path_buf().into();
     match config.build_sources(&embedded()) {
         Ok(built) => panic!("expected an error, got {built:?}"),
         Err(e) => e,
@@ -223,7 +223,7 @@ fn an_inline_runtime_gets_the_line_of_its_table() {
 async fn default_embedded_builds_a_working_source() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default_embedded();
-    config.server.state_dir = dir.path().to_path_buf();
+    config.server.state_dir = dir.path().to_path_buf().into();
     let built = config.build_sources(&embedded()).unwrap();
     assert_eq!(built.len(), 1);
     assert_eq!(built[0].id.as_str(), "local");

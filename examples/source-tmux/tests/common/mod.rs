@@ -88,7 +88,7 @@ impl Server {
     /// A config on this server with a `shell` profile (`/bin/sh -c`).
     pub fn config(&self) -> TmuxConfig {
         TmuxConfig {
-            socket_name: Some(self.socket.clone()),
+            socket_name: Some(self.socket.clone().into()),
             profiles: BTreeMap::from([(
                 "shell".to_string(),
                 Profile {
