@@ -766,9 +766,6 @@ impl State {
     }
 }
 
-/// Follows one source's lifecycle stream for as long as the registry lives: applies its
-/// events, marks the runtime `unavailable` while the stream can't be had, and reopens it
-/// with capped exponential backoff.
 /// Runs [`follow_source`] for one runtime and starts it again, after a growing delay, if it
 /// panics: a bug met while applying one event must not leave the runtime unfollowed (and
 /// its health frozen) until the registry restarts. The runtime shows `unavailable` while
@@ -805,29 +802,27 @@ async fn supervise_follower(
             }
             Err(_) => return,
         }
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        if strong.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let retry_at = OffsetDateTime::now_utc() + backoff;
-        strong.apply(
+        let message =
+            "the registry lost track of the runtime after an internal error; reconnecting";
+        if !unavailable_for(
+            &inner,
             &id,
-            SourceEvent::Health(SourceHealth::unavailable(
-                "the registry lost track of the runtime after an internal error; reconnecting",
-                Some(retry_at),
-            )),
-        );
-        drop(strong);
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
+            &runtime,
+            message.into(),
+            backoff,
+            &mut shutdown,
+        )
+        .await
+        {
+            return;
         }
         backoff = (backoff * 2).min(BACKOFF_CAP);
     }
 }
 
+/// Follows one source's lifecycle stream for as long as the registry lives: applies its
+/// events, marks the runtime `unavailable` while the stream can't be had, and reopens it
+/// with capped exponential backoff.
 async fn follow_source(
     inner: Weak<Inner>,
     id: RuntimeId,
@@ -868,24 +863,40 @@ async fn follow_source(
                 sanitize_message(&e.public_message())
             }
         };
-        let Some(strong) = inner.upgrade() else {
+        if !unavailable_for(&inner, &id, &runtime, message, backoff, &mut shutdown).await {
             return;
-        };
-        if strong.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        tracing::warn!(runtime = %id, kind = %runtime.kind, %message, "runtime unavailable");
-        let retry_at = OffsetDateTime::now_utc() + backoff;
-        strong.apply(
-            &id,
-            SourceEvent::Health(SourceHealth::unavailable(message, Some(retry_at))),
-        );
-        drop(strong);
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
+/// Marks the runtime `unavailable` with `message` and a `retry_at` one `backoff` away, then
+/// waits that long. `false` when following should end instead: the registry is gone or
+/// stopping, or shutdown came during the wait.
+async fn unavailable_for(
+    inner: &Weak<Inner>,
+    id: &RuntimeId,
+    runtime: &Runtime,
+    message: String,
+    backoff: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let Some(strong) = inner.upgrade() else {
+        return false;
+    };
+    if strong.stopping.load(Ordering::Acquire) {
+        return false;
+    }
+    tracing::warn!(runtime = %id, kind = %runtime.kind, %message, "runtime unavailable");
+    let retry_at = OffsetDateTime::now_utc() + backoff;
+    strong.apply(
+        id,
+        SourceEvent::Health(SourceHealth::unavailable(message, Some(retry_at))),
+    );
+    drop(strong);
+    tokio::select! {
+        _ = tokio::time::sleep(backoff) => true,
+        _ = shutdown.changed() => false,
     }
 }
 
