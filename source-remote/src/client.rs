@@ -75,29 +75,22 @@ impl Upstream {
         body: Option<&serde_json::Value>,
         last_event_id: Option<&str>,
     ) -> Result<Request<Full<Bytes>>, RegistryError> {
-        let uri = format!(
-            "http://{}{}",
-            self.settings.endpoint.authority, path_and_query
-        );
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(token) = &self.settings.token {
-            let mut value = header::HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| RegistryError::internal("the token is not a valid header value"))?;
-            value.set_sensitive(true);
-            req = req.header(header::AUTHORIZATION, value);
-        }
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
-        }
-        let body = match body {
-            Some(json) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Full::new(Bytes::from(json.to_string()))
+        api_request(
+            method,
+            &self.settings.endpoint.authority,
+            path_and_query,
+            self.settings.token.as_deref(),
+            body,
+            last_event_id,
+        )
+        .map_err(|e| match e {
+            BuildError::BadToken => {
+                RegistryError::internal("the token is not a valid header value")
             }
-            None => Full::new(Bytes::new()),
-        };
-        req.body(body)
-            .map_err(|e| RegistryError::internal(format!("building a request failed: {e}")))
+            BuildError::Http(e) => {
+                RegistryError::internal(format!("building a request failed: {e}"))
+            }
+        })
     }
 
     /// Sends a request and reads its whole answer within `request_timeout`. A success
@@ -297,4 +290,46 @@ mod tests {
             "unknown profile \"x\"; known profiles: shell"
         );
     }
+}
+
+/// Why [`api_request`] could not build a request.
+#[derive(Debug)]
+pub enum BuildError {
+    /// The token holds bytes a header cannot carry.
+    BadToken,
+    /// The method, path or a header is not valid HTTP.
+    Http(http::Error),
+}
+
+/// A request to a roster's API at `authority`: the bearer token as a sensitive header,
+/// `Last-Event-ID` where a stream resumes, and a JSON body with its content type. The one
+/// request builder of the remote source and of the command-line client.
+pub fn api_request(
+    method: Method,
+    authority: &dyn std::fmt::Display,
+    path_and_query: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+    last_event_id: Option<&str>,
+) -> Result<Request<Full<Bytes>>, BuildError> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{authority}{path_and_query}"));
+    if let Some(token) = token {
+        let mut value = header::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| BuildError::BadToken)?;
+        value.set_sensitive(true);
+        req = req.header(header::AUTHORIZATION, value);
+    }
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let body = match body {
+        Some(json) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            Full::new(Bytes::from(json.to_string()))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    req.body(body).map_err(BuildError::Http)
 }

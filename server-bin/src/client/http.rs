@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use source_remote::{Backoff, EventReader, ReadError, SseEvent, SseItem};
+use source_remote::{api_request, Backoff, BuildError, EventReader, ReadError, SseEvent, SseItem};
 
 use super::error::ClientError;
 
@@ -73,27 +73,20 @@ impl Api {
         body: Option<&Value>,
         last_event_id: Option<&str>,
     ) -> Result<Request<Full<Bytes>>, ClientError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{}", self.authority, path_and_query));
-        if let Some(token) = &self.token {
-            let mut value = header::HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| ClientError::Usage("the token is not a valid header value".into()))?;
-            value.set_sensitive(true);
-            req = req.header(header::AUTHORIZATION, value);
-        }
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
-        }
-        let body = match body {
-            Some(json) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Full::new(Bytes::from(json.to_string()))
+        api_request(
+            method,
+            &self.authority,
+            path_and_query,
+            self.token.as_deref(),
+            body,
+            last_event_id,
+        )
+        .map_err(|e| match e {
+            BuildError::BadToken => {
+                ClientError::Usage("the token is not a valid header value".into())
             }
-            None => Full::new(Bytes::new()),
-        };
-        req.body(body)
-            .map_err(|e| ClientError::Other(format!("building a request failed: {e}")))
+            BuildError::Http(e) => ClientError::Other(format!("building a request failed: {e}")),
+        })
     }
 
     /// Sends a request and reads its whole answer: the JSON of a success (`Null` for an
