@@ -95,6 +95,18 @@ impl PartialEq<&str> for Redacted<String> {
     }
 }
 
+impl PartialEq<Redacted<String>> for &str {
+    fn eq(&self, other: &Redacted<String>) -> bool {
+        *self == other.0
+    }
+}
+
+impl PartialEq<Redacted<String>> for String {
+    fn eq(&self, other: &Redacted<String>) -> bool {
+        *self == other.0
+    }
+}
+
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Redacted<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         T::deserialize(d).map(Redacted)

@@ -1,6 +1,5 @@
 //! The descriptor file an older launcher writes for each worker, and how it is read.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use registry_core::limits::MAX_SHORT_TEXT;
@@ -12,32 +11,20 @@ use time::OffsetDateTime;
 /// The longest `socket` or `log` path accepted (the kernel's `PATH_MAX`).
 const MAX_PATH_BYTES: usize = 4096;
 
-/// A worker as its descriptor describes it. Holds a pid and paths: not `Serialize`, and its
-/// `Debug` redacts them.
-#[derive(Clone, PartialEq, Eq)]
+/// A worker as its descriptor describes it. Holds a pid and paths: not `Serialize`, and they
+/// are [`Redacted`] so the derived `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct Descriptor {
     /// The process.
-    pub(crate) pid: i32,
+    pub(crate) pid: Redacted<i32>,
     /// When the process started, as the launcher saw it (to the second).
     pub(crate) started_at: OffsetDateTime,
     /// A name for people.
     pub(crate) name: Option<String>,
     /// A Unix socket that takes input lines (relative: from the spool directory).
-    pub(crate) socket: Option<PathBuf>,
+    pub(crate) socket: Option<Redacted<PathBuf>>,
     /// The file the output goes to (relative: from the spool directory).
-    pub(crate) log: Option<PathBuf>,
-}
-
-impl fmt::Debug for Descriptor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Descriptor")
-            .field("pid", &Redacted(()))
-            .field("started_at", &self.started_at)
-            .field("name", &self.name)
-            .field("socket", &self.socket.as_ref().map(|_| Redacted(())))
-            .field("log", &self.log.as_ref().map(|_| Redacted(())))
-            .finish()
-    }
+    pub(crate) log: Option<Redacted<PathBuf>>,
 }
 
 impl Descriptor {
@@ -94,11 +81,11 @@ impl Descriptor {
         let socket = text_field(&map, "socket", MAX_PATH_BYTES)?.map(PathBuf::from);
         let log = text_field(&map, "log", MAX_PATH_BYTES)?.map(PathBuf::from);
         Ok(Descriptor {
-            pid,
+            pid: Redacted(pid),
             started_at,
             name,
-            socket,
-            log,
+            socket: socket.map(Redacted),
+            log: log.map(Redacted),
         })
     }
 
@@ -110,11 +97,11 @@ impl Descriptor {
 
     /// Makes relative `socket` and `log` paths relative to `spool_dir`.
     pub(crate) fn resolve(mut self, spool_dir: &Path) -> Descriptor {
-        let resolve = |p: PathBuf| {
+        let resolve = |p: Redacted<PathBuf>| {
             if p.is_absolute() {
                 p
             } else {
-                spool_dir.join(p)
+                Redacted(spool_dir.join(p.into_inner()))
             }
         };
         self.socket = self.socket.map(resolve);
@@ -174,10 +161,16 @@ mod tests {
         assert_eq!(d.pid, 4242);
         assert_eq!(d.started_secs(), 1_714_564_800);
         assert_eq!(d.name.as_deref(), Some("build"));
-        assert_eq!(d.socket, Some(PathBuf::from("/run/legacy/w1.sock")));
+        assert_eq!(
+            d.socket.as_deref(),
+            Some(&PathBuf::from("/run/legacy/w1.sock"))
+        );
         let d = d.resolve(Path::new("/spool"));
-        assert_eq!(d.log, Some(PathBuf::from("/spool/w1.log")));
-        assert_eq!(d.socket, Some(PathBuf::from("/run/legacy/w1.sock")));
+        assert_eq!(d.log.as_deref(), Some(&PathBuf::from("/spool/w1.log")));
+        assert_eq!(
+            d.socket.as_deref(),
+            Some(&PathBuf::from("/run/legacy/w1.sock"))
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use registry_core::fanout::{Owed, Subscribers};
 use registry_core::output_log::OutputLog;
 use registry_core::{
-    Capabilities, Diagnostic, HealthStatus, OutputRequest, OutputStream, RegistryError,
+    Capabilities, Diagnostic, HealthStatus, OutputRequest, OutputStream, Redacted, RegistryError,
     RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
     StreamKind, WorkerState,
 };
@@ -338,7 +338,7 @@ impl Inner {
         };
         entry.problem = None;
         entry.waiting = None;
-        let ident = (desc.pid, desc.started_secs());
+        let ident = (*desc.pid, desc.started_secs());
         if entry.dismissed.is_some_and(|d| d != ident) {
             entry.dismissed = None;
         }
@@ -376,8 +376,9 @@ impl Inner {
         }
         let renamed = w.name != desc.name;
         w.name = desc.name;
-        if w.socket != desc.socket {
-            w.socket = desc.socket;
+        let socket = desc.socket.map(Redacted::into_inner);
+        if w.socket != socket {
+            w.socket = socket;
             if let Ok(mut conn) = w.input.try_lock() {
                 *conn = None;
             }
@@ -420,9 +421,10 @@ impl Inner {
     /// Makes the record of a descriptor and starts its task.
     fn load(&self, st: &mut State, file: &OsStr, number: u64, desc: Descriptor) -> SourceKey {
         let started_secs = desc.started_secs();
-        let key = key_for(file, desc.pid, started_secs);
+        let pid = *desc.pid;
+        let key = key_for(file, pid, started_secs);
         let now = OffsetDateTime::now_utc();
-        let (state, ended_at, handle) = match procfs::probe(desc.pid, started_secs) {
+        let (state, ended_at, handle) = match procfs::probe(pid, started_secs) {
             Probe::Alive(handle) => (WorkerState::Running, None, Some(Arc::new(handle))),
             Probe::Gone => (WorkerState::Exited, Some(now), None),
         };
@@ -431,11 +433,11 @@ impl Inner {
         let worker = Worker {
             key: key.clone(),
             number,
-            pid: desc.pid,
+            pid,
             started_secs,
             started_at: desc.started_at,
             name: desc.name,
-            socket: desc.socket,
+            socket: desc.socket.map(Redacted::into_inner),
             state,
             ended_at,
             visible: handle.is_some(),
@@ -448,10 +450,10 @@ impl Inner {
         let job = Job {
             key: key.clone(),
             number,
-            pid: desc.pid,
+            pid,
             started_secs,
             handle,
-            log: desc.log,
+            log: desc.log.map(Redacted::into_inner),
             output,
             cancelled,
             poll_interval: self.config.poll_interval,

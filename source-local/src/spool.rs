@@ -257,7 +257,7 @@ mod tests {
             };
             known.insert(name, fp);
             match result {
-                Ok(d) => codes.push(format!("ok {}", d.pid)),
+                Ok(d) => codes.push(format!("ok {}", *d.pid)),
                 Err(p) => {
                     let message = p.message("descriptor #1");
                     assert!(

@@ -77,7 +77,7 @@ impl Upstream {
     ) -> Result<Request<Full<Bytes>>, RegistryError> {
         api_request(
             method,
-            &self.settings.endpoint.authority,
+            &*self.settings.endpoint.authority,
             path_and_query,
             self.settings.token.as_deref(),
             body,

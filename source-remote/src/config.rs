@@ -1,6 +1,5 @@
 //! The config table of a `remote` runtime.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,19 +16,21 @@ use serde::Deserialize;
 /// remote_runtime = "local"
 /// token_env = "GPU_BOX_TOKEN"
 /// ```
-#[derive(Clone, Deserialize)]
+/// The URL, the remote runtime's name and where the token comes from are internal authority:
+/// they are [`Redacted`], so the derived `Debug` shows only the tuning.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfig {
     /// The other roster's address: `http://host:port` (no path).
-    pub url: String,
+    pub url: Redacted<String>,
     /// Which of the other roster's runtimes this runtime is.
-    pub remote_runtime: String,
+    pub remote_runtime: Redacted<String>,
     /// The name of an environment variable holding the bearer token.
     #[serde(default)]
-    pub token_env: Option<String>,
+    pub token_env: Option<Redacted<String>>,
     /// A file holding the bearer token (trailing white space is dropped).
     #[serde(default)]
-    pub token_file: Option<PathBuf>,
+    pub token_file: Option<Redacted<PathBuf>>,
     /// How long a TCP connect may take.
     #[serde(
         default = "defaults::connect_timeout",
@@ -92,51 +93,25 @@ mod defaults {
     }
 }
 
-impl fmt::Debug for RemoteConfig {
-    // Redacting: the URL and the token's file are internal authority.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteConfig")
-            .field("remote_runtime", &Redacted(()))
-            .field(
-                "token",
-                &(self.token_env.is_some() || self.token_file.is_some()),
-            )
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("heartbeat_timeout", &self.heartbeat_timeout)
-            .field("backoff_base", &self.backoff_base)
-            .field("backoff_cap", &self.backoff_cap)
-            .field("max_event_bytes", &self.max_event_bytes)
-            .field("retain_lost", &self.retain_lost)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The parts of the URL a request needs.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct Endpoint {
     /// `host:port`, for the `Host` header and the request target.
-    pub authority: http::uri::Authority,
+    pub authority: Redacted<http::uri::Authority>,
 }
 
 /// A config checked and ready: the URL split, the token read.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub endpoint: Endpoint,
-    pub remote_runtime: String,
-    pub token: Option<String>,
+    pub remote_runtime: Redacted<String>,
+    pub token: Redacted<Option<String>>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub heartbeat_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub max_event_bytes: usize,
-}
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Settings(<redacted>)")
-    }
 }
 
 impl RemoteConfig {
@@ -159,13 +134,14 @@ impl RemoteConfig {
             (Some(_), Some(_)) => {
                 return Err(fail("give `token_env` or `token_file`, not both".into()))
             }
-            (Some(var), None) => Some(std::env::var(var).map_err(|_| {
+            (Some(var), None) => Some(std::env::var(var.as_str()).map_err(|_| {
                 fail(format!(
-                    "`token_env`: the environment variable {var:?} is not set (or not UTF-8)"
+                    "`token_env`: the environment variable {:?} is not set (or not UTF-8)",
+                    var.as_str()
                 ))
             })?),
             (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
+                std::fs::read_to_string(&**path)
                     .map_err(|e| fail(format!("`token_file`: cannot read it ({e})")))?
                     .trim_end()
                     .to_string(),
@@ -201,7 +177,7 @@ impl RemoteConfig {
         Ok(Settings {
             endpoint,
             remote_runtime: self.remote_runtime.clone(),
-            token,
+            token: Redacted(token),
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
             heartbeat_timeout: self.heartbeat_timeout,
@@ -247,7 +223,9 @@ fn parse_url(url: &str) -> Result<Endpoint, String> {
             .parse()
             .map_err(|_| "the URL's host is not valid".to_string())?
     };
-    Ok(Endpoint { authority })
+    Ok(Endpoint {
+        authority: Redacted(authority),
+    })
 }
 
 #[cfg(test)]

@@ -682,7 +682,7 @@ async fn link(shared: Arc<Shared>) {
     let settings = shared.settings().clone();
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
     let mut shutdown = shared.shutdown.subscribe();
-    let path = format!("/v1/events?runtime={}", settings.remote_runtime);
+    let path = format!("/v1/events?runtime={}", settings.remote_runtime.as_str());
     loop {
         let reason = tokio::select! {
             reason = follow(&shared, &path, &mut backoff) => reason,
@@ -818,7 +818,7 @@ impl RuntimeSource for RemoteSource {
             .map_err(|e| RegistryError::internal(format!("encoding a spawn request: {e}")))?;
         let path = format!(
             "/v1/runtimes/{}/workers",
-            self.shared.settings().remote_runtime
+            self.shared.settings().remote_runtime.as_str()
         );
         let answer = self
             .shared

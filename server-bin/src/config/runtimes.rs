@@ -2,10 +2,11 @@
 //! building the sources, with a factory's error placed at the line of the key it is about.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 
-use registry_core::{ConfigError, RuntimeId, RuntimeSource, SourceConfig, SourceFactories};
+use registry_core::{
+    ConfigError, RedactedValues, RuntimeId, RuntimeSource, SourceConfig, SourceFactories,
+};
 use toml::Spanned;
 
 use super::lines::{
@@ -19,15 +20,15 @@ const DEFAULT_RUNTIME: &str = "local";
 /// One `[[runtimes]]` entry.
 ///
 /// `Debug` shows the id, the kind and the key names of the table, never its values (they
-/// may be URLs or paths).
-#[derive(Clone)]
+/// may be URLs or paths: the table is [`RedactedValues`]).
+#[derive(Clone, Debug)]
 pub struct RuntimeSection {
     /// The runtime's id (its `name`).
     pub id: RuntimeId,
     /// The source kind (its `source`), e.g. `"embedded"`.
     pub kind: String,
     /// The table without `name` and `source`: the source's own settings.
-    pub table: toml::Table,
+    pub table: RedactedValues<toml::Table>,
     /// The 1-based line of the runtime's `[[runtimes]]` header (or of its inline table);
     /// 0 for a runtime that is not written in a file.
     pub line: usize,
@@ -38,7 +39,7 @@ pub struct RuntimeSection {
 }
 
 /// A key of a runtime's table and the line it is on.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct TableKey {
     /// The dotted path from the runtime's table without array indices, as toml names it in
     /// its messages, e.g. `profiles.shell.command`.
@@ -56,7 +57,7 @@ impl RuntimeSection {
         RuntimeSection {
             id,
             kind: kind.into(),
-            table,
+            table: RedactedValues(table),
             line: 0,
             source_line: 0,
             keys: Vec::new(),
@@ -110,17 +111,6 @@ impl RuntimeSection {
     }
 }
 
-impl fmt::Debug for RuntimeSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RuntimeSection")
-            .field("id", &self.id)
-            .field("kind", &self.kind)
-            .field("keys", &self.table.keys().collect::<Vec<_>>())
-            .field("line", &self.line)
-            .finish_non_exhaustive()
-    }
-}
-
 /// A runtime with its source built.
 #[derive(Debug)]
 pub struct BuiltRuntime {
@@ -155,7 +145,7 @@ impl Config {
         for runtime in &self.runtimes {
             let config = SourceConfig {
                 runtime_id: runtime.id.clone(),
-                table: runtime.table.clone().into(),
+                table: runtime.table.clone(),
                 state_dir: self
                     .server
                     .state_dir
@@ -274,7 +264,7 @@ pub(super) fn parse_runtimes(
         runtimes.push(RuntimeSection {
             id,
             kind,
-            table,
+            table: RedactedValues(table),
             line,
             source_line,
             keys: key_lines,
