@@ -25,17 +25,12 @@ pub(crate) const TIMED_OUT: &str = "the remote runtime did not answer in time";
 pub(crate) const BAD_TOKEN: &str =
     "the remote roster refused this registry's token; check the runtime's token setting";
 
-/// The client, with the remote's address and token. Not `Debug`-printable beyond a name.
-#[derive(Clone)]
+/// The client, with the remote's address and token (both [`Redacted`](registry_core::Redacted)
+/// in its settings, so the derived `Debug` shows neither).
+#[derive(Clone, Debug)]
 pub(crate) struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     settings: std::sync::Arc<Settings>,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Upstream(<redacted>)")
-    }
 }
 
 /// An error answer of the API.

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use registry_core::Redacted;
 use serde_json::Value;
 use source_remote::{api_request, Backoff, BuildError, EventReader, ReadError, SseEvent, SseItem};
 
@@ -29,22 +30,16 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// …up to this.
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
-/// A client of one server, with its token. The token never appears in `Debug`, in a URL or
-/// in a message.
-#[derive(Clone)]
+/// A client of one server, with its token. The token never appears in `Debug` (it is
+/// [`Redacted`]), in a URL or in a message; the address is the user's own.
+#[derive(Clone, Debug)]
 pub struct Api {
     client: Client<HttpConnector, Full<Bytes>>,
     /// `host:port`.
     authority: String,
     /// `http://host:port`, for messages.
     pub(crate) server: String,
-    token: Option<String>,
-}
-
-impl std::fmt::Debug for Api {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Api").finish_non_exhaustive()
-    }
+    token: Redacted<Option<String>>,
 }
 
 impl Api {
@@ -62,7 +57,7 @@ impl Api {
             client,
             server: format!("http://{authority}"),
             authority,
-            token,
+            token: Redacted(token),
         })
     }
 
