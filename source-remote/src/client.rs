@@ -33,17 +33,26 @@ pub(crate) struct Upstream {
     settings: std::sync::Arc<Settings>,
 }
 
-/// An error answer of the API.
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorFields,
+/// The error in an error answer of a roster's API (`{"error": {"code", "message"}}`, SPEC
+/// §6), as the remote source and the CLI both read it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ErrorAnswer {
+    /// The error code, e.g. `worker_not_found`.
+    pub code: String,
+    /// The message for people (empty when the answer has none).
+    #[serde(default)]
+    pub message: String,
 }
 
-#[derive(Deserialize)]
-struct ErrorFields {
-    code: String,
-    #[serde(default)]
-    message: String,
+impl ErrorAnswer {
+    /// The error of an answer's body; `None` when the body is not a roster error body.
+    pub fn parse(body: &[u8]) -> Option<ErrorAnswer> {
+        #[derive(Deserialize)]
+        struct Body {
+            error: ErrorAnswer,
+        }
+        serde_json::from_slice::<Body>(body).ok().map(|b| b.error)
+    }
 }
 
 impl Upstream {
@@ -180,10 +189,7 @@ impl Upstream {
         retry_after: Option<Duration>,
         bytes: &[u8],
     ) -> RegistryError {
-        let parsed: Option<ErrorFields> = serde_json::from_slice::<ErrorBody>(bytes)
-            .ok()
-            .map(|b| b.error);
-        let Some(fields) = parsed else {
+        let Some(fields) = ErrorAnswer::parse(bytes) else {
             return if status.is_server_error() {
                 RegistryError::unavailable(NO_ANSWER, retry_after)
             } else {

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use registry_core::{ConfigError, SourceConfig, SourceKind};
 
-pub use client::{api_request, BuildError};
+pub use client::{api_request, BuildError, ErrorAnswer};
 pub use config::RemoteConfig;
 pub use source::RemoteSource;
 pub use sse::{Event as SseEvent, Item as SseItem, Parser as SseParser, TooLarge};

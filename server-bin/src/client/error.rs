@@ -4,7 +4,6 @@ use std::fmt;
 use std::process::ExitCode;
 
 use http::StatusCode;
-use serde::Deserialize;
 
 /// Exit code: the API answered with an error (or a worker name did not resolve).
 pub const EXIT_API: u8 = 1;
@@ -46,28 +45,16 @@ pub enum ClientError {
     Other(String),
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorFields,
-}
-
-#[derive(Deserialize)]
-struct ErrorFields {
-    code: String,
-    #[serde(default)]
-    message: String,
-}
-
 impl ClientError {
     /// The error in an answer of the API.
     pub fn from_answer(status: StatusCode, body: &[u8]) -> ClientError {
-        match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(b) => ClientError::Api {
+        match source_remote::ErrorAnswer::parse(body) {
+            Some(e) => ClientError::Api {
                 status,
-                code: b.error.code,
-                message: b.error.message,
+                code: e.code,
+                message: e.message,
             },
-            Err(_) => ClientError::Other(format!(
+            None => ClientError::Other(format!(
                 "the server answered {status} without an error body; is it a roster server?"
             )),
         }
