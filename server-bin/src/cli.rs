@@ -132,14 +132,24 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
-    if let Some(dir) = args.state_dir {
-        config.server.state_dir = dir.into();
+    if let Some(dir) = &args.state_dir {
+        config.server.state_dir = dir.clone().into();
     }
+    // SIGHUP and `POST /v1/admin/reload` read the file again (the flags still win).
+    let reload = Some(crate::ReloadConfig {
+        path: args.config.map(Into::into),
+        listen: args.listen,
+        state_dir: args.state_dir.map(Into::into),
+        factories: factories.clone(),
+        running: config.clone(),
+        on_sighup: true,
+    });
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    match rt.block_on(crate::run(config, factories)) {
+    let run = crate::run_reloadable(config, factories, reload, crate::shutdown_signal());
+    match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("{e:#}")),
     }

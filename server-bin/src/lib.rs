@@ -28,6 +28,7 @@ pub mod client;
 pub mod config;
 mod error;
 pub mod metrics;
+mod reload;
 pub mod routes;
 mod server;
 mod sse;
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 pub use api::OPENAPI;
 pub use config::Config;
 pub use error::ERRORS;
+pub use reload::{ReloadConfig, ReloadOutcome};
 pub use server::{serve, serve_with, ServeOptions};
 
 /// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.
@@ -92,6 +94,17 @@ pub async fn run_until(
     factories: SourceFactories,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_reloadable(config, factories, None, shutdown).await
+}
+
+/// [`run_until`], with the config reloadable from `reload` (`POST /v1/admin/reload`, and
+/// `SIGHUP` if `reload.on_sighup`). `reload.running` should be `config`.
+pub async fn run_reloadable(
+    config: Config,
+    factories: SourceFactories,
+    reload: Option<ReloadConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let tokens = config.load_tokens()?;
     config.check_listen(&tokens)?;
     let listener = TcpListener::bind(config.server.listen)
@@ -104,7 +117,10 @@ pub async fn run_until(
         tokens = tokens.len(),
         "roster is serving"
     );
-    let options = ServeOptions::from_config(&config.server, tokens);
+    let options = ServeOptions {
+        reload,
+        ..ServeOptions::from_config(&config.server, tokens)
+    };
     serve_with(listener, registry, options, shutdown).await
 }
 
