@@ -214,24 +214,18 @@ impl Registry {
             // Publishes the first runtime.updated.
             self.inner.set_health_locked(&mut st, &id, health, true);
         }
-        self.follow(id, kind, source, caps);
-        Ok(())
-    }
-
-    /// Serves `id` with `source` from now on and starts following its lifecycle stream.
-    fn follow(
-        &self,
-        id: RuntimeId,
-        kind: &str,
-        source: Arc<dyn RuntimeSource>,
-        caps: Capabilities,
-    ) {
         let runtime = Arc::new(Runtime {
             kind: kind.to_string(),
             source,
             caps,
         });
         self.inner.sources.insert(id.clone(), runtime.clone());
+        self.start_follower(id, runtime);
+        Ok(())
+    }
+
+    /// Starts following the lifecycle stream of `runtime`, which serves `id`.
+    fn start_follower(&self, id: RuntimeId, runtime: Arc<Runtime>) {
         let follower = tokio::spawn(supervise_follower(
             Arc::downgrade(&self.inner),
             id.clone(),
@@ -304,7 +298,14 @@ impl Registry {
         self.retire(id, grace).await?;
         let caps = source.capabilities();
         let health = source.health().await;
+        let runtime = Arc::new(Runtime {
+            kind: kind.to_string(),
+            source,
+            caps,
+        });
         {
+            // The new source and the end of the retirement together: a spawn never reaches
+            // the old source once it is shut down, nor is refused once the new one serves.
             let mut st = self.inner.lock();
             let Some(rec) = st.runtimes.get_mut(id) else {
                 return Err(not_found_runtime(id));
@@ -313,9 +314,10 @@ impl Registry {
             rec.caps = caps;
             rec.answered = false;
             rec.retiring = false;
+            self.inner.sources.insert(id.clone(), runtime.clone());
             self.inner.set_health_locked(&mut st, id, health, true);
         }
-        self.follow(id.clone(), kind, source, caps);
+        self.start_follower(id.clone(), runtime);
         Ok(())
     }
 
