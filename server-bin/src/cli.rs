@@ -29,6 +29,7 @@ Examples:
   roster runtimes                       # then drive it: the runtimes…
   roster spawn --name hi -- echo hello  # …start a worker…
   roster logs -f hi                     # …and follow its output
+  roster reload                         # read the config file again (or: kill -HUP)
 
 The client subcommands talk to --server (or ROSTER_URL; default http://127.0.0.1:7411)
 with the token of --token-file (or ROSTER_TOKEN_FILE, or ROSTER_TOKEN).

@@ -18,6 +18,10 @@
 //! }
 //! ```
 //!
+//! `roster serve --config FILE` reloads the file on `SIGHUP` and `POST /v1/admin/reload`
+//! (see [`ReloadConfig`] and docs/DESIGN.md): runtimes added, changed and removed without
+//! a restart, and a file that does not validate changes nothing.
+//!
 //! Tests start the real server on `127.0.0.1:0` with [`serve`] or [`serve_with`].
 #![warn(missing_docs)]
 
@@ -98,7 +102,8 @@ pub async fn run_until(
 }
 
 /// [`run_until`], with the config reloadable from `reload` (`POST /v1/admin/reload`, and
-/// `SIGHUP` if `reload.on_sighup`). `reload.running` should be `config`.
+/// `SIGHUP` if `reload.on_sighup`). Its `running` is set to `config`, the one the server
+/// starts with.
 pub async fn run_reloadable(
     config: Config,
     factories: SourceFactories,
@@ -118,7 +123,10 @@ pub async fn run_reloadable(
         "roster is serving"
     );
     let options = ServeOptions {
-        reload,
+        reload: reload.map(|r| ReloadConfig {
+            running: config.clone(),
+            ..r
+        }),
         ..ServeOptions::from_config(&config.server, tokens)
     };
     serve_with(listener, registry, options, shutdown).await
