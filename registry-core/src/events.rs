@@ -90,6 +90,12 @@ pub enum EventPayload {
         /// Its runtime.
         runtime_id: RuntimeId,
     },
+    /// `runtime.removed`: a runtime left the registry (a reload took it out of the
+    /// config). Each of its workers left with a `worker.removed` before it.
+    RuntimeRemoved {
+        /// Its id.
+        runtime_id: RuntimeId,
+    },
     /// `snapshot`: everything now (filtered like the subscription).
     Snapshot {
         /// Every runtime.
@@ -105,13 +111,14 @@ pub enum EventPayload {
 }
 
 impl EventPayload {
-    /// The SSE event type: `runtime.updated`, `worker.upserted`, `worker.removed`,
-    /// `snapshot` or `reset`.
+    /// The SSE event type: `runtime.updated`, `runtime.removed`, `worker.upserted`,
+    /// `worker.removed`, `snapshot` or `reset`.
     pub fn event_type(&self) -> &'static str {
         match self {
             EventPayload::RuntimeUpdated { .. } => "runtime.updated",
             EventPayload::WorkerUpserted { .. } => "worker.upserted",
             EventPayload::WorkerRemoved { .. } => "worker.removed",
+            EventPayload::RuntimeRemoved { .. } => "runtime.removed",
             EventPayload::Snapshot { .. } => "snapshot",
             EventPayload::Reset { .. } => "reset",
         }
@@ -135,6 +142,7 @@ impl EventPayload {
                         + strings(&mut r.diagnostics.iter().map(|d| d.code.len() + d.message.len()))
                 }
                 EventPayload::WorkerRemoved { .. }
+                | EventPayload::RuntimeRemoved { .. }
                 | EventPayload::Snapshot { .. }
                 | EventPayload::Reset { .. } => 0,
             }
@@ -145,6 +153,7 @@ impl EventPayload {
             EventPayload::RuntimeUpdated { runtime } => Some(&runtime.id),
             EventPayload::WorkerUpserted { worker } => Some(&worker.runtime_id),
             EventPayload::WorkerRemoved { runtime_id, .. } => Some(runtime_id),
+            EventPayload::RuntimeRemoved { runtime_id } => Some(runtime_id),
             EventPayload::Snapshot { .. } | EventPayload::Reset { .. } => None,
         }
     }
@@ -600,5 +609,38 @@ mod tests {
         assert_eq!(json["runtime_id"], "even");
         assert!(json["worker_id"].as_str().unwrap().starts_with("w_"));
         assert_eq!(r.event_type(), "worker.removed");
+    }
+
+    #[test]
+    fn a_removed_runtime_reads_back_as_itself_not_as_a_removed_worker() {
+        let gone = EventPayload::RuntimeRemoved {
+            runtime_id: RuntimeId::new("old").unwrap(),
+        };
+        let text = serde_json::to_string(&gone).unwrap();
+        assert_eq!(text, r#"{"runtime_id":"old"}"#);
+        assert_eq!(gone.event_type(), "runtime.removed");
+        assert_eq!(serde_json::from_str::<EventPayload>(&text).unwrap(), gone);
+        let worker = serde_json::to_string(&removed(2)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<EventPayload>(&worker)
+                .unwrap()
+                .event_type(),
+            "worker.removed"
+        );
+    }
+
+    #[test]
+    fn a_runtime_filter_keeps_the_removal_of_that_runtime() {
+        let mut log = EventLog::new(1, 10, usize::MAX, 4);
+        let (mut other, _) = log.register(Some(RuntimeId::new("other").unwrap()));
+        let (mut mine, _) = log.register(Some(RuntimeId::new("old").unwrap()));
+        log.publish(EventPayload::RuntimeRemoved {
+            runtime_id: RuntimeId::new("old").unwrap(),
+        });
+        assert_eq!(
+            mine.try_recv().unwrap().payload.event_type(),
+            "runtime.removed"
+        );
+        assert!(other.try_recv().is_err());
     }
 }

@@ -19,8 +19,8 @@ use crate::events::{EventLog, Resubscribe, Start};
 use crate::{
     sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
     OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource, RuntimeView,
-    SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem, Subscription,
-    WorkerId, WorkerState, WorkerView,
+    SourceConfig, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem,
+    Subscription, WorkerId, WorkerState, WorkerView,
 };
 
 /// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
@@ -102,8 +102,8 @@ struct Inner {
     /// Public id → (runtime, source key): routing without the projection's lock.
     ids: DashMap<WorkerId, (RuntimeId, SourceKey)>,
     sources: DashMap<RuntimeId, Arc<Runtime>>,
-    /// The tasks that follow each source's lifecycle stream.
-    followers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The tasks that follow each source's lifecycle stream, by runtime.
+    followers: Mutex<Vec<(RuntimeId, tokio::task::JoinHandle<()>)>>,
     /// The log's head seq, for waiters on the projection.
     version: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -137,6 +137,9 @@ struct RuntimeRecord {
     health: HealthView,
     diagnostics: Vec<Diagnostic>,
     answered: bool,
+    /// Set while the runtime is being removed or replaced: its follower ends with the
+    /// source's stream instead of reconnecting, and spawns are refused.
+    retiring: bool,
 }
 
 impl Registry {
@@ -205,6 +208,7 @@ impl Registry {
                     },
                     diagnostics: Vec::new(),
                     answered: false,
+                    retiring: false,
                 },
             );
             // Publishes the first runtime.updated.
@@ -216,9 +220,15 @@ impl Registry {
             caps,
         });
         self.inner.sources.insert(id.clone(), runtime.clone());
+        self.start_follower(id, runtime);
+        Ok(())
+    }
+
+    /// Starts following the lifecycle stream of `runtime`, which serves `id`.
+    fn start_follower(&self, id: RuntimeId, runtime: Arc<Runtime>) {
         let follower = tokio::spawn(supervise_follower(
             Arc::downgrade(&self.inner),
-            id,
+            id.clone(),
             runtime,
             self.inner.shutdown.subscribe(),
         ));
@@ -226,7 +236,168 @@ impl Registry {
             .followers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(follower);
+            .push((id, follower));
+    }
+
+    /// Takes a runtime out of the registry (a reload removed it from the config): its
+    /// source is shut down as at [`shutdown`](Self::shutdown) — owned workers are stopped
+    /// within `grace` (or each worker's own), observed ones let go — and the states that
+    /// shutdown reports are published; then each of its workers leaves with
+    /// `worker.removed`, and the runtime with `runtime.removed`.
+    ///
+    /// `RuntimeNotFound` for an unknown id; `Conflict` while the runtime is already being
+    /// removed or replaced. Meanwhile spawns on it are refused (`runtime_unavailable`);
+    /// its workers can still be read, stopped and streamed.
+    pub async fn remove_runtime(
+        &self,
+        id: &RuntimeId,
+        grace: Option<Duration>,
+    ) -> Result<(), RegistryError> {
+        self.retire(id, grace).await?;
+        let mut st = self.inner.lock();
+        let gone: Vec<WorkerId> = st
+            .workers
+            .iter()
+            .filter(|(_, r)| &r.view.runtime_id == id)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for worker in gone {
+            self.inner.remove_locked(&mut st, &worker);
+        }
+        st.runtimes.remove(id);
+        self.inner.sources.remove(id);
+        if !self.inner.closed.load(Ordering::Acquire) {
+            self.inner.publish(
+                &mut st,
+                EventPayload::RuntimeRemoved {
+                    runtime_id: id.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Serves an existing runtime with a new source (a reload changed its config in a way
+    /// its source can't take in place). The old source is shut down as by
+    /// [`remove_runtime`](Self::remove_runtime), its last reports published; then the new
+    /// source's first `Resync` decides: a worker it does not report leaves with
+    /// `worker.removed` (an `embedded` runtime's, whose keys are new), one it reports again
+    /// keeps its id (an observed worker, whose key is the same). A `runtime.updated` marks
+    /// the change. The runtime keeps its id throughout; it is not `ready` again until the
+    /// new source has answered once.
+    ///
+    /// `RuntimeNotFound` for an unknown id; `Conflict` while it is already being removed or
+    /// replaced (then `source` is not used).
+    pub async fn replace_runtime(
+        &self,
+        id: &RuntimeId,
+        kind: &str,
+        source: Arc<dyn RuntimeSource>,
+        grace: Option<Duration>,
+    ) -> Result<(), RegistryError> {
+        self.retire(id, grace).await?;
+        let caps = source.capabilities();
+        let health = source.health().await;
+        let runtime = Arc::new(Runtime {
+            kind: kind.to_string(),
+            source,
+            caps,
+        });
+        {
+            // The new source and the end of the retirement together: a spawn never reaches
+            // the old source once it is shut down, nor is refused once the new one serves.
+            let mut st = self.inner.lock();
+            let Some(rec) = st.runtimes.get_mut(id) else {
+                return Err(not_found_runtime(id));
+            };
+            rec.kind = kind.to_string();
+            rec.caps = caps;
+            rec.answered = false;
+            rec.retiring = false;
+            self.inner.sources.insert(id.clone(), runtime.clone());
+            self.inner.set_health_locked(&mut st, id, health, true);
+        }
+        self.start_follower(id.clone(), runtime);
+        Ok(())
+    }
+
+    /// Hands a runtime's source a changed config to take in place
+    /// ([`RuntimeSource::reconfigure`]). `Ok(true)` when it did — nothing else changes, and a
+    /// `runtime.updated` marks it; `Ok(false)` when the source can't, and then nothing
+    /// changed (the caller replaces the runtime).
+    pub async fn reconfigure_runtime(
+        &self,
+        id: &RuntimeId,
+        config: &SourceConfig,
+    ) -> Result<bool, RegistryError> {
+        let rt = self.inner.runtime(id)?;
+        let applied = rt
+            .source
+            .reconfigure(config)
+            .await
+            .map_err(|e| self.inner.context(e, "reconfigure", id, None))?;
+        if applied {
+            let mut st = self.inner.lock();
+            if let Some(runtime) = st.runtime_view(id) {
+                self.inner
+                    .publish(&mut st, EventPayload::RuntimeUpdated { runtime });
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Marks a runtime retiring, shuts its source down, and waits for its follower to
+    /// apply what the source reported until its stream ended (a follower that does not
+    /// end in time is stopped).
+    async fn retire(&self, id: &RuntimeId, grace: Option<Duration>) -> Result<(), RegistryError> {
+        {
+            let mut st = self.inner.lock();
+            let rec = st
+                .runtimes
+                .get_mut(id)
+                .ok_or_else(|| not_found_runtime(id))?;
+            if rec.retiring {
+                return Err(RegistryError::Conflict(format!(
+                    "runtime {id} is already being removed or replaced"
+                )));
+            }
+            rec.retiring = true;
+        }
+        let rt = self.inner.runtime(id)?;
+        let followers: Vec<tokio::task::JoinHandle<()>> = {
+            let mut all = self
+                .inner
+                .followers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let (mine, rest) = std::mem::take(&mut *all)
+                .into_iter()
+                .partition(|(r, _)| r == id);
+            *all = rest;
+            mine.into_iter().map(|(_, f)| f).collect()
+        };
+        let source = rt.source.clone();
+        let mut task = tokio::spawn(async move { source.shutdown(grace).await });
+        let deadline =
+            tokio::time::Instant::now() + grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE) + SHUTDOWN_MARGIN;
+        match tokio::time::timeout_at(deadline, &mut task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(runtime = %id, error = %e, "source shutdown panicked"),
+            // It goes on in the background: an owned worker is still killed in the end.
+            Err(_) => {
+                tracing::warn!(runtime = %id, "the runtime's source did not finish shutting down in time; going on without it")
+            }
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        for mut follower in followers {
+            if tokio::time::timeout_at(deadline, &mut follower)
+                .await
+                .is_err()
+            {
+                tracing::warn!(runtime = %id, "the runtime's lifecycle stream did not end after its shutdown");
+                follower.abort();
+            }
+        }
         Ok(())
     }
 
@@ -324,6 +495,12 @@ impl Registry {
             return Err(unsupported(runtime, "start workers"));
         }
         request.validate()?;
+        if self.inner.is_retiring(runtime) {
+            return Err(RegistryError::unavailable(
+                format!("runtime {runtime} is being reconfigured; try again shortly"),
+                Some(Duration::from_secs(1)),
+            ));
+        }
         let since = self.inner.lock().log.head().seq();
         let worker = rt
             .source
@@ -482,7 +659,7 @@ impl Registry {
                 .unwrap_or_else(|e| e.into_inner()),
         );
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        for follower in followers {
+        for (_, follower) in followers {
             if tokio::time::timeout_at(deadline, follower).await.is_err() {
                 tracing::warn!("a source's lifecycle stream did not end after its shutdown");
             }
@@ -508,6 +685,11 @@ impl Inner {
         // A panic while holding the lock can't leave the projection half-written in a way
         // later calls would misread (each change is one insert or remove), so go on.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `id` is being removed or replaced.
+    fn is_retiring(&self, id: &RuntimeId) -> bool {
+        self.lock().runtimes.get(id).is_some_and(|r| r.retiring)
     }
 
     fn runtime(&self, id: &RuntimeId) -> Result<Arc<Runtime>, RegistryError> {
@@ -884,7 +1066,8 @@ async fn unavailable_for(
     let Some(strong) = inner.upgrade() else {
         return false;
     };
-    if strong.stopping.load(Ordering::Acquire) {
+    // A runtime being removed or replaced is not reconnected: its source was shut down.
+    if strong.stopping.load(Ordering::Acquire) || strong.is_retiring(id) {
         return false;
     }
     tracing::warn!(runtime = %id, kind = %runtime.kind, %message, "runtime unavailable");

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::{
-    Capabilities, RegistryError, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamKind,
+    Capabilities, RegistryError, SourceConfig, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
+    StreamKind,
 };
 
 /// A change a source reports on its lifecycle stream.
@@ -167,4 +168,23 @@ pub trait RuntimeSource: Send + Sync + Debug + 'static {
     /// workers someone else owns (another registry, an older launcher) lets go of its
     /// connections and leaves the workers running. Afterwards its streams end.
     async fn shutdown(&self, grace: Option<Duration>);
+
+    /// Takes a changed config of this runtime (a reload of the config file) without
+    /// stopping anything, where the kind can: `Ok(true)` once the new config is in force —
+    /// every worker keeps running under the same key, open streams stay open, and the
+    /// capabilities are unchanged. `Ok(false)` when this change cannot be taken in place; the
+    /// registry then replaces the source with one built from the new config (shutting this
+    /// one down as [`shutdown`](Self::shutdown) does). Nothing may have changed when it
+    /// returns `Ok(false)` or an error.
+    ///
+    /// A reload calls it only with a `config` the kind's factory has already built a source
+    /// from, so the table is known to be valid; an error here is logged and the runtime is
+    /// replaced instead.
+    ///
+    /// The default is `Ok(false)`: a kind that does not say otherwise is replaced, which is
+    /// always correct, only less gentle.
+    async fn reconfigure(&self, config: &SourceConfig) -> Result<bool, RegistryError> {
+        let _ = config;
+        Ok(false)
+    }
 }

@@ -1222,3 +1222,134 @@ async fn stop_on_a_terminal_worker_succeeds_without_asking_the_source() {
     assert!(src.stops.lock().unwrap().is_empty());
     assert_eq!(reg.worker(&id).unwrap().state, WorkerState::Exited);
 }
+
+/// Scripted with `keys` running.
+fn scripted_with(keys: &[&str]) -> Arc<Scripted> {
+    let src = Scripted::new(Capabilities::ALL);
+    for k in keys {
+        src.workers
+            .lock()
+            .unwrap()
+            .insert(k.to_string(), Scripted::worker(k, WorkerState::Running));
+    }
+    src
+}
+
+#[tokio::test]
+async fn removing_a_runtime_removes_its_workers_then_the_runtime_and_leaves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gone, kept) = (scripted_with(&["k1", "k2"]), scripted_with(&["k9"]));
+    let reg = registry_with(dir.path(), &[("gone", gone.clone()), ("kept", kept)]).await;
+    let mut sub = reg.subscribe(None, Some(rt("gone")));
+    assert_eq!(snapshot_workers(&next(&mut sub).await).len(), 2);
+
+    reg.remove_runtime(&rt("gone"), None).await.unwrap();
+    let mut removed = Vec::new();
+    loop {
+        let item = next(&mut sub).await;
+        match &*item.payload {
+            EventPayload::WorkerRemoved { runtime_id, .. } => removed.push(runtime_id.clone()),
+            EventPayload::RuntimeRemoved { runtime_id } => {
+                assert_eq!(runtime_id, &rt("gone"));
+                break;
+            }
+            EventPayload::RuntimeUpdated { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(removed, vec![rt("gone"), rt("gone")]);
+    let ids: Vec<RuntimeId> = reg.runtimes().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![rt("kept")]);
+    assert_eq!(
+        reg.runtime(&rt("gone")).unwrap_err().code(),
+        "runtime_not_found"
+    );
+    let page = reg
+        .list_workers(&WorkerFilter::default(), 10, None)
+        .unwrap();
+    assert_eq!(page.workers.len(), 1);
+    assert_eq!(page.workers[0].runtime_id, rt("kept"));
+    let err = reg
+        .spawn(&rt("gone"), SpawnRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "runtime_not_found");
+    // Its follower ended with the stream instead of opening it again: one that reconnected
+    // would have done so after its first backoff (100 ms), well within this wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gone.opened.load(Ordering::SeqCst), 1);
+    assert!(reg.is_ready());
+    // A second removal names the runtime as unknown.
+    let err = reg.remove_runtime(&rt("gone"), None).await.unwrap_err();
+    assert_eq!(err.code(), "runtime_not_found");
+}
+
+#[tokio::test]
+async fn replacing_a_runtime_keeps_the_workers_the_new_source_reports_and_routes_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = scripted_with(&["k1", "k2"]);
+    let reg = registry_with(dir.path(), &[("local", old.clone())]).await;
+    let mut sub = reg.subscribe(None, None);
+    let before = snapshot_workers(&next(&mut sub).await);
+    let id_of = |key: &str| {
+        before
+            .iter()
+            .find(|w| w.name.as_deref() == Some(&format!("name-{key}")))
+            .map(|w| w.id.clone())
+            .unwrap()
+    };
+    let (k1, k2) = (id_of("k1"), id_of("k2"));
+
+    // The new source still has k1 (an observed worker: the same key), not k2.
+    let new = scripted_with(&["k1"]);
+    reg.replace_runtime(&rt("local"), "scripted-2", new.clone(), None)
+        .await
+        .unwrap();
+    let mut removed = Vec::new();
+    let mut updated = false;
+    while removed.is_empty() {
+        let item = next(&mut sub).await;
+        match &*item.payload {
+            EventPayload::WorkerRemoved { worker_id, .. } => removed.push(worker_id.clone()),
+            EventPayload::RuntimeUpdated { runtime } => {
+                updated |= runtime.kind == "scripted-2";
+            }
+            EventPayload::WorkerUpserted { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(updated, "no runtime.updated with the new kind");
+    assert_eq!(removed, vec![k2]);
+    assert_eq!(reg.worker(&k1).unwrap().state, WorkerState::Running);
+    reg.stop(&k1, None).await.unwrap();
+    assert_eq!(new.stops.lock().unwrap().len(), 1);
+    assert!(old.stops.lock().unwrap().is_empty());
+    wait_for(|| reg.is_ready()).await;
+    // The old source's stream is not opened again.
+    assert_eq!(old.opened.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_source_that_says_nothing_cannot_reconfigure_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = scripted_with(&["k1"]);
+    let reg = registry_with(dir.path(), &[("local", src.clone())]).await;
+    let config = SourceConfig {
+        runtime_id: rt("local"),
+        table: toml::Table::new().into(),
+        state_dir: dir.path().to_path_buf().into(),
+    };
+    assert!(!reg
+        .reconfigure_runtime(&rt("local"), &config)
+        .await
+        .unwrap());
+    assert_eq!(
+        reg.reconfigure_runtime(&rt("other"), &config)
+            .await
+            .unwrap_err()
+            .code(),
+        "runtime_not_found"
+    );
+    assert_eq!(src.opened.load(Ordering::SeqCst), 1);
+    assert_eq!(only_worker(&reg).await, only_worker(&reg).await);
+}

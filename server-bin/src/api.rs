@@ -83,7 +83,20 @@ pub async fn dispatch(
         Endpoint::Stop => stop(app, param(0), req).await,
         Endpoint::Output => output(app, param(0), &req).await,
         Endpoint::Events => events(app, &req),
+        Endpoint::Reload => reload(app, req).await,
     }
+}
+
+/// The reload body: none, or `{}` (there are no options yet).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadBody {}
+
+async fn reload(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    no_query(&req)?;
+    let _: Option<ReloadBody> = json_body(app, req, true).await?;
+    let outcome = crate::reload::reload(app).await?;
+    Ok(h::json(StatusCode::OK, &outcome))
 }
 
 fn readyz(app: &Arc<App>) -> Result<Response<Body>, ApiError> {

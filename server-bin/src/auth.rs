@@ -135,6 +135,10 @@ text_newtype!(AllowedHost, AllowedOrigin);
 /// The configured tokens, kept only as BLAKE3 hashes: a presented token is hashed and
 /// compared with every stored hash, in constant time (`blake3::Hash`'s equality is), and
 /// without stopping at the first match, so timing says nothing about which or how much matched.
+///
+/// Two sets are equal when they hold the same names, scopes and secrets in the same order
+/// (a reload compares the new set with the one in force).
+#[derive(PartialEq, Eq)]
 pub struct Tokens {
     entries: Vec<(String, Scope, blake3::Hash)>,
 }

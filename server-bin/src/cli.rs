@@ -29,6 +29,7 @@ Examples:
   roster runtimes                       # then drive it: the runtimes…
   roster spawn --name hi -- echo hello  # …start a worker…
   roster logs -f hi                     # …and follow its output
+  roster reload                         # read the config file again (or: kill -HUP)
 
 The client subcommands talk to --server (or ROSTER_URL; default http://127.0.0.1:7411)
 with the token of --token-file (or ROSTER_TOKEN_FILE, or ROSTER_TOKEN).
@@ -132,14 +133,24 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
-    if let Some(dir) = args.state_dir {
-        config.server.state_dir = dir.into();
+    if let Some(dir) = &args.state_dir {
+        config.server.state_dir = dir.clone().into();
     }
+    // SIGHUP and `POST /v1/admin/reload` read the file again (the flags still win).
+    let reload = Some(crate::ReloadConfig {
+        path: args.config.map(Into::into),
+        listen: args.listen,
+        state_dir: args.state_dir.map(Into::into),
+        factories: factories.clone(),
+        running: config.clone(),
+        on_sighup: true,
+    });
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    match rt.block_on(crate::run(config, factories)) {
+    let run = crate::run_reloadable(config, factories, reload, crate::shutdown_signal());
+    match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("{e:#}")),
     }

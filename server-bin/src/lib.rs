@@ -18,6 +18,10 @@
 //! }
 //! ```
 //!
+//! `roster serve --config FILE` reloads the file on `SIGHUP` and `POST /v1/admin/reload`
+//! (see [`ReloadConfig`] and docs/DESIGN.md): runtimes added, changed and removed without
+//! a restart, and a file that does not validate changes nothing.
+//!
 //! Tests start the real server on `127.0.0.1:0` with [`serve`] or [`serve_with`].
 #![warn(missing_docs)]
 
@@ -28,6 +32,7 @@ pub mod client;
 pub mod config;
 mod error;
 pub mod metrics;
+mod reload;
 pub mod routes;
 mod server;
 mod sse;
@@ -42,6 +47,7 @@ use tokio::net::TcpListener;
 pub use api::OPENAPI;
 pub use config::Config;
 pub use error::ERRORS;
+pub use reload::{ReloadConfig, ReloadOutcome};
 pub use server::{serve, serve_with, ServeOptions};
 
 /// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.
@@ -92,6 +98,18 @@ pub async fn run_until(
     factories: SourceFactories,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_reloadable(config, factories, None, shutdown).await
+}
+
+/// [`run_until`], with the config reloadable from `reload` (`POST /v1/admin/reload`, and
+/// `SIGHUP` if `reload.on_sighup`). Its `running` is set to `config`, the one the server
+/// starts with.
+pub async fn run_reloadable(
+    config: Config,
+    factories: SourceFactories,
+    reload: Option<ReloadConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let tokens = config.load_tokens()?;
     config.check_listen(&tokens)?;
     let listener = TcpListener::bind(config.server.listen)
@@ -104,7 +122,13 @@ pub async fn run_until(
         tokens = tokens.len(),
         "roster is serving"
     );
-    let options = ServeOptions::from_config(&config.server, tokens);
+    let options = ServeOptions {
+        reload: reload.map(|r| ReloadConfig {
+            running: config.clone(),
+            ..r
+        }),
+        ..ServeOptions::from_config(&config.server, tokens)
+    };
     serve_with(listener, registry, options, shutdown).await
 }
 

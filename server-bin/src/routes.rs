@@ -40,6 +40,8 @@ pub enum Endpoint {
     Output,
     /// `GET /v1/events` (SSE).
     Events,
+    /// `POST /v1/admin/reload`: read the config file again.
+    Reload,
 }
 
 /// Who may call a route.
@@ -100,6 +102,9 @@ pub const ROUTES: &[Route] = &[
     route(Method::POST,   "/v1/workers/{worker_id}/stop",            Endpoint::Stop,         OPERATE),
     route(Method::GET,    "/v1/workers/{worker_id}/output",          Endpoint::Output,       READ),
     route(Method::GET,    "/v1/events",                              Endpoint::Events,       READ),
+    // `operate`, the strongest scope there is: whoever may start processes may change the
+    // runtimes they run in.
+    route(Method::POST,   "/v1/admin/reload",                        Endpoint::Reload,       OPERATE),
 ];
 
 /// The route label of a request that matched no template.

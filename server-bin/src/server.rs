@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
@@ -23,6 +23,7 @@ use crate::auth::{Allowed, AllowedHost, AllowedOrigin, Tokens};
 use crate::config::{LoadedToken, ServerSection};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::reload::{ReloadConfig, Reloader};
 use crate::routes::{resolve, Resolution, UNMATCHED};
 use crate::wire::Body;
 
@@ -48,6 +49,9 @@ pub struct ServeOptions {
     /// How long a stream may wait for its client to take the next frame (default 60 s)
     /// before the client counts as gone and its connection is closed.
     pub stream_stall_timeout: Duration,
+    /// Where `POST /v1/admin/reload` (and `SIGHUP`, if it says so) reloads the config from;
+    /// without it a reload is refused with `409 conflict` (default: none).
+    pub reload: Option<ReloadConfig>,
 }
 
 impl Default for ServeOptions {
@@ -69,6 +73,7 @@ impl ServeOptions {
             max_connections: 1024,
             body_timeout: Duration::from_secs(30),
             stream_stall_timeout: Duration::from_secs(60),
+            reload: None,
         }
     }
 }
@@ -79,8 +84,10 @@ pub struct App {
     pub(crate) registry: Registry,
     pub(crate) options: ServeOptions,
     pub(crate) metrics: Arc<Metrics>,
-    tokens: Tokens,
-    allowed: Allowed,
+    /// Who may call; a reload swaps it whole.
+    gate: RwLock<Arc<Gate>>,
+    /// Reloads the config, when the server has a file to reload.
+    pub(crate) reloader: Option<Reloader>,
     /// Becomes `true` once the registry has shut down: streams end with a final event.
     pub(crate) closing: watch::Receiver<bool>,
     /// Set when shutdown starts: requests that would change something are refused.
@@ -89,7 +96,36 @@ pub struct App {
     request_seq: AtomicU64,
 }
 
+/// The token set and the allowed hosts and origins, which a reload replaces together.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    tokens: Tokens,
+    allowed: Allowed,
+}
+
+impl Gate {
+    pub(crate) fn new(tokens: Tokens, server: &ServerSection) -> Gate {
+        Gate {
+            tokens,
+            allowed: Allowed {
+                hosts: server.allowed_hosts.clone(),
+                origins: server.allowed_origins.clone(),
+            },
+        }
+    }
+}
+
 impl App {
+    fn gate(&self) -> Arc<Gate> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a reloaded token set and allowed hosts and origins in force: every request
+    /// checked from now on is checked against them.
+    pub(crate) fn set_gate(&self, gate: Gate) {
+        *self.gate.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(gate);
+    }
+
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -162,10 +198,11 @@ async fn pipeline(
     app: &Arc<App>,
     req: Request<Incoming>,
 ) -> (&'static str, Result<Response<Body>, ApiError>) {
-    if let Err(e) = app
+    let gate = app.gate();
+    if let Err(e) = gate
         .allowed
         .check_host(req.headers())
-        .and_then(|()| app.allowed.check_target(req.uri()))
+        .and_then(|()| gate.allowed.check_target(req.uri()))
     {
         return (UNMATCHED, Err(e));
     }
@@ -189,10 +226,10 @@ async fn pipeline(
         }
     };
     let template = route.template;
-    if let Err(e) = app.tokens.authorize(req.headers(), route.access) {
+    if let Err(e) = gate.tokens.authorize(req.headers(), route.access) {
         return (template, Err(e));
     }
-    if let Err(e) = app.allowed.check_origin(req.method(), req.headers()) {
+    if let Err(e) = gate.allowed.check_origin(req.method(), req.headers()) {
         return (template, Err(e));
     }
     if app.is_stopping() && route.method != http::Method::GET {
@@ -215,6 +252,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     serve_with(listener, registry, ServeOptions::default(), shutdown).await
+}
+
+/// Reloads the config at each `SIGHUP` until aborted; the outcome goes to the log (as
+/// `reload` writes it). One at a time: a `SIGHUP` during a reload is taken after it.
+fn reload_on_sighup(app: Arc<App>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            if app.is_stopping() {
+                tracing::info!("shutting down; the reload is skipped");
+                continue;
+            }
+            // `reload` logs the outcome or the error itself.
+            let _ = crate::reload::reload(&app).await;
+        }
+    }))
 }
 
 /// How long shutdown waits for connections to finish after the streams were told to end.
@@ -243,21 +299,35 @@ pub async fn serve_with(
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut prefix = [0u8; 4];
     getrandom::fill(&mut prefix).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    // Moved out of the options: the secrets are kept only as the hashes `Tokens` holds.
+    let tokens = std::mem::take(&mut options.tokens);
+    let reloader = options
+        .reload
+        .take()
+        .map(|r| Reloader::new(r, Tokens::new(&tokens), local));
     let app = Arc::new(App {
         registry: registry.clone(),
         metrics: Arc::new(Metrics::new()),
-        // Moved out of the options: the secrets are kept only as the hashes `Tokens` holds.
-        tokens: Tokens::new(&std::mem::take(&mut options.tokens)),
-        allowed: Allowed {
-            hosts: std::mem::take(&mut options.allowed_hosts),
-            origins: std::mem::take(&mut options.allowed_origins),
-        },
+        gate: RwLock::new(Arc::new(Gate {
+            tokens: Tokens::new(&tokens),
+            allowed: Allowed {
+                hosts: std::mem::take(&mut options.allowed_hosts),
+                origins: std::mem::take(&mut options.allowed_origins),
+            },
+        })),
+        reloader,
         closing: closing_rx,
         stopping: AtomicBool::new(false),
         request_prefix: prefix.iter().map(|b| format!("{b:02x}")).collect(),
         request_seq: AtomicU64::new(1),
         options,
     });
+    let sighup = app
+        .reloader
+        .as_ref()
+        .is_some_and(Reloader::on_sighup)
+        .then(|| reload_on_sighup(app.clone()))
+        .transpose()?;
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(app.options.max_connections.max(1)));
     let mut http = http1::Builder::new();
@@ -304,6 +374,9 @@ pub async fn serve_with(
         });
     }
     drop(listener);
+    if let Some(task) = sighup {
+        task.abort();
+    }
     tracing::info!("shutting down: no new connections; stopping workers");
     app.stopping.store(true, Ordering::Release);
     // Idle keep-alive connections close now; streaming ones finish their response.

@@ -148,6 +148,7 @@ fn the_paths_are_the_api() {
         "POST /v1/workers/{worker_id}/stop",
         "GET /v1/workers/{worker_id}/output",
         "GET /v1/events",
+        "POST /v1/admin/reload",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",

@@ -1240,13 +1240,34 @@ async fn every_answer_and_event_has_the_shape_the_document_gives() {
     );
 }
 
+/// The `local` runtime of `common::config("output_retention = 64")`, as a config file.
+const LOCAL_TOML: &str = "[[runtimes]]\nname = \"local\"\nsource = \"embedded\"\n\
+    allow_commands = true\noutput_retention = 64\n\
+    [runtimes.profiles.shell]\ncommand = [\"/bin/sh\", \"-c\"]\n";
+
 async fn scenario(api: &mut Api<'_>) -> Result<()> {
     let options = ServeOptions {
         max_body: MAX_BODY,
         shutdown_grace: Duration::from_secs(5),
         ..Default::default()
     };
-    let server = TestServer::start_with(common::config("output_retention = 64"), options).await?;
+    // The server's config is also a file it reloads (the same runtime, so it is unchanged).
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("roster.toml");
+    std::fs::write(&file, LOCAL_TOML)?;
+    let config = common::config("output_retention = 64");
+    let options = ServeOptions {
+        reload: Some(server_bin::ReloadConfig {
+            path: Some(file.clone().into()),
+            listen: None,
+            state_dir: Some(dir.path().join("state").into()),
+            factories: server_bin::default_factories(),
+            running: config.clone(),
+            on_sighup: false,
+        }),
+        ..options
+    };
+    let server = TestServer::start_in(dir, config, options).await?;
 
     // The service routes.
     let served = api.get(&server, "/v1/openapi.json").await?;
@@ -1462,6 +1483,27 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
         pages += 1;
     }
     ensure!(pages > 1, "more than one page");
+
+    // Reloads of the config file: a runtime added, then removed (`runtime.removed`).
+    std::fs::write(
+        &file,
+        format!("{LOCAL_TOML}[[runtimes]]\nname = \"spare\"\nsource = \"embedded\"\n"),
+    )?;
+    let added = api.post(&server, "/v1/admin/reload", "{}").await?;
+    expect(&added, 200, "")?;
+    let outcome = added.json()?;
+    ensure!(
+        outcome["added"] == json!(["spare"]) && outcome["unchanged"] == json!(["local"]),
+        "{outcome}"
+    );
+    std::fs::write(&file, LOCAL_TOML)?;
+    let removed = api.post(&server, "/v1/admin/reload", "{}").await?;
+    expect(&removed, 200, "")?;
+    ensure!(
+        removed.json()?["removed"] == json!(["spare"]),
+        "{}",
+        removed.text()
+    );
 
     // The runtime that fails: 429, 500, 501, 503, 504 — and an output stream that ends in
     // `shutdown`.

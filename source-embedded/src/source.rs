@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use registry_core::{
     Capabilities, Diagnostic, HealthStatus, LastExit, OutputChunk, OutputEvent, OutputRequest,
-    OutputStream, RegistryError, RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey,
-    SourceWorker, SpawnRequest,
+    OutputStream, RegistryError, RuntimeSource, SourceConfig, SourceEvent, SourceEvents,
+    SourceHealth, SourceKey, SourceWorker, SpawnRequest,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -215,6 +215,25 @@ impl RuntimeSource for EmbeddedSource {
     async fn shutdown(&self, grace: Option<Duration>) {
         self.runtime.shutdown(grace).await;
         self.closing.send_replace(true);
+    }
+
+    /// A change of `profiles` alone (a profile added, changed or removed) is taken in
+    /// place: spawns from now on, and restarts, use the new profiles; running workers go
+    /// on. Any other key that changed needs a new runtime (`Ok(false)`).
+    async fn reconfigure(&self, config: &SourceConfig) -> Result<bool, RegistryError> {
+        let mut new: EmbeddedConfig = config
+            .parse()
+            .map_err(|e| RegistryError::InvalidRequest(e.message))?;
+        let profiles = std::mem::take(&mut new.profiles);
+        let mut running = self.runtime.config().clone();
+        running.profiles.clear();
+        if new != running {
+            return Ok(false);
+        }
+        self.runtime
+            .set_profiles(profiles)
+            .map_err(registry_error)?;
+        Ok(true)
     }
 }
 

@@ -124,7 +124,7 @@ pub use config::{Profile, RuntimeConfig};
 pub use events::{EventReader, RuntimeEvent};
 pub use output::{OutputItem, OutputReader};
 pub use restart::{Backoff, Restart, RestartPolicy, MAX_RESTARTS_LIMIT};
-pub use runtime::Runtime;
+pub use runtime::{Profiles, Runtime};
 pub use types::{
     FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
 };

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::AbortHandle;
 
-use crate::config::RuntimeConfig;
+use crate::config::{Profile, RuntimeConfig};
 use crate::events::{EventLog, EventReader, NewEvent};
 use crate::limits::MAX_GRACE;
 use crate::output::OutputReader;
@@ -58,6 +58,9 @@ impl fmt::Debug for Runtime {
 /// [`Runtime`] drops it (and its `Drop` kills what is left).
 struct Inner {
     config: RuntimeConfig,
+    /// The profiles in force: the config's at first, replaced by [`Runtime::set_profiles`].
+    /// A spawn and a restart read them when they plan a run.
+    profiles: RwLock<Arc<Profiles>>,
     instance_id: String,
     handle: Handle,
     table: Mutex<Table>,
@@ -124,6 +127,35 @@ struct StdinQueue {
     permits: Arc<Semaphore>,
 }
 
+/// Spawn profiles by name.
+pub type Profiles = BTreeMap<String, Profile>;
+
+/// The checks every profile passes, at the start and when profiles are replaced.
+fn check_profiles(profiles: &Profiles) -> Result<(), RuntimeError> {
+    for (name, profile) in profiles {
+        if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "profile {name:?} has an empty command"
+            )));
+        }
+        if profile.max_restarts.is_some_and(|n| n > MAX_RESTARTS_LIMIT) {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "profile {name:?}: `max_restarts` is at most {MAX_RESTARTS_LIMIT}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn profiles(&self) -> Arc<Profiles> {
+        self.profiles
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 impl Runtime {
     /// Creates a runtime. Call it inside a tokio runtime (multi-threaded or not): its
     /// background tasks run there.
@@ -138,18 +170,7 @@ impl Runtime {
                 "event_retention must be at least 1".into(),
             ));
         }
-        for (name, profile) in &config.profiles {
-            if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
-                return Err(RuntimeError::InvalidRequest(format!(
-                    "profile {name:?} has an empty command"
-                )));
-            }
-            if profile.max_restarts.is_some_and(|n| n > MAX_RESTARTS_LIMIT) {
-                return Err(RuntimeError::InvalidRequest(format!(
-                    "profile {name:?}: `max_restarts` is at most {MAX_RESTARTS_LIMIT}"
-                )));
-            }
-        }
+        check_profiles(&config.profiles)?;
         let handle = Handle::try_current().map_err(|_| {
             RuntimeError::Internal(
                 "the worker runtime must be created inside a tokio runtime".into(),
@@ -183,6 +204,7 @@ impl Runtime {
             events,
             spawner,
             watchdog,
+            profiles: RwLock::new(Arc::new(config.profiles.clone())),
             config,
         });
         let period = (inner.config.retain_finished / 4)
@@ -200,9 +222,30 @@ impl Runtime {
         &self.inner.instance_id
     }
 
-    /// The configuration the runtime was made with.
+    /// The configuration the runtime was made with. Its `profiles` are those it started
+    /// with; [`profiles`](Self::profiles) gives the ones in force.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// The profiles in force now.
+    pub fn profiles(&self) -> Arc<Profiles> {
+        self.inner.profiles()
+    }
+
+    /// Replaces the profiles, as a reload of the config does: spawns from now on, and
+    /// the restarts of running workers, use the new ones (a restart whose profile is gone
+    /// ends its worker `failed` with reason `spawn_failed`); running processes are not
+    /// touched. Refused with [`RuntimeError::InvalidRequest`], changing nothing, for a
+    /// profile [`Runtime::new`] would refuse.
+    pub fn set_profiles(&self, profiles: Profiles) -> Result<(), RuntimeError> {
+        check_profiles(&profiles)?;
+        *self
+            .inner
+            .profiles
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(profiles);
+        Ok(())
     }
 
     /// What is wrong with the runtime's own machinery (its watchdog process, its spawner

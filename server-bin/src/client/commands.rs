@@ -93,6 +93,7 @@ pub async fn run(command: ClientCommand) -> Result<u8, ClientError> {
             cursor,
             conn,
         } => events(&conn, runtime.as_deref(), cursor).await,
+        ClientCommand::Reload { conn } => reload(&conn).await,
         ClientCommand::Completions { .. } => Ok(0),
     }
 }
@@ -700,12 +701,72 @@ fn event_summary(kind: &str, data: &Value, now: OffsetDateTime) -> String {
             data["worker_id"].as_str().unwrap_or_default(),
             data["runtime_id"].as_str().unwrap_or_default()
         ),
+        "runtime.removed" => data["runtime_id"].as_str().unwrap_or_default().to_string(),
         "reset" => format!(
             "{}; a fresh snapshot follows",
             data["reason"].as_str().unwrap_or("unknown reason")
         ),
         _ => data.to_string(),
     }
+}
+
+/// `POST /v1/admin/reload`; prints what changed, one line per kind of change.
+async fn reload(conn: &Conn) -> Result<u8, ClientError> {
+    let api = connect(conn)?;
+    let outcome = api
+        .call(Method::POST, "/v1/admin/reload", Some(&json!({})))
+        .await?;
+    if conn.json() {
+        out_json(&outcome)?;
+    } else {
+        out_line(&reload_summary(&outcome))?;
+    }
+    Ok(0)
+}
+
+/// `added: b, c` and so on, a line for each list that is not empty; "nothing changed" when
+/// all are.
+fn reload_summary(outcome: &Value) -> String {
+    let list = |key: &str| -> Vec<String> {
+        outcome[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    let replaced = list("replaced");
+    let changed: Vec<String> = list("changed")
+        .into_iter()
+        .map(|id| {
+            let how = if replaced.contains(&id) {
+                "replaced"
+            } else {
+                "in place"
+            };
+            format!("{id} ({how})")
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for (label, items) in [
+        ("added", list("added")),
+        ("removed", list("removed")),
+        ("changed", changed),
+        ("applied", list("applied")),
+        ("needs a restart", list("needs_restart")),
+    ] {
+        if !items.is_empty() {
+            lines.push(format!("{label}: {}", items.join(", ")));
+        }
+    }
+    if lines.is_empty() {
+        lines.push("nothing changed".to_string());
+    }
+    let unchanged = list("unchanged");
+    if !unchanged.is_empty() {
+        lines.push(format!("unchanged: {}", unchanged.join(", ")));
+    }
+    lines.join("\n")
 }
 
 async fn events(
@@ -739,6 +800,25 @@ async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_summary_names_each_change_and_how() {
+        let outcome = json!({
+            "added": ["b"], "removed": ["c"], "changed": ["a", "d"], "replaced": ["d"],
+            "unchanged": ["local"], "applied": [], "needs_restart": ["server.listen"]
+        });
+        assert_eq!(
+            reload_summary(&outcome),
+            "added: b\nremoved: c\nchanged: a (in place), d (replaced)\n\
+             needs a restart: server.listen\nunchanged: local"
+        );
+        let nothing = json!({"added": [], "removed": [], "changed": [], "replaced": [],
+                             "unchanged": ["local"], "applied": [], "needs_restart": []});
+        assert_eq!(
+            reload_summary(&nothing),
+            "nothing changed\nunchanged: local"
+        );
+    }
 
     #[test]
     fn exit_codes_follow_the_worker() {

@@ -1,5 +1,5 @@
 //! `roster`'s command-line client: `runtimes`, `ls`, `get`, `spawn`, `logs`, `input`, `stop`,
-//! `rm`, `events` and `completions`. A client of the public API only — every call it makes
+//! `rm`, `events`, `reload` and `completions`. A client of the public API only — every call it makes
 //! is one a user's own client can make the same way.
 //!
 //! - The server comes from `--server` or `ROSTER_URL` (default `http://127.0.0.1:7411`),
@@ -162,6 +162,14 @@ pub enum ClientCommand {
         /// Start after this cursor (an event's `cursor` from an earlier run).
         #[arg(long, value_name = "CURSOR")]
         cursor: Option<String>,
+        /// Server and output options.
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make the server read its config file again: runtimes added, changed and removed
+    /// without a restart (needs an `operate` token).
+    #[command(after_help = "Example:\n  roster reload\n  roster reload --json")]
+    Reload {
         /// Server and output options.
         #[command(flatten)]
         conn: Conn,

@@ -123,6 +123,21 @@ pub struct BuiltRuntime {
 }
 
 impl Config {
+    /// What the factory of `runtime`'s kind gets: the runtime's id, its table (without
+    /// `name` and `source`) and `<state_dir>/runtimes/<id>` as its state directory.
+    pub fn source_config(&self, runtime: &RuntimeSection) -> SourceConfig {
+        SourceConfig {
+            runtime_id: runtime.id.clone(),
+            table: runtime.table.clone(),
+            state_dir: self
+                .server
+                .state_dir
+                .join("runtimes")
+                .join(runtime.id.as_str())
+                .into(),
+        }
+    }
+
     /// Builds and starts every runtime's source, in file order, with
     /// `factories.build(kind, config)`, where the config holds the runtime's id, its table
     /// (without `name` and `source`) and `<state_dir>/runtimes/<id>` as its state
@@ -143,16 +158,7 @@ impl Config {
         let kinds = factories.kinds();
         let mut built = Vec::with_capacity(self.runtimes.len());
         for runtime in &self.runtimes {
-            let config = SourceConfig {
-                runtime_id: runtime.id.clone(),
-                table: runtime.table.clone(),
-                state_dir: self
-                    .server
-                    .state_dir
-                    .join("runtimes")
-                    .join(runtime.id.as_str())
-                    .into(),
-            };
+            let config = self.source_config(runtime);
             let source = factories
                 .build(&runtime.kind, config)
                 .map_err(|e| runtime.factory_error(&e, kinds.contains(&runtime.kind.as_str())))?;

@@ -59,15 +59,15 @@ impl Inner {
             RegistryError::InvalidRequest(message) => RuntimeError::InvalidRequest(message),
             other => RuntimeError::InvalidRequest(other.public_message()),
         })?;
+        let profiles = self.profiles();
         let (mut argv, profile) = match (&spec.profile, &spec.command) {
             // `validate` refused both and neither.
             (Some(_), Some(_)) | (None, None) => {
                 return Err(invalid("give either a profile or a command"))
             }
             (Some(name), None) => {
-                let profile = self.config.profiles.get(name).ok_or_else(|| {
-                    let known: Vec<&str> =
-                        self.config.profiles.keys().map(String::as_str).collect();
+                let profile = profiles.get(name).ok_or_else(|| {
+                    let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
                     invalid(&format!(
                         "unknown profile {:?}; this runtime has: {}",
                         name.chars().take(64).collect::<String>(),
