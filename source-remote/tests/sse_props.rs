@@ -71,7 +71,7 @@ proptest! {
         bytes in stream_bytes(),
         cuts in prop::collection::vec(any::<usize>(), 0..12),
     ) {
-        let (whole, whole_failed) = parse(&[bytes.clone()], 1 << 20);
+        let (whole, whole_failed) = parse(std::slice::from_ref(&bytes), 1 << 20);
         let (chunked, chunked_failed) = parse(&split(&bytes, &cuts), 1 << 20);
         prop_assert!(!whole_failed && !chunked_failed);
         prop_assert_eq!(chunked, whole);
