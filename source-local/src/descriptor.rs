@@ -267,3 +267,93 @@ mod tests {
         );
     }
 }
+
+/// Property tests: a descriptor file holds whatever an older launcher (or a broken disk)
+/// wrote, so parsing never panics, and what a launcher writes reads back.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A JSON object with the known fields, each sometimes of the wrong type, missing or
+    /// out of range, plus unknown fields.
+    fn near_descriptor() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            Just("null".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| format!("{n:?}")),
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            Just("\"2024-05-01T12:00:00Z\"".to_string()),
+            Just("\"2024-13-01T12:00:00Z\"".to_string()),
+            Just("[1, 2]".to_string()),
+            Just("{\"a\": 1}".to_string()),
+            Just("true".to_string()),
+        ];
+        let field = prop_oneof![
+            Just("pid"),
+            Just("started_at"),
+            Just("name"),
+            Just("socket"),
+            Just("log"),
+            Just("argv"),
+        ];
+        prop::collection::vec((field, value), 0..7).prop_map(|fields| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+            format!("{{{}}}", body.join(", "))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(why) = Descriptor::parse(&bytes) {
+                prop_assert!(!why.is_empty());
+            }
+        }
+
+        #[test]
+        fn near_misses_never_panic_and_never_quote_a_value(text in near_descriptor()) {
+            match Descriptor::parse(text.as_bytes()) {
+                Ok(d) => prop_assert!(*d.pid >= 1),
+                // The reason names a field or a position, never a value (it may be a path).
+                Err(why) => prop_assert!(!why.contains('"'), "{}", why),
+            }
+        }
+
+        #[test]
+        fn truncated_descriptors_never_panic(cut in 0usize..120) {
+            let full = br#"{"pid": 4242, "started_at": "2024-05-01T12:00:00Z", "name": "b", "socket": "s", "log": "l"}"#;
+            let cut = cut.min(full.len());
+            let parsed = Descriptor::parse(&full[..cut]);
+            prop_assert_eq!(parsed.is_ok(), cut == full.len());
+        }
+
+        #[test]
+        fn what_a_launcher_writes_reads_back(
+            pid in 1i32..=i32::MAX,
+            secs in 0i64..4_000_000_000,
+            name in proptest::option::of("[a-zA-Z0-9 ._-]{1,40}"),
+            socket in proptest::option::of("[a-z0-9/._-]{1,60}"),
+            log in proptest::option::of("[a-z0-9/._-]{1,60}"),
+        ) {
+            let started_at = OffsetDateTime::from_unix_timestamp(secs).unwrap();
+            let mut map = serde_json::Map::new();
+            map.insert("pid".into(), pid.into());
+            map.insert("started_at".into(), started_at.format(&Rfc3339).unwrap().into());
+            for (key, v) in [("name", &name), ("socket", &socket), ("log", &log)] {
+                if let Some(v) = v {
+                    map.insert(key.into(), v.clone().into());
+                }
+            }
+            let bytes = serde_json::to_vec(&map).unwrap();
+            let d = Descriptor::parse(&bytes).unwrap();
+            prop_assert_eq!(*d.pid, pid);
+            prop_assert_eq!(d.started_secs(), secs);
+            prop_assert_eq!(d.name, name);
+            prop_assert_eq!(d.socket.map(|s| s.into_inner()), socket.map(PathBuf::from));
+            prop_assert_eq!(d.log.map(|s| s.into_inner()), log.map(PathBuf::from));
+        }
+    }
+}
