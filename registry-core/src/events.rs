@@ -7,8 +7,9 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -155,12 +156,17 @@ impl EventPayload {
 pub const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// One item of a subscription: an event and the cursor to resume after it.
-#[derive(Clone, Debug)]
+///
+/// Every subscriber of an event gets a clone of the same item, so what one of them encodes
+/// for the wire with [`encoded`](Self::encoded) the others reuse.
+#[derive(Clone)]
 pub struct StreamItem {
     /// Resume after this item with this cursor.
     pub cursor: Cursor,
     /// The event.
     pub payload: Arc<EventPayload>,
+    /// The item's wire form, made once by its first reader.
+    wire: Arc<OnceLock<Bytes>>,
 }
 
 impl StreamItem {
@@ -168,7 +174,24 @@ impl StreamItem {
         StreamItem {
             cursor,
             payload: Arc::new(payload),
+            wire: Arc::default(),
         }
+    }
+
+    /// The item's wire form: `encode` runs once per event, for its first reader; every
+    /// other subscriber (and a replay of the event) shares those bytes. An encoding must
+    /// depend on the item alone.
+    pub fn encoded(&self, encode: impl FnOnce(&StreamItem) -> Bytes) -> Bytes {
+        self.wire.get_or_init(|| encode(self)).clone()
+    }
+}
+
+impl fmt::Debug for StreamItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamItem")
+            .field("cursor", &self.cursor)
+            .field("payload", &self.payload)
+            .finish_non_exhaustive()
     }
 }
 
