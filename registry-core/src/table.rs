@@ -196,9 +196,8 @@ fn indexed_states(filter: &WorkerFilter) -> [bool; 7] {
 /// Merges sorted bucket ranges into one sorted sequence. The buckets are few (seven per
 /// runtime at most), so the smallest head is found by a scan.
 struct Merge<'a> {
-    heads: Vec<
-        std::iter::Peekable<std::collections::btree_map::Range<'a, PageKey, Arc<WorkerView>>>,
-    >,
+    heads:
+        Vec<std::iter::Peekable<std::collections::btree_map::Range<'a, PageKey, Arc<WorkerView>>>>,
 }
 
 impl<'a> Iterator for Merge<'a> {
