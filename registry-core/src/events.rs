@@ -7,8 +7,9 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -164,12 +165,74 @@ impl EventPayload {
 pub const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// One item of a subscription: an event and the cursor to resume after it.
-#[derive(Clone, Debug)]
+///
+/// Every subscriber of an event gets a clone of the same item, so what one of them encodes
+/// for the wire with [`encoded`](Self::encoded) the others reuse.
+#[derive(Clone)]
 pub struct StreamItem {
     /// Resume after this item with this cursor.
     pub cursor: Cursor,
     /// The event.
     pub payload: Arc<EventPayload>,
+    /// The item's wire form, made once by its first reader.
+    wire: Arc<OnceLock<Bytes>>,
+}
+
+impl StreamItem {
+    pub(crate) fn new(cursor: Cursor, payload: EventPayload) -> StreamItem {
+        StreamItem {
+            cursor,
+            payload: Arc::new(payload),
+            wire: Arc::default(),
+        }
+    }
+
+    /// The item's wire form: `encode` runs once per event, for its first reader; every
+    /// other subscriber (and a replay of the event) shares those bytes. An encoding must
+    /// depend on the item alone.
+    pub fn encoded(&self, encode: impl FnOnce(&StreamItem) -> Bytes) -> Bytes {
+        self.wire.get_or_init(|| encode(self)).clone()
+    }
+}
+
+impl fmt::Debug for StreamItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamItem")
+            .field("cursor", &self.cursor)
+            .field("payload", &self.payload)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An item a subscription is yet to yield: ready, or a snapshot whose views are copied
+/// into the event only when it is read, outside the registry's lock.
+pub(crate) enum Pending {
+    Item(StreamItem),
+    Snapshot(Box<LazySnapshot>),
+}
+
+/// A snapshot's parts, shared with the registry's table.
+pub(crate) struct LazySnapshot {
+    pub(crate) cursor: Cursor,
+    pub(crate) runtimes: Vec<RuntimeView>,
+    pub(crate) workers: Vec<Arc<WorkerView>>,
+}
+
+impl Pending {
+    fn into_item(self) -> StreamItem {
+        match self {
+            Pending::Item(item) => item,
+            Pending::Snapshot(snap) => {
+                let LazySnapshot {
+                    cursor,
+                    runtimes,
+                    workers,
+                } = *snap;
+                let workers = workers.iter().map(|w| (**w).clone()).collect();
+                StreamItem::new(cursor, EventPayload::Snapshot { runtimes, workers })
+            }
+        }
+    }
 }
 
 struct Subscriber {
@@ -244,10 +307,7 @@ impl EventLog {
     /// drops it from the list (it gets reset + snapshot once it has read what it holds).
     pub(crate) fn publish(&mut self, payload: EventPayload) -> Cursor {
         self.last_seq += 1;
-        let item = StreamItem {
-            cursor: self.head(),
-            payload: Arc::new(payload),
-        };
+        let item = StreamItem::new(self.head(), payload);
         self.bytes += item.payload.approx_size();
         self.ring.push_back(item.clone());
         while self.ring.len() > self.retention
@@ -358,7 +418,7 @@ pub(crate) trait Resubscribe: Send + Sync {
         &self,
         reason: ResetReason,
         filter: &Option<RuntimeId>,
-    ) -> Option<(Vec<StreamItem>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)>;
+    ) -> Option<(Vec<Pending>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)>;
 }
 
 /// A live view of the registry's events from some point on.
@@ -368,7 +428,7 @@ pub(crate) trait Resubscribe: Send + Sync {
 /// events. If it falls more than its queue's capacity behind, it yields what it holds, then
 /// `reset {lagged}` + `snapshot`, and goes on live. It never slows the registry.
 pub struct Subscription {
-    pending: VecDeque<StreamItem>,
+    pending: VecDeque<Pending>,
     rx: mpsc::Receiver<StreamItem>,
     lagged: Arc<AtomicBool>,
     filter: Option<RuntimeId>,
@@ -377,7 +437,7 @@ pub struct Subscription {
 
 impl Subscription {
     pub(crate) fn new(
-        pending: Vec<StreamItem>,
+        pending: Vec<Pending>,
         rx: mpsc::Receiver<StreamItem>,
         lagged: Arc<AtomicBool>,
         filter: Option<RuntimeId>,
@@ -398,11 +458,21 @@ impl Subscription {
         !self.pending.is_empty()
     }
 
+    /// The next item if one is there now, without waiting: for a reader that writes what
+    /// has queued up in one go. `None` also when the queue is closed; [`next`](Self::next)
+    /// then says what follows (a reset, or the end).
+    pub fn try_next(&mut self) -> Option<StreamItem> {
+        if let Some(item) = self.pending.pop_front() {
+            return Some(item.into_item());
+        }
+        self.rx.try_recv().ok()
+    }
+
     /// The next item; `None` once the registry has shut down.
     pub async fn next(&mut self) -> Option<StreamItem> {
         loop {
             if let Some(item) = self.pending.pop_front() {
-                return Some(item);
+                return Some(item.into_item());
             }
             if let Some(item) = self.rx.recv().await {
                 return Some(item);

@@ -5,15 +5,19 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{Redacted, RegistryError};
 
 /// The config name of a runtime: `^[a-z][a-z0-9-]{0,62}$`. Chosen by the operator, public.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RuntimeId(String);
+///
+/// Shared text: every clone (one in each of a runtime's worker views) is the same
+/// allocation.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RuntimeId(Arc<str>);
 
 impl RuntimeId {
     /// Validates `name` as a runtime id.
@@ -22,7 +26,7 @@ impl RuntimeId {
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
         let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if first_ok && rest_ok && name.len() <= 63 {
-            Ok(RuntimeId(name.to_string()))
+            Ok(RuntimeId(Arc::from(name)))
         } else {
             Err(RegistryError::InvalidRequest(format!(
                 "runtime name {:?} is not valid: it must start with a lowercase letter, hold only \
@@ -47,7 +51,13 @@ impl TryFrom<String> for RuntimeId {
 
 impl From<RuntimeId> for String {
     fn from(value: RuntimeId) -> Self {
-        value.0
+        value.0.to_string()
+    }
+}
+
+impl Serialize for RuntimeId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -69,9 +79,12 @@ const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const WORKER_ID_CHARS: usize = 26;
 
 /// A worker id: `w_` + 26 characters of Crockford base32 (130 bits), issued by the registry.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct WorkerId(String);
+///
+/// Held inline (28 ASCII bytes, no allocation): the registry keeps a worker's id in its
+/// table, its index, its view and its routing map. Ordered as its text.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct WorkerId([u8; 2 + WORKER_ID_CHARS]);
 
 impl WorkerId {
     /// Whether `text` has the shape of a worker id: `w_` and 26 characters of Crockford
@@ -84,21 +97,35 @@ impl WorkerId {
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Every constructor puts ASCII here (`w_` and the Crockford alphabet).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// An id of the right shape, as bytes.
+    fn from_shaped(text: &str) -> Self {
+        let mut bytes = [0u8; 2 + WORKER_ID_CHARS];
+        bytes.copy_from_slice(text.as_bytes());
+        WorkerId(bytes)
     }
 
     fn from_digest(digest: &[u8; 32]) -> Self {
         // Take the first 130 bits, five at a time.
-        let mut out = String::with_capacity(2 + WORKER_ID_CHARS);
-        out.push_str("w_");
+        let mut out = [0u8; 2 + WORKER_ID_CHARS];
+        out[..2].copy_from_slice(b"w_");
         for i in 0..WORKER_ID_CHARS {
             let bit = i * 5;
             let (byte, shift) = (bit / 8, bit % 8);
             let pair = (u16::from(digest[byte]) << 8) | u16::from(digest[byte + 1]);
             let index = (pair >> (11 - shift)) & 0x1f;
-            out.push(CROCKFORD[index as usize] as char);
+            out[2 + i] = CROCKFORD[index as usize];
         }
         WorkerId(out)
+    }
+}
+
+impl Serialize for WorkerId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -106,7 +133,7 @@ impl FromStr for WorkerId {
     type Err = RegistryError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if WorkerId::has_shape(s) {
-            Ok(WorkerId(s.to_string()))
+            Ok(WorkerId::from_shaped(s))
         } else {
             Err(RegistryError::WorkerNotFound(format!(
                 "{:?} is not a worker id (they look like w_ followed by 26 characters)",
@@ -125,19 +152,19 @@ impl TryFrom<String> for WorkerId {
 
 impl From<WorkerId> for String {
     fn from(value: WorkerId) -> Self {
-        value.0
+        value.as_str().to_string()
     }
 }
 
 impl fmt::Display for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WorkerId({})", self.0)
+        write!(f, "WorkerId({})", self.as_str())
     }
 }
 

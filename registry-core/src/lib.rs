@@ -36,6 +36,7 @@ mod redact;
 mod registry;
 mod sanitize;
 mod source;
+mod table;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -51,7 +52,7 @@ pub use model::{
     SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
 };
 pub use redact::{Redacted, RedactedValues};
-pub use registry::{Page, Registry, RegistryConfig, WorkerFilter, MAX_PAGE};
+pub use registry::{Page, Registry, RegistryConfig, SharedPage, WorkerFilter, MAX_PAGE};
 pub use sanitize::{sanitize_message, REDACTED};
 pub use source::{
     OutputChunk, OutputEvent, OutputRequest, OutputStream, RuntimeSource, SourceEvent, SourceEvents,

@@ -1,7 +1,7 @@
 //! The registry: runtimes by id, a projection of every worker, routing by worker id, and
 //! one event log for all of it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::Redacted;
 
-use crate::events::{EventLog, Resubscribe, Start};
+use crate::events::{EventLog, LazySnapshot, Pending, Resubscribe, Start};
+use crate::table::{PageKey, Record, Table};
 use crate::{
     sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
     OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource, RuntimeView,
@@ -67,7 +68,8 @@ impl RegistryConfig {
     }
 }
 
-/// Which workers `list_workers` returns.
+/// Which workers `list_workers` returns. [`WorkerFilter::matches`] is the whole rule; the
+/// registry's index narrows a listing by `runtime` and `state` before it applies it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerFilter {
     /// Only this runtime's.
@@ -76,6 +78,32 @@ pub struct WorkerFilter {
     pub state: Option<WorkerState>,
     /// Only those that carry every one of these labels.
     pub labels: Vec<(String, String)>,
+}
+
+impl WorkerFilter {
+    /// Whether `view` passes every condition of the filter.
+    ///
+    /// A listing seeks the index by `runtime` and `state` and then applies this to every
+    /// worker it walks, so a new condition needs only a clause here (and, if it should not
+    /// cost what it skips, a bucket of its own in the index).
+    pub fn matches(&self, view: &WorkerView) -> bool {
+        self.runtime.as_ref().is_none_or(|r| &view.runtime_id == r)
+            && self.state.is_none_or(|s| view.state == s)
+            && self
+                .labels
+                .iter()
+                .all(|(k, val)| view.labels.get(k) == Some(val))
+    }
+}
+
+/// One page of workers, shared with the registry's table: what [`Registry::list_shared`]
+/// returns, for a caller that serializes the page and needs no copy of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedPage {
+    /// Workers, oldest first (by `created_at`, then id).
+    pub workers: Vec<Arc<WorkerView>>,
+    /// The token for the next page, if there is one.
+    pub next_page: Option<String>,
 }
 
 /// One page of workers.
@@ -121,14 +149,8 @@ struct Runtime {
 
 struct State {
     log: EventLog,
-    workers: HashMap<WorkerId, WorkerRecord>,
+    workers: Table,
     runtimes: BTreeMap<RuntimeId, RuntimeRecord>,
-}
-
-struct WorkerRecord {
-    view: WorkerView,
-    /// The furthest state the worker reached (`unknown` aside): it never goes back behind it.
-    furthest: WorkerState,
 }
 
 struct RuntimeRecord {
@@ -164,7 +186,7 @@ impl Registry {
                 issuer,
                 state: Mutex::new(State {
                     log,
-                    workers: HashMap::new(),
+                    workers: Table::default(),
                     runtimes: BTreeMap::new(),
                 }),
                 ids: DashMap::new(),
@@ -255,12 +277,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         self.retire(id, grace).await?;
         let mut st = self.inner.lock();
-        let gone: Vec<WorkerId> = st
-            .workers
-            .iter()
-            .filter(|(_, r)| &r.view.runtime_id == id)
-            .map(|(w, _)| w.clone())
-            .collect();
+        let gone: Vec<WorkerId> = st.workers.ids_of(id);
         for worker in gone {
             self.inner.remove_locked(&mut st, &worker);
         }
@@ -430,6 +447,12 @@ impl Registry {
 
     /// One worker.
     pub fn worker(&self, id: &WorkerId) -> Result<WorkerView, RegistryError> {
+        self.worker_shared(id).map(|v| (*v).clone())
+    }
+
+    /// One worker, shared with the registry's table (no copy; the view never changes, an
+    /// update replaces it).
+    pub fn worker_shared(&self, id: &WorkerId) -> Result<Arc<WorkerView>, RegistryError> {
         self.inner
             .lock()
             .workers
@@ -447,41 +470,38 @@ impl Registry {
         limit: usize,
         page: Option<&str>,
     ) -> Result<Page, RegistryError> {
+        let shared = self.list_shared(filter, limit, page)?;
+        Ok(Page {
+            workers: shared.workers.iter().map(|v| (**v).clone()).collect(),
+            next_page: shared.next_page,
+        })
+    }
+
+    /// [`list_workers`](Self::list_workers), with the views shared rather than copied.
+    ///
+    /// The page is read from the index in page order: its cost is the page (and the
+    /// workers a filter the index does not hold skips), not the number of workers.
+    pub fn list_shared(
+        &self,
+        filter: &WorkerFilter,
+        limit: usize,
+        page: Option<&str>,
+    ) -> Result<SharedPage, RegistryError> {
         if limit == 0 || limit > MAX_PAGE {
             return Err(RegistryError::InvalidRequest(format!(
                 "limit must be between 1 and {MAX_PAGE}"
             )));
         }
         let after = page.map(parse_page_token).transpose()?;
-        let mut matching: Vec<WorkerView> = {
-            let st = self.inner.lock();
-            st.workers
-                .values()
-                .map(|r| &r.view)
-                .filter(|v| filter.runtime.as_ref().is_none_or(|r| &v.runtime_id == r))
-                .filter(|v| filter.state.is_none_or(|s| v.state == s))
-                .filter(|v| {
-                    filter
-                        .labels
-                        .iter()
-                        .all(|(k, val)| v.labels.get(k) == Some(val))
-                })
-                .cloned()
-                .collect()
-        };
-        matching.sort_by(|a, b| page_key(a).cmp(&page_key(b)));
-        let start = match &after {
-            Some(key) => matching.partition_point(|v| page_key(v) <= (key.0, &key.1)),
-            None => 0,
-        };
-        let mut workers: Vec<WorkerView> = matching.drain(start..).take(limit + 1).collect();
-        let next_page = if workers.len() > limit {
-            workers.truncate(limit);
-            workers.last().map(page_token)
-        } else {
-            None
-        };
-        Ok(Page { workers, next_page })
+        let (workers, next) = self
+            .inner
+            .lock()
+            .workers
+            .page(filter, after.as_ref(), limit);
+        Ok(SharedPage {
+            workers,
+            next_page: next.map(|key| page_token(&key)),
+        })
     }
 
     /// Starts a worker in `runtime` and returns it.
@@ -516,7 +536,7 @@ impl Registry {
         let confirmed = self
             .inner
             .await_projection(|st| match st.workers.get(&id) {
-                Some(rec) => Some(rec.view.clone()),
+                Some(rec) => Some((*rec.view).clone()),
                 None => st.log.removed_since(since, &id).then(|| view.clone()),
             })
             .await;
@@ -571,7 +591,7 @@ impl Registry {
             .map_err(|e| self.inner.context(e, "remove", &runtime, Some(id)))?;
         let gone = self
             .inner
-            .await_projection(|st| (!st.workers.contains_key(id)).then_some(()))
+            .await_projection(|st| (!st.workers.contains(id)).then_some(()))
             .await;
         if gone.is_none() {
             tracing::warn!(runtime = %runtime, worker = %id, "removal not confirmed by the source's stream in time");
@@ -605,7 +625,7 @@ impl Registry {
         let mut st = self.inner.lock();
         let pending = match st.log.start(cursor, &runtime) {
             Start::Snapshot => vec![st.snapshot_item(&runtime)],
-            Start::Replay(items) => items,
+            Start::Replay(items) => items.into_iter().map(Pending::Item).collect(),
             Start::Reset(reason) => st.reset_items(reason, &runtime),
         };
         let (rx, lagged) = st.log.register(runtime.clone());
@@ -773,9 +793,9 @@ impl Inner {
                 }
                 let gone: Vec<WorkerId> = st
                     .workers
-                    .iter()
-                    .filter(|(id, r)| &r.view.runtime_id == runtime && !present.contains(*id))
-                    .map(|(id, _)| id.clone())
+                    .ids_of(runtime)
+                    .into_iter()
+                    .filter(|id| !present.contains(id))
                     .collect();
                 // `ids` follows `workers` in upsert_locked and remove_locked: nothing more to
                 // sweep.
@@ -806,7 +826,7 @@ impl Inner {
             let moves_on =
                 old.furthest
                     .may_become_across_runs(old.view.restarts, view.state, view.restarts);
-            if old.view == view || !moves_on {
+            if *old.view == view || !moves_on {
                 return id;
             }
             if view.state == WorkerState::Unknown && view.restarts == old.view.restarts {
@@ -815,13 +835,10 @@ impl Inner {
         }
         self.ids
             .insert(id.clone(), (runtime.clone(), worker.key.clone()));
-        st.workers.insert(
-            id.clone(),
-            WorkerRecord {
-                view: view.clone(),
-                furthest,
-            },
-        );
+        st.workers.insert(Record {
+            view: Arc::new(view.clone()),
+            furthest,
+        });
         self.publish(st, EventPayload::WorkerUpserted { worker: view });
         id
     }
@@ -833,7 +850,7 @@ impl Inner {
                 st,
                 EventPayload::WorkerRemoved {
                     worker_id: id.clone(),
-                    runtime_id: rec.view.runtime_id,
+                    runtime_id: rec.view.runtime_id.clone(),
                 },
             );
         }
@@ -887,7 +904,7 @@ impl Resubscribe for Inner {
         &self,
         reason: ResetReason,
         filter: &Option<RuntimeId>,
-    ) -> Option<(Vec<StreamItem>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)> {
+    ) -> Option<(Vec<Pending>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)> {
         let mut st = self.lock();
         if self.closed.load(Ordering::Acquire) {
             return None;
@@ -901,22 +918,19 @@ impl Resubscribe for Inner {
 impl State {
     fn runtime_view(&self, id: &RuntimeId) -> Option<RuntimeView> {
         let rec = self.runtimes.get(id)?;
-        let mut counts: BTreeMap<WorkerState, u64> =
-            WorkerState::ALL.into_iter().map(|s| (s, 0)).collect();
-        for w in self.workers.values().filter(|w| &w.view.runtime_id == id) {
-            *counts.entry(w.view.state).or_default() += 1;
-        }
         Some(RuntimeView {
             id: id.clone(),
             kind: rec.kind.clone(),
             health: rec.health.clone(),
             capabilities: rec.caps,
-            workers: counts,
+            workers: self.workers.counts(id),
             diagnostics: rec.diagnostics.clone(),
         })
     }
 
-    fn snapshot_item(&self, filter: &Option<RuntimeId>) -> StreamItem {
+    /// The snapshot as of now. Under the lock it only takes the shared views, in page
+    /// order; the subscription copies them into the event outside the lock, when it is read.
+    fn snapshot_item(&self, filter: &Option<RuntimeId>) -> Pending {
         let keep = |r: &RuntimeId| filter.as_ref().is_none_or(|f| f == r);
         let runtimes = self
             .runtimes
@@ -924,25 +938,24 @@ impl State {
             .filter(|id| keep(id))
             .filter_map(|id| self.runtime_view(id))
             .collect();
-        let mut workers: Vec<WorkerView> = self
-            .workers
-            .values()
-            .filter(|w| keep(&w.view.runtime_id))
-            .map(|w| w.view.clone())
-            .collect();
-        workers.sort_by(|a, b| page_key(a).cmp(&page_key(b)));
-        StreamItem {
+        let by_runtime = WorkerFilter {
+            runtime: filter.clone(),
+            ..WorkerFilter::default()
+        };
+        let workers = self.workers.walk(&by_runtime, None).cloned().collect();
+        Pending::Snapshot(Box::new(LazySnapshot {
             cursor: self.log.head(),
-            payload: Arc::new(EventPayload::Snapshot { runtimes, workers }),
-        }
+            runtimes,
+            workers,
+        }))
     }
 
-    fn reset_items(&self, reason: ResetReason, filter: &Option<RuntimeId>) -> Vec<StreamItem> {
+    fn reset_items(&self, reason: ResetReason, filter: &Option<RuntimeId>) -> Vec<Pending> {
         vec![
-            StreamItem {
-                cursor: self.log.origin(),
-                payload: Arc::new(EventPayload::Reset { reason }),
-            },
+            Pending::Item(StreamItem::new(
+                self.log.origin(),
+                EventPayload::Reset { reason },
+            )),
             self.snapshot_item(filter),
         ]
     }
@@ -1083,15 +1096,11 @@ async fn unavailable_for(
     }
 }
 
-fn page_key(v: &WorkerView) -> (i128, &WorkerId) {
-    (v.created_at.unix_timestamp_nanos(), &v.id)
+fn page_token((nanos, id): &PageKey) -> String {
+    format!("{nanos}.{id}")
 }
 
-fn page_token(v: &WorkerView) -> String {
-    format!("{}.{}", v.created_at.unix_timestamp_nanos(), v.id)
-}
-
-fn parse_page_token(token: &str) -> Result<(i128, WorkerId), RegistryError> {
+fn parse_page_token(token: &str) -> Result<PageKey, RegistryError> {
     let bad = || {
         RegistryError::InvalidRequest("page token is not valid; start again without `page`".into())
     };

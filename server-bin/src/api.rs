@@ -9,10 +9,11 @@ use http::header::{HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use registry_core::{
-    RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState, MAX_PAGE,
+    RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState, WorkerView,
+    MAX_PAGE,
 };
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -69,7 +70,7 @@ pub async fn dispatch(
             no_query(&req)?;
             Ok(h::json(
                 StatusCode::OK,
-                &app.registry.worker(&worker_id(param(0))?)?,
+                &*app.registry.worker_shared(&worker_id(param(0))?)?,
             ))
         }
         Endpoint::RemoveWorker => {
@@ -315,10 +316,19 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
     };
     let page = app
         .registry
-        .list_workers(&filter, limit, single(&pairs, "page")?)?;
+        .list_shared(&filter, limit, single(&pairs, "page")?)?;
+    // Serialized once, straight from the shared views.
+    #[derive(Serialize)]
+    struct PageBody<'a> {
+        workers: Vec<&'a WorkerView>,
+        next_page: Option<&'a str>,
+    }
     Ok(h::json(
         StatusCode::OK,
-        &json!({ "workers": page.workers, "next_page": page.next_page }),
+        &PageBody {
+            workers: page.workers.iter().map(|w| &**w).collect(),
+            next_page: page.next_page.as_deref(),
+        },
     ))
 }
 

@@ -9,13 +9,13 @@ use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::Response;
 use http_body_util::BodyExt;
 use registry_core::{
-    EventPayload, OutputEvent, OutputRequest, RegistryError, RuntimeId, Subscription, WorkerId,
-    WorkerView,
+    Cursor, EventPayload, OutputEvent, OutputRequest, RegistryError, RuntimeId, StreamItem,
+    Subscription, WorkerId, WorkerView,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -118,7 +118,8 @@ pub fn events(
     let mut ping = ping_interval(app.options.sse_ping);
     // Until an item comes, the client's own cursor is the resume point (a malformed one is
     // always followed by a reset, which carries its own).
-    let mut last = cursor.unwrap_or_default().to_string();
+    let first = cursor.unwrap_or_default().to_string();
+    let mut last: Option<Cursor> = None;
     tokio::spawn(async move {
         let _guard = guard;
         if !out.send(Bytes::from_static(RETRY)).await {
@@ -137,18 +138,28 @@ pub fn events(
                 item = sub.next() => {
                     let Some(item) = item else {
                         // The registry shut down: say so and close.
-                        out.send(shutdown_frame(&last)).await;
+                        let id = last.map_or(first, |c| c.to_string());
+                        out.send(shutdown_frame(&id)).await;
                         return;
                     };
-                    last = item.cursor.to_string();
-                    let data = match serde_json::to_string(&*item.payload) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::error!(error = %e, "an event did not serialize; closing the stream");
+                    // This item and what else is queued now go out in one write.
+                    let mut batch = Batch::default();
+                    let mut next = Some(item);
+                    while let Some(item) = next.take() {
+                        let Some(frame) = event_frame(&item) else {
                             return;
+                        };
+                        last = Some(item.cursor);
+                        batch.push(frame);
+                        if !live && !sub.catching_up() {
+                            live = true;
+                            batch.push(Bytes::from_static(LIVE));
                         }
-                    };
-                    if !out.send(frame(&last, item.payload.event_type(), &data)).await {
+                        if batch.len < BATCH_BYTES {
+                            next = sub.try_next();
+                        }
+                    }
+                    if !out.send(batch.into_bytes()).await {
                         return;
                     }
                 }
@@ -162,6 +173,61 @@ pub fn events(
         }
     });
     sse_response(body)
+}
+
+/// Frames queued for one write are gathered up to about this many bytes (a snapshot may
+/// be larger on its own; it is never split).
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Frames for one write to a client.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, frame: Bytes) {
+        self.len += frame.len();
+        self.frames.push(frame);
+    }
+
+    /// One frame as it is (shared with every other subscriber), several copied into one
+    /// buffer.
+    fn into_bytes(mut self) -> Bytes {
+        if self.frames.len() == 1 {
+            return self.frames.pop().unwrap_or_default();
+        }
+        let mut buf = BytesMut::with_capacity(self.len);
+        for frame in &self.frames {
+            buf.extend_from_slice(frame);
+        }
+        buf.freeze()
+    }
+}
+
+/// The SSE frame of an event of `/v1/events`, made once per event and shared by every
+/// subscriber that gets it. `None` (logged) if it does not serialize.
+fn event_frame(item: &StreamItem) -> Option<Bytes> {
+    let frame = item.encoded(|item| {
+        let mut buf = format!(
+            "id: {}\nevent: {}\ndata: ",
+            item.cursor,
+            item.payload.event_type()
+        )
+        .into_bytes();
+        match serde_json::to_writer(&mut buf, &*item.payload) {
+            Ok(()) => {
+                buf.extend_from_slice(b"\n\n");
+                Bytes::from(buf)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "an event did not serialize; closing the stream");
+                Bytes::new()
+            }
+        }
+    });
+    (!frame.is_empty()).then_some(frame)
 }
 
 /// `GET /v1/workers/{id}/output`: `retry`, the worker's `state`, then its output after
