@@ -112,6 +112,7 @@ mod events;
 /// [`RuntimeError::InvalidRequest`], whose message names the field (never its value).
 pub use registry_core::limits;
 mod output;
+mod probe;
 mod restart;
 mod runtime;
 mod spawner;
@@ -123,8 +124,10 @@ mod watchdog;
 pub use config::{Profile, RuntimeConfig};
 pub use events::{EventReader, RuntimeEvent};
 pub use output::{OutputItem, OutputReader};
+pub use probe::{OnUnhealthy, Probe};
 pub use restart::{Backoff, Restart, RestartPolicy, MAX_RESTARTS_LIMIT};
 pub use runtime::Runtime;
 pub use types::{
-    FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
+    FailReason, Health, HealthState, LastExit, LocalId, ProbeKind, Problem, RuntimeError,
+    SpawnSpec, State, Stream, WorkerInfo,
 };
