@@ -235,7 +235,7 @@ async fn an_http_probe_follows_the_answers_of_a_real_server() -> Result<()> {
     // Nothing a client got names the probe's address or path.
     server
         .seen()
-        .assert_free_of(&[target.clone(), path.to_string(), web.port.to_string()])?;
+        .assert_free_of(&[target.clone(), path.to_string()])?;
     server.stop().await?;
     Ok(())
 }
@@ -265,7 +265,7 @@ async fn a_tcp_probe_follows_a_listener_that_comes_and_goes() -> Result<()> {
 
     server.post(&format!("/v1/workers/{id}/stop"), "{}").await?;
     server.wait_worker(&id, |w| w["state"] == "stopped").await?;
-    server.seen().assert_free_of(&[target, port.to_string()])?;
+    server.seen().assert_free_of(&[target])?;
     server.stop().await?;
     Ok(())
 }
@@ -305,9 +305,11 @@ async fn an_exec_probe_follows_its_command_s_exit_code() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unhealthy_worker_is_restarted_through_its_restart_policy() -> Result<()> {
-    // Nobody listens on this port once the listener is closed: every probe fails.
-    let (port, accepting) = listen(0)?;
-    close(accepting).await;
+    // A port bound but not listening refuses every connection, and no other test can take
+    // it meanwhile: every probe fails.
+    let holder = TcpSocket::new_v4()?;
+    holder.bind(([127, 0, 0, 1], 0).into())?;
+    let port = holder.local_addr()?.port();
     let profiles = format!(
         r#"
         [profiles.flaky]
