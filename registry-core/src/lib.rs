@@ -48,8 +48,9 @@ pub use events::{
 pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory, SourceKind};
 pub use id::{IdIssuer, RuntimeId, SourceKey, WorkerId, KEY_FILE};
 pub use model::{
-    limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, LastExit, RuntimeView,
-    SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
+    limits, BackoffRequest, Capabilities, Diagnostic, FailReason, HealthState, HealthStatus,
+    HealthView, LastExit, ProbeKind, Restart, RuntimeView, SourceHealth, SourceWorker,
+    SpawnRequest, StreamKind, WorkerHealth, WorkerState, WorkerView,
 };
 pub use redact::{Redacted, RedactedValues};
 pub use registry::{Page, Registry, RegistryConfig, SharedPage, WorkerFilter, MAX_PAGE};

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -179,6 +180,78 @@ pub struct SourceWorker {
     pub last_exit: Option<LastExit>,
     /// While the worker waits to be restarted (as `starting`): when the next run is due.
     pub retry_at: Option<OffsetDateTime>,
+    /// What the worker's health probe says; `None` without a probe.
+    pub health: Option<WorkerHealth>,
+}
+
+/// A worker's health as its probe sees it (`health` of a worker view; absent without a
+/// probe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerHealth {
+    /// `unknown` until the probe decided (and again at each new run), then `healthy` or
+    /// `unhealthy`.
+    pub status: HealthState,
+    /// Since when `status` holds.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    /// The probe's kind. Never its target or command line: those are the operator's config.
+    pub probe: ProbeKind,
+}
+
+/// What a worker's health probe concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// Not decided yet: the run is new, or too few probes have answered.
+    Unknown,
+    /// `success_threshold` probes in a row succeeded.
+    Healthy,
+    /// `failure_threshold` probes in a row failed.
+    Unhealthy,
+}
+
+impl HealthState {
+    /// Every health state, in order.
+    pub const ALL: [HealthState; 3] = [
+        HealthState::Unknown,
+        HealthState::Healthy,
+        HealthState::Unhealthy,
+    ];
+
+    /// The wire name (`healthy`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Unknown => "unknown",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Result<Self, RegistryError> {
+        HealthState::ALL
+            .into_iter()
+            .find(|h| h.as_str() == s)
+            .ok_or_else(|| {
+                RegistryError::InvalidRequest(format!(
+                    "unknown health {:?}; health is unknown, healthy or unhealthy",
+                    s.chars().take(40).collect::<String>()
+                ))
+            })
+    }
+}
+
+/// The kind of a worker's health probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// A command run on the host; exit code 0 is a success.
+    Exec,
+    /// An HTTP `GET`; a 2xx or 3xx answer is a success.
+    Http,
+    /// A TCP connect; an accepted connection is a success.
+    Tcp,
 }
 
 /// How the previous run of a restarted worker ended.
@@ -240,6 +313,9 @@ pub struct WorkerView {
     /// While the worker waits to be restarted (as `starting`): when the next run is due.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub retry_at: Option<OffsetDateTime>,
+    /// What the worker's health probe says; absent without a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<WorkerHealth>,
 }
 
 impl WorkerView {
@@ -263,6 +339,7 @@ impl WorkerView {
             restarts: worker.restarts,
             last_exit: worker.last_exit,
             retry_at: worker.retry_at,
+            health: worker.health,
         }
     }
 }
@@ -282,6 +359,11 @@ pub struct Capabilities {
     pub output: bool,
     /// Can remove a terminal worker's record on request.
     pub remove: bool,
+    /// Honours a restart policy given in a spawn request (`restart`, `restart_backoff`,
+    /// `max_restarts`, `restart_window`). Where false, a request that gives one is
+    /// `unsupported`. Absent from an older roster's answer, and then false.
+    #[serde(default)]
+    pub restart: bool,
 }
 
 impl Capabilities {
@@ -292,6 +374,7 @@ impl Capabilities {
         stop: true,
         output: true,
         remove: true,
+        restart: true,
     };
 }
 
@@ -440,6 +523,78 @@ pub struct SpawnRequest {
     /// Makes the call idempotent.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// When the worker's process is started again, overriding the profile's `restart`.
+    /// Only where the runtime's `restart` capability is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<Restart>,
+    /// The delay before a restart, overriding each of the profile's keys that it gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_backoff: Option<BackoffRequest>,
+    /// Most restarts within the window, overriding the profile's `max_restarts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<u32>,
+    /// The window `max_restarts` counts in, e.g. `"10m"`, overriding the profile's.
+    #[serde(
+        default,
+        deserialize_with = "crate::de::opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub restart_window: Option<Duration>,
+}
+
+/// When a worker whose process ended by itself is started again: a profile's or a spawn
+/// request's `restart`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// Never: the worker ends with its process. The default.
+    #[default]
+    Never,
+    /// When the process exited with a code other than 0 or was killed by a signal nobody
+    /// asked for.
+    OnFailure,
+    /// Whenever the process ended by itself, also with code 0.
+    Always,
+}
+
+/// A spawn request's `restart_backoff`: `{"base": "500ms", "cap": "60s", "reset_after":
+/// "30s"}`, each key optional; a key given overrides the profile's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffRequest {
+    /// The bound of the first delay.
+    #[serde(
+        default,
+        deserialize_with = "crate::de::opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub base: Option<Duration>,
+    /// The largest bound.
+    #[serde(
+        default,
+        deserialize_with = "crate::de::opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cap: Option<Duration>,
+    /// A run that lasted this long resets the delay to its first bound.
+    #[serde(
+        default,
+        deserialize_with = "crate::de::opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reset_after: Option<Duration>,
+}
+
+/// Writes a duration as the config files and requests read it (`"1s 500ms"`).
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 /// Limits on a spawn request's fields and on a stop's grace period: the one copy every source
@@ -462,6 +617,29 @@ pub mod limits {
     /// Longest grace period between SIGTERM and SIGKILL: one day. A longer one (from a stop,
     /// a profile or the config) is cut to this by the sources, and refused by the HTTP API.
     pub const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+    /// Most restarts a restart policy may allow within its window (a profile's or a spawn
+    /// request's `max_restarts`): it bounds the memory of the window.
+    pub const MAX_RESTARTS: u32 = 10_000;
+    /// Longest duration of a restart policy (`restart_backoff`'s keys, `restart_window`):
+    /// one day.
+    pub const MAX_RESTART_DURATION: std::time::Duration = MAX_GRACE;
+
+    /// Checks a restart policy's numbers against these bounds (the one check for profiles
+    /// and spawn requests). The message names the key at fault.
+    pub fn check_restart(
+        durations: &[(&str, Option<std::time::Duration>)],
+        max_restarts: Option<u32>,
+    ) -> Result<(), String> {
+        if max_restarts.is_some_and(|n| n > MAX_RESTARTS) {
+            return Err(format!("`max_restarts` is at most {MAX_RESTARTS}"));
+        }
+        for (key, d) in durations {
+            if d.is_some_and(|d| d > MAX_RESTART_DURATION) {
+                return Err(format!("`{key}` is at most a day"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SpawnRequest {
@@ -567,7 +745,27 @@ impl SpawnRequest {
             // NUL is fine on a pipe, but keep requests text-only like the rest of the API.
             return invalid("`stdin` holds a NUL character".into());
         }
+        let backoff = self.restart_backoff.unwrap_or_default();
+        check_restart(
+            &[
+                ("restart_backoff.base", backoff.base),
+                ("restart_backoff.cap", backoff.cap),
+                ("restart_backoff.reset_after", backoff.reset_after),
+                ("restart_window", self.restart_window),
+            ],
+            self.max_restarts,
+        )
+        .map_err(RegistryError::InvalidRequest)?;
         Ok(())
+    }
+
+    /// Whether the request gives any restart setting (and so needs a runtime whose
+    /// `restart` capability is true).
+    pub fn asks_for_restart(&self) -> bool {
+        self.restart.is_some()
+            || self.restart_backoff.is_some()
+            || self.max_restarts.is_some()
+            || self.restart_window.is_some()
     }
 }
 
@@ -719,6 +917,78 @@ mod tests {
     }
 
     #[test]
+    fn spawn_request_reads_a_restart_policy_and_bounds_it() {
+        let r: SpawnRequest = serde_json::from_str(
+            r#"{"profile":"shell","restart":"on-failure","max_restarts":3,
+                "restart_backoff":{"base":"20ms","cap":"1s"},"restart_window":"1m"}"#,
+        )
+        .unwrap();
+        assert!(r.asks_for_restart() && r.validate().is_ok());
+        assert_eq!(r.restart, Some(Restart::OnFailure));
+        let b = r.restart_backoff.unwrap();
+        assert_eq!(
+            (b.base, b.cap, b.reset_after),
+            (
+                Some(Duration::from_millis(20)),
+                Some(Duration::from_secs(1)),
+                None
+            )
+        );
+        // It goes to another roster as it came, and one without restart keys stays without.
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(serde_json::from_value::<SpawnRequest>(json).unwrap(), r);
+        let plain = serde_json::to_value(req()).unwrap();
+        assert!(plain.get("restart").is_none() && plain.get("restart_window").is_none());
+        assert!(!req().asks_for_restart());
+
+        for (body, field) in [
+            (r#"{"profile":"p","max_restarts":10001}"#, "max_restarts"),
+            (
+                r#"{"profile":"p","restart_window":"2days"}"#,
+                "restart_window",
+            ),
+            (
+                r#"{"profile":"p","restart_backoff":{"cap":"25h"}}"#,
+                "restart_backoff.cap",
+            ),
+        ] {
+            let r: SpawnRequest = serde_json::from_str(body).unwrap();
+            let e = r.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{body}: {e}");
+        }
+        for body in [
+            r#"{"profile":"p","restart":"sometimes"}"#,
+            r#"{"profile":"p","restart_backoff":{"jitter":"1s"}}"#,
+            r#"{"profile":"p","restart_window":"forever"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<SpawnRequest>(body).is_err(),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_health_reads_and_writes_its_wire_names() {
+        for h in HealthState::ALL {
+            assert_eq!(HealthState::parse(h.as_str()).unwrap(), h);
+            assert_eq!(
+                serde_json::to_string(&h).unwrap(),
+                format!("\"{}\"", h.as_str())
+            );
+        }
+        assert_eq!(
+            HealthState::parse("sick").unwrap_err().code(),
+            "invalid_request"
+        );
+        let caps: Capabilities = serde_json::from_str(
+            r#"{"spawn":true,"input":true,"stop":true,"output":true,"remove":true}"#,
+        )
+        .unwrap();
+        assert!(!caps.restart, "an older roster's answer restarts nothing");
+    }
+
+    #[test]
     fn health_debug_scrubs_source_messages() {
         let mut h = SourceHealth::unavailable("cannot reach http://10.0.0.9:7411/", None);
         h.diagnostics.push(Diagnostic {
@@ -762,10 +1032,12 @@ mod tests {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            health: None,
         };
         let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();
         let view = WorkerView::from_source(id, RuntimeId::new("local").unwrap(), &w);
         let json = serde_json::to_value(&view).unwrap();
+        assert!(json.get("health").is_none(), "absent without a probe");
         assert_eq!(json["created_at"], "1970-01-01T00:00:00Z");
         assert_eq!(json["state"], "exited");
         assert_eq!(json["started_at"], serde_json::Value::Null);

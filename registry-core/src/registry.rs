@@ -18,10 +18,10 @@ use crate::Redacted;
 use crate::events::{EventLog, LazySnapshot, Pending, Resubscribe, Start};
 use crate::table::{PageKey, Record, Table};
 use crate::{
-    sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
-    OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource, RuntimeView,
-    SourceConfig, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem,
-    Subscription, WorkerId, WorkerState, WorkerView,
+    sanitize_message, Capabilities, Diagnostic, EventPayload, HealthState, HealthStatus,
+    HealthView, IdIssuer, OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId,
+    RuntimeSource, RuntimeView, SourceConfig, SourceEvent, SourceHealth, SourceKey, SourceWorker,
+    SpawnRequest, StreamItem, Subscription, WorkerId, WorkerState, WorkerView,
 };
 
 /// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
@@ -78,6 +78,8 @@ pub struct WorkerFilter {
     pub state: Option<WorkerState>,
     /// Only those that carry every one of these labels.
     pub labels: Vec<(String, String)>,
+    /// Only those whose health probe says this (workers without a probe never match).
+    pub health: Option<HealthState>,
 }
 
 impl WorkerFilter {
@@ -89,6 +91,9 @@ impl WorkerFilter {
     pub fn matches(&self, view: &WorkerView) -> bool {
         self.runtime.as_ref().is_none_or(|r| &view.runtime_id == r)
             && self.state.is_none_or(|s| view.state == s)
+            && self
+                .health
+                .is_none_or(|h| view.health.is_some_and(|w| w.status == h))
             && self
                 .labels
                 .iter()
@@ -440,6 +445,28 @@ impl Registry {
         self.inner.lock().runtimes.values().all(|r| r.answered)
     }
 
+    /// Workers that have a health probe, counted by runtime and health, for every runtime
+    /// (each health state present, 0 where none).
+    pub fn worker_health_counts(&self) -> BTreeMap<RuntimeId, BTreeMap<HealthState, u64>> {
+        let st = self.inner.lock();
+        let mut counts: BTreeMap<RuntimeId, BTreeMap<HealthState, u64>> = st
+            .runtimes
+            .keys()
+            .map(|id| (id.clone(), HealthState::ALL.map(|h| (h, 0)).into()))
+            .collect();
+        for rec in st.workers.records() {
+            if let Some(health) = rec.view.health {
+                if let Some(n) = counts
+                    .get_mut(&rec.view.runtime_id)
+                    .and_then(|c| c.get_mut(&health.status))
+                {
+                    *n += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// How many events the registry has published in this run (the log's head).
     pub fn events_published(&self) -> u64 {
         self.inner.lock().log.head().seq()
@@ -513,6 +540,13 @@ impl Registry {
         let rt = self.inner.runtime(runtime)?;
         if !rt.caps.spawn {
             return Err(unsupported(runtime, "start workers"));
+        }
+        if !rt.caps.restart && request.asks_for_restart() {
+            return Err(unsupported(
+                runtime,
+                "restart workers: leave out `restart`, `restart_backoff`, `max_restarts` and \
+                 `restart_window`",
+            ));
         }
         request.validate()?;
         if self.inner.is_retiring(runtime) {

@@ -14,6 +14,9 @@ use crate::{
 
 /// A change a source reports on its lifecycle stream.
 #[derive(Debug, Clone)]
+// Upserts are by far the most common event: boxing them would cost an allocation each, for
+// every source, to save bytes on the rarer variants in a bounded channel.
+#[allow(clippy::large_enum_variant)]
 pub enum SourceEvent {
     /// A worker is new or changed. Sending the same worker twice is harmless.
     Upsert(SourceWorker),

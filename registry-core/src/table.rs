@@ -71,6 +71,11 @@ impl Table {
         self.records.len()
     }
 
+    /// Every record, in no particular order (for a count over the whole table).
+    pub(crate) fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.values()
+    }
+
     /// Puts `record` in place of the worker's old one, if any, and into its bucket.
     pub(crate) fn insert(&mut self, record: Record) {
         let view = record.view.clone();
@@ -252,6 +257,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            health: None,
         };
         WorkerView::from_source(id(n), RuntimeId::new(RUNTIMES[runtime]).unwrap(), &worker)
     }
@@ -321,6 +327,7 @@ mod tests {
                                     runtime: r.map(|r| RuntimeId::new(RUNTIMES[r]).unwrap()),
                                     state: s.map(|s| WorkerState::ALL[s]),
                                     labels: t.map(|t| ("team".to_string(), t.to_string())).into_iter().collect(),
+                                    ..WorkerFilter::default()
                                 };
                                 (filter, limit, None)
                             }

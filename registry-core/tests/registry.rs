@@ -69,6 +69,7 @@ impl Scripted {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            health: None,
         }
     }
 
@@ -400,6 +401,7 @@ async fn missing_capabilities_are_unsupported_without_calling_the_source() {
         stop: false,
         output: false,
         remove: false,
+        restart: false,
     };
     let src = Scripted::new(caps);
     src.workers

@@ -9,8 +9,8 @@ use http::header::{HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use registry_core::{
-    RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState, WorkerView,
-    MAX_PAGE,
+    HealthState, RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState,
+    WorkerView, MAX_PAGE,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -284,7 +284,10 @@ async fn stop(
 }
 
 fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let pairs = query(req, &["runtime", "state", "label", "limit", "page"])?;
+    let pairs = query(
+        req,
+        &["runtime", "state", "label", "limit", "page", "health"],
+    )?;
     let mut filter = WorkerFilter::default();
     if let Some(r) = single(&pairs, "runtime")? {
         let id = runtime_id(r)?;
@@ -293,6 +296,9 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
     }
     if let Some(s) = single(&pairs, "state")? {
         filter.state = Some(WorkerState::parse(s)?);
+    }
+    if let Some(h) = single(&pairs, "health")? {
+        filter.health = Some(HealthState::parse(h)?);
     }
     // Every label must match: `label=team=a&label=team=b` matches nothing.
     for (_, label) in pairs.iter().filter(|(k, _)| k == "label") {

@@ -16,9 +16,10 @@
 //! | `roster_workers` | gauge | `runtime`, `state` |
 //! | `roster_runtime_health` | gauge | `runtime`, `status` |
 //! | `roster_runtime_diagnostics` | gauge | `runtime` |
+//! | `roster_worker_health` | gauge | `runtime`, `health` (`unknown`, `healthy`, `unhealthy`) |
 //!
 //! Label values are only route templates, methods, status codes, runtime ids (public config
-//! names), worker states and health statuses: never a raw path, a worker id, a message or
+//! names), worker states, worker health and health statuses: never a raw path, a worker id, a message or
 //! anything else a client or a source chose.
 //!
 //! Memory is bounded: every label comes from a fixed set. Routes are `&'static str`
@@ -348,6 +349,24 @@ fn write_registry(out: &mut String, registry: &Registry) -> fmt::Result {
             escape_label(rt.id.as_str()),
             rt.diagnostics.len()
         )?;
+    }
+
+    let name = "roster_worker_health";
+    header(
+        out,
+        name,
+        "gauge",
+        "Workers with a health probe, by runtime and what the probe says.",
+    )?;
+    for (runtime, counts) in registry.worker_health_counts() {
+        let runtime = escape_label(runtime.as_str());
+        for (health, n) in counts {
+            writeln!(
+                out,
+                "{name}{{runtime=\"{runtime}\",health=\"{}\"}} {n}",
+                health.as_str()
+            )?;
+        }
     }
     Ok(())
 }
@@ -758,6 +777,7 @@ mod tests {
             "roster_workers",
             "roster_runtime_health",
             "roster_runtime_diagnostics",
+            "roster_worker_health",
         ] {
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");
             assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
@@ -816,7 +836,7 @@ mod tests {
         assert!(!text.contains(worker.id.as_str()));
         assert!(!text.contains("secret-name") && !text.contains("sleep"));
         let allowed: BTreeSet<&str> = [
-            "method", "route", "status", "le", "stream", "runtime", "state",
+            "method", "route", "status", "le", "stream", "runtime", "state", "health",
         ]
         .into_iter()
         .collect();

@@ -1301,7 +1301,9 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
     // A worker waiting to be restarted: `restarts`, `last_exit` and `retry_at` are set.
     let again: EmbeddedConfig = toml::from_str(
         "[profiles.again]\ncommand = [\"/bin/sh\", \"-c\"]\nrestart = \"always\"\n\
-         restart_backoff = { base = \"60s\", cap = \"60s\" }\n",
+         restart_backoff = { base = \"60s\", cap = \"60s\" }\n\
+         [profiles.probed]\ncommand = [\"/bin/sh\", \"-c\"]\n\
+         probe = { exec = [\"true\"], interval = \"50ms\" }\n",
     )?;
     server
         .registry
@@ -1325,6 +1327,23 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
             .await?;
         expect(&stop, 202, "")?;
     }
+    // A worker with a health probe: `health` is set.
+    let body = json!({ "profile": "probed", "args": ["exec sleep 30"] }).to_string();
+    let probed = id_of(
+        &api.post(&server, "/v1/runtimes/again/workers", &body)
+            .await?,
+    )?;
+    api.wait_worker(&server, &probed, |w| w["health"]["status"] == "healthy")
+        .await?;
+    expect(
+        &api.get(&server, "/v1/workers?health=healthy").await?,
+        200,
+        "",
+    )?;
+    let stop = api
+        .post(&server, &format!("/v1/workers/{probed}/stop"), "{}")
+        .await?;
+    expect(&stop, 202, "")?;
 
     // Workers of every end: exited (with output on both streams), stopped, failed.
     let body = json!({

@@ -105,3 +105,129 @@ async fn every_restart_is_an_event_a_resuming_client_sees_in_order() -> Result<(
     server.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spawn_request_gives_its_own_restart_policy() -> Result<()> {
+    let profiles = r#"
+        [profiles.shell]
+        command = ["/bin/sh", "-c"]
+        [profiles.guarded]
+        command = ["/bin/sh", "-c"]
+        restart = "on-failure"
+        on_unhealthy = "restart"
+        probe = { exec = ["true"], interval = "1h" }
+    "#;
+    let server = TestServer::start_with(common::config(profiles), ServeOptions::default()).await?;
+    let local = server.get("/v1/runtimes/local").await?.json()?;
+    ensure!(local["capabilities"]["restart"] == true, "{local}");
+
+    // The profile `shell` never restarts; the request asks for two restarts, then gives up.
+    let body = json!({
+        "profile": "shell", "args": ["exit 3"], "restart": "on-failure", "max_restarts": 2,
+        "restart_backoff": { "base": "10ms", "cap": "20ms" }, "restart_window": "1m",
+    })
+    .to_string();
+    let id = server
+        .post("/v1/runtimes/local/workers", &body)
+        .await?
+        .created_id()?;
+    let end = server.wait_worker(&id, |w| w["state"] == "failed").await?;
+    ensure!(
+        end["reason"] == "crash_loop" && end["restarts"] == 2,
+        "{end}"
+    );
+    // Without restart keys, the profile's policy holds: `shell` never restarts.
+    let once = server.spawn_shell("exit 3").await?;
+    let end = server
+        .wait_worker(&once, |w| w["state"] == "exited")
+        .await?;
+    ensure!(end["restarts"] == 0, "{end}");
+
+    // Bad restart keys are refused, naming the key; nothing is started.
+    for (body, names) in [
+        (
+            json!({"profile": "shell", "max_restarts": 10001}),
+            "max_restarts",
+        ),
+        (
+            json!({"profile": "shell", "restart": "sometimes"}),
+            "restart",
+        ),
+        (
+            json!({"profile": "shell", "restart_backoff": {"jitter": "1s"}}),
+            "jitter",
+        ),
+        (
+            json!({"profile": "shell", "restart_window": "forever"}),
+            "restart_window",
+        ),
+        (
+            json!({"profile": "shell", "restart_backoff": {"cap": "2days"}}),
+            "restart_backoff.cap",
+        ),
+        // A profile that restarts unhealthy workers needs a policy that restarts.
+        (
+            json!({"profile": "guarded", "restart": "never"}),
+            "on_unhealthy",
+        ),
+    ] {
+        let answer = server
+            .post("/v1/runtimes/local/workers", &body.to_string())
+            .await?;
+        ensure!(
+            answer.status == 400 && answer.text().contains(names),
+            "{body}: {} {}",
+            answer.status,
+            answer.text()
+        );
+    }
+    let all = server.get("/v1/workers").await?.json()?;
+    ensure!(all["workers"].as_array().map(Vec::len) == Some(2), "{all}");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_without_the_restart_capability_refuses_a_restart_policy() -> Result<()> {
+    let source = common::Fake::new(common::shell_source("")?).with_capabilities(|c| {
+        c.restart = false;
+    });
+    let server = TestServer::start_with_source(
+        "plain",
+        "plain",
+        std::sync::Arc::new(source),
+        ServeOptions::default(),
+    )
+    .await?;
+    let rt = server.get("/v1/runtimes/plain").await?.json()?;
+    ensure!(rt["capabilities"]["restart"] == false, "{rt}");
+    for body in [
+        json!({"profile": "shell", "args": ["true"], "restart": "always"}),
+        json!({"profile": "shell", "args": ["true"], "max_restarts": 1}),
+        json!({"profile": "shell", "args": ["true"], "restart_backoff": {}}),
+    ] {
+        let answer = server
+            .post("/v1/runtimes/plain/workers", &body.to_string())
+            .await?;
+        ensure!(
+            answer.status == 501 && answer.code() == "unsupported",
+            "{body}: {}",
+            answer.text()
+        );
+        ensure!(answer.text().contains("restart"), "{}", answer.text());
+    }
+    let none = server.get("/v1/workers").await?.json()?;
+    ensure!(
+        none["workers"].as_array().is_some_and(Vec::is_empty),
+        "{none}"
+    );
+    // Without restart keys it spawns as ever.
+    let body = json!({"profile": "shell", "args": ["true"]}).to_string();
+    let id = server
+        .post("/v1/runtimes/plain/workers", &body)
+        .await?
+        .created_id()?;
+    server.wait_worker(&id, |w| w["state"] == "exited").await?;
+    server.stop().await?;
+    Ok(())
+}

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use registry_core::{
     Capabilities, Diagnostic, HealthStatus, LastExit, OutputChunk, OutputEvent, OutputRequest,
     OutputStream, RegistryError, RuntimeSource, SourceConfig, SourceEvent, SourceEvents,
-    SourceHealth, SourceKey, SourceWorker, SpawnRequest,
+    SourceHealth, SourceKey, SourceWorker, SpawnRequest, WorkerHealth,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -129,6 +129,11 @@ impl Keys {
                 at: at(e.at),
             }),
             retry_at: info.retry_at.map(at),
+            health: info.health.map(|h| WorkerHealth {
+                status: h.status,
+                since: at(h.since),
+                probe: h.probe,
+            }),
         }
     }
 

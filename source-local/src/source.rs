@@ -731,6 +731,7 @@ fn view(w: &Worker) -> SourceWorker {
         restarts: 0,
         last_exit: None,
         retry_at: None,
+        health: None,
     }
 }
 
@@ -974,6 +975,7 @@ impl RuntimeSource for LocalSource {
             stop: true,
             output: true,
             remove: true,
+            restart: false,
         }
     }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::probe::{OnUnhealthy, Probe, ProbePlan};
 use crate::restart::{Backoff, Restart, RestartPolicy};
 use registry_core::{de, Redacted, RedactedValues};
 use serde::Deserialize;
@@ -23,6 +24,7 @@ use serde::Deserialize;
 /// event_retention = 4096       # the runtime's event ring, in events
 /// event_retention_bytes = "16MiB"  # … and in bytes (approximate)
 /// max_pending_input = "1MiB"   # stdin bytes that may wait for one worker
+/// max_probes = 16              # health probes that may run at once
 /// [profiles.shell]
 /// command = ["/bin/sh", "-c"]
 /// ```
@@ -70,6 +72,9 @@ pub struct RuntimeConfig {
     /// Bytes that may wait in one worker's stdin queue. Default 1 MiB.
     #[serde(deserialize_with = "usize_size")]
     pub max_pending_input: usize,
+    /// Health probes of this runtime's workers that may run at once; a probe due while
+    /// this many run waits for one to finish. Default 16, 1 to 1024.
+    pub max_probes: usize,
 }
 
 /// A size, as [`de::byte_size`], that fits this machine's `usize`.
@@ -91,6 +96,7 @@ impl Default for RuntimeConfig {
             event_retention: 4096,
             event_retention_bytes: 16 * 1024 * 1024,
             max_pending_input: 1024 * 1024,
+            max_probes: 16,
         }
     }
 }
@@ -144,6 +150,15 @@ pub struct Profile {
     /// The window `max_restarts` counts in, e.g. `"10m"` (the default).
     #[serde(default, deserialize_with = "de::opt_duration")]
     pub restart_window: Option<Duration>,
+    /// How the runtime checks that a running worker is healthy; none by default. See
+    /// [`Probe`].
+    #[serde(default)]
+    pub probe: Option<Probe>,
+    /// What happens to a worker its probe found unhealthy: `"none"` (the default) or
+    /// `"restart"` (needs a `probe` and a `restart` other than `"never"`). See
+    /// [`OnUnhealthy`].
+    #[serde(default)]
+    pub on_unhealthy: OnUnhealthy,
 }
 
 impl Profile {
@@ -157,6 +172,45 @@ impl Profile {
             window: self.restart_window.unwrap_or(default.window),
         }
     }
+
+    /// Checks the profile's restart and probe keys (the probe's target parsed, the numbers
+    /// within bounds) and makes its probe. The message names the key, never a value.
+    pub(crate) fn probe_plan(&self) -> Result<Option<ProbePlan>, String> {
+        let b = self.restart_backoff;
+        registry_core::limits::check_restart(
+            &[
+                ("restart_backoff.base", Some(b.base)),
+                ("restart_backoff.cap", Some(b.cap)),
+                ("restart_backoff.reset_after", Some(b.reset_after)),
+                ("restart_window", self.restart_window),
+            ],
+            self.max_restarts,
+        )?;
+        let plan = self
+            .probe
+            .as_ref()
+            .map(|p| p.plan(self.on_unhealthy))
+            .transpose()?;
+        if self.on_unhealthy == OnUnhealthy::Restart {
+            if plan.is_none() {
+                return Err("`on_unhealthy = \"restart\"` needs a `probe`".into());
+            }
+            check_restarts_unhealthy(self.restart)?;
+        }
+        Ok(plan)
+    }
+}
+
+/// `on_unhealthy = "restart"` goes through the restart policy, so the policy must restart.
+pub(crate) fn check_restarts_unhealthy(restart: Restart) -> Result<(), String> {
+    if restart == Restart::Never {
+        return Err(
+            "`on_unhealthy = \"restart\"` needs `restart = \"on-failure\"` or \
+                    `\"always\"`: a restart caused by the probe goes through the restart policy"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -238,6 +238,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            health: None,
         }
     }
 

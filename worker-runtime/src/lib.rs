@@ -87,7 +87,16 @@
 //! go on; a line on stderr marks each restart), `Starting` with
 //! [`WorkerInfo::retry_at`] while it waits, [`WorkerInfo::restarts`] and
 //! [`WorkerInfo::last_exit`] counting and describing the runs. Past `max_restarts` within the
-//! window it fails with [`FailReason::CrashLoop`]; a stop ends the policy at once.
+//! window it fails with [`FailReason::CrashLoop`]; a stop ends the policy at once. A spawn
+//! request's own `restart`, `restart_backoff`, `max_restarts` and `restart_window` override
+//! the profile's ([`RestartPolicy::with_request`]).
+//!
+//! **Health probes.** A profile's [`Probe`] (`exec`, `http` or `tcp`) checks each running
+//! worker at its interval, at most `max_probes` probes of the runtime at once;
+//! [`WorkerInfo::health`] says `Unknown` (each run starts so), `Healthy` or `Unhealthy` after
+//! the thresholds, and each change is an event. With [`OnUnhealthy::Restart`] an unhealthy run
+//! is stopped and restarted through the restart policy, as after a failure. The probe's
+//! target never leaves the config: only its [`ProbeKind`] is shown.
 //!
 //! **Events.** Every change of a worker is a [`RuntimeEvent::Upserted`] with its full view,
 //! every removal a [`RuntimeEvent::Removed`], numbered from 1 in a ring bounded by count and
@@ -112,6 +121,7 @@ mod events;
 /// [`RuntimeError::InvalidRequest`], whose message names the field (never its value).
 pub use registry_core::limits;
 mod output;
+mod probe;
 mod restart;
 mod runtime;
 mod spawner;
@@ -123,8 +133,10 @@ mod watchdog;
 pub use config::{Profile, RuntimeConfig};
 pub use events::{EventReader, RuntimeEvent};
 pub use output::{OutputItem, OutputReader};
+pub use probe::{OnUnhealthy, Probe};
 pub use restart::{Backoff, Restart, RestartPolicy, MAX_RESTARTS_LIMIT};
 pub use runtime::{Profiles, Runtime};
 pub use types::{
-    FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
+    FailReason, Health, HealthState, LastExit, LocalId, ProbeKind, Problem, RuntimeError,
+    SpawnSpec, State, Stream, WorkerInfo,
 };

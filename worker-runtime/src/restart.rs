@@ -8,22 +8,12 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
-use registry_core::de;
+use registry_core::{de, SpawnRequest};
 use serde::Deserialize;
 
-/// When a worker's process that ended is started again (a profile's `restart` key).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Restart {
-    /// Never: the worker ends with its process. The default.
-    #[default]
-    Never,
-    /// When the process exited with a code other than 0 or was killed by a signal nobody
-    /// asked for.
-    OnFailure,
-    /// Whenever the process ended by itself, also with code 0.
-    Always,
-}
+/// When a worker's process that ended is started again (a profile's or a spawn request's
+/// `restart` key): the core's [`Restart`](registry_core::Restart).
+pub use registry_core::Restart;
 
 /// The delay before a restart (a profile's `restart_backoff` table): exponential with full
 /// jitter. The `n`-th restart in a row (from 0) waits a random time in
@@ -61,7 +51,8 @@ impl Backoff {
 }
 
 /// Most restarts the config may allow within one window: it bounds the memory of the window.
-pub const MAX_RESTARTS_LIMIT: u32 = 10_000;
+/// The core's [`limits::MAX_RESTARTS`](registry_core::limits::MAX_RESTARTS).
+pub const MAX_RESTARTS_LIMIT: u32 = registry_core::limits::MAX_RESTARTS;
 
 /// A profile's restart settings, as read from its keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +76,25 @@ impl Default for RestartPolicy {
             max_restarts: 10,
             window: Duration::from_secs(600),
         }
+    }
+}
+
+impl RestartPolicy {
+    /// This policy with what a spawn request gives in its place: each of `restart`,
+    /// `restart_backoff`'s keys, `max_restarts` and `restart_window` that the request sets
+    /// wins. The request's bounds were checked by [`SpawnRequest::validate`].
+    pub fn with_request(mut self, request: &SpawnRequest) -> Self {
+        if let Some(restart) = request.restart {
+            self.restart = restart;
+        }
+        if let Some(b) = request.restart_backoff {
+            self.backoff.base = b.base.unwrap_or(self.backoff.base);
+            self.backoff.cap = b.cap.unwrap_or(self.backoff.cap);
+            self.backoff.reset_after = b.reset_after.unwrap_or(self.backoff.reset_after);
+        }
+        self.max_restarts = request.max_restarts.unwrap_or(self.max_restarts);
+        self.window = request.restart_window.unwrap_or(self.window);
+        self
     }
 }
 

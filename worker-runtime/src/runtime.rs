@@ -4,6 +4,7 @@
 //! reap in [`supervise`].
 
 mod plan;
+mod probing;
 mod supervise;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -26,15 +27,17 @@ use crate::config::{Profile, RuntimeConfig};
 use crate::events::{EventLog, EventReader, NewEvent};
 use crate::limits::MAX_GRACE;
 use crate::output::OutputReader;
-use crate::restart::{Decision, Ending, Restarts, MAX_RESTARTS_LIMIT};
+use crate::restart::{Decision, Ending, Restarts};
 use crate::spawner::Spawner;
 use crate::types::{
-    FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, WorkerInfo,
+    FailReason, Health, HealthState, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State,
+    WorkerInfo,
 };
 use crate::util::lock;
 use crate::watchdog::Watchdog;
 use plan::Plan;
 pub(crate) use plan::DEFAULT_PATH;
+use probing::ProbeRun;
 use supervise::{start_worker, Group};
 
 /// A supervisor of worker processes. Cheap to clone: clones share one runtime.
@@ -69,6 +72,8 @@ struct Inner {
     events: Arc<EventLog>,
     spawner: Spawner,
     watchdog: Arc<Watchdog>,
+    /// Permits for health probes running at once (`max_probes`).
+    probes: Arc<Semaphore>,
 }
 
 /// Everything about workers, under one lock. Events are appended only while this lock is held,
@@ -112,6 +117,13 @@ struct Record {
     retry_timer: Option<AbortHandle>,
     /// When the current run's process started.
     run_started: Option<Instant>,
+    /// The health probe, if the profile has one.
+    probe: Option<Arc<ProbeRun>>,
+    /// The task probing the current run; aborted when the run ends.
+    probe_task: Option<AbortHandle>,
+    /// The probe found the current run unhealthy and its group is being stopped, so that
+    /// the restart policy starts it again.
+    unhealthy_kill: bool,
 }
 
 struct Process {
@@ -138,9 +150,9 @@ fn check_profiles(profiles: &Profiles) -> Result<(), RuntimeError> {
                 "profile {name:?} has an empty command"
             )));
         }
-        if profile.max_restarts.is_some_and(|n| n > MAX_RESTARTS_LIMIT) {
+        if let Err(e) = profile.probe_plan() {
             return Err(RuntimeError::InvalidRequest(format!(
-                "profile {name:?}: `max_restarts` is at most {MAX_RESTARTS_LIMIT}"
+                "profile {name:?}: {e}"
             )));
         }
     }
@@ -171,6 +183,11 @@ impl Runtime {
             ));
         }
         check_profiles(&config.profiles)?;
+        if !(1..=1024).contains(&config.max_probes) {
+            return Err(RuntimeError::InvalidRequest(
+                "max_probes must be between 1 and 1024".into(),
+            ));
+        }
         let handle = Handle::try_current().map_err(|_| {
             RuntimeError::Internal(
                 "the worker runtime must be created inside a tokio runtime".into(),
@@ -205,6 +222,7 @@ impl Runtime {
             spawner,
             watchdog,
             profiles: RwLock::new(Arc::new(config.profiles.clone())),
+            probes: Arc::new(Semaphore::new(config.max_probes)),
             config,
         });
         let period = (inner.config.retain_finished / 4)
@@ -510,7 +528,13 @@ impl Inner {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            health: plan.probe.as_ref().map(|p| Health {
+                status: HealthState::Unknown,
+                since: SystemTime::now(),
+                probe: p.target.kind(),
+            }),
         };
+        let probe = plan.probe.clone().map(|p| Arc::new(ProbeRun::new(p, plan)));
         let (stdin, rx) = self.stdin_queue(&spec);
         if let Some(request_id) = &spec.request_id {
             table.request_ids.insert(request_id.clone(), id);
@@ -533,6 +557,9 @@ impl Inner {
                 restarts: Restarts::new(plan.restart),
                 retry_timer: None,
                 run_started: None,
+                probe,
+                probe_task: None,
+                unhealthy_kill: false,
             },
         );
         table.upsert(id);
@@ -672,7 +699,8 @@ impl Inner {
         let mut reason = reason;
         let ended_by_itself = state == State::Exited || reason == Some(FailReason::Killed);
         if ended_by_itself && !closed && !record.info.state.is_terminal() {
-            let ending = if exit_code == Some(0) {
+            // Stopped for failing its probe: a failure, whatever the process answered.
+            let ending = if exit_code == Some(0) && !record.unhealthy_kill {
                 Ending::Success
             } else {
                 Ending::Failure
@@ -739,6 +767,9 @@ impl Table {
         }
         if let Some(timer) = record.retry_timer.take() {
             timer.abort();
+        }
+        if let Some(task) = record.probe_task.take() {
+            task.abort();
         }
         // The terminal state is published before the output's end, so a reader that gets `End`
         // finds the worker terminal.
@@ -809,6 +840,9 @@ impl Drop for Inner {
             }
             if let Some(timer) = &record.retry_timer {
                 timer.abort();
+            }
+            if let Some(task) = &record.probe_task {
+                task.abort();
             }
         }
         // The watchdog SIGKILLs whatever it still knows of, then exits.

@@ -9,6 +9,8 @@ use std::time::SystemTime;
 
 use registry_core::SpawnRequest;
 
+pub use registry_core::{HealthState, ProbeKind};
+
 /// A worker's id inside one [`Runtime`](crate::Runtime): issued from 1 upwards, never reused by
 /// that runtime value. Combine it with [`Runtime::instance_id`](crate::Runtime::instance_id)
 /// for a key that is unique across restarts.
@@ -91,6 +93,23 @@ pub struct WorkerInfo {
     /// While the worker waits to be restarted (it is [`State::Starting`] then): when the next
     /// run is due.
     pub retry_at: Option<SystemTime>,
+    /// What the worker's health probe says; `None` when its profile has no probe.
+    pub health: Option<Health>,
+}
+
+/// A worker's health as its probe sees it.
+///
+/// Each run starts `Unknown`; `success_threshold` successes in a row make it `Healthy`,
+/// `failure_threshold` failures in a row `Unhealthy`. A terminal worker keeps the health it
+/// last had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// The conclusion so far.
+    pub status: HealthState,
+    /// Since when `status` holds.
+    pub since: SystemTime,
+    /// The probe's kind (never its target).
+    pub probe: ProbeKind,
 }
 
 /// How a run of a restarted worker ended.

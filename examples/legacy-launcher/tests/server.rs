@@ -130,7 +130,8 @@ async fn a_launcher_worker_through_the_api_leaks_nothing() -> Result<()> {
     assert_eq!(runtime["kind"], "local");
     assert_eq!(
         runtime["capabilities"],
-        json!({"spawn": false, "input": true, "stop": true, "output": true, "remove": true})
+        json!({"spawn": false, "input": true, "stop": true, "output": true, "remove": true,
+               "restart": false})
     );
     assert_eq!(runtime["health"]["status"], "degraded", "{runtime}");
     let all = server.get("/v1/runtimes").await?.json()?;

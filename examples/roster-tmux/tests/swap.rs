@@ -91,12 +91,15 @@ fn normalize(value: &Value, ids: &mut HashMap<String, String>) -> Value {
     }
 }
 
-/// Takes every runtime's `kind` out of `value` (in place) and returns them.
+/// Takes every runtime's `kind` out of `value` (in place) and returns them, and its `restart`
+/// capability too: whether a kind restarts workers by a request's policy is the kind's own
+/// (tmux does not); everything else must match.
 fn take_kinds(value: &mut Value) -> Vec<String> {
     let mut kinds = Vec::new();
     match value {
         Value::Object(map) => {
-            if map.contains_key("capabilities") {
+            if let Some(Value::Object(caps)) = map.get_mut("capabilities") {
+                caps.remove("restart");
                 if let Some(Value::String(kind)) = map.remove("kind") {
                     kinds.push(kind);
                 }

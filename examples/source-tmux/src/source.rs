@@ -217,6 +217,7 @@ impl Inner {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            health: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(text) = request.stdin.as_ref().filter(|t| !t.is_empty()) {
@@ -555,7 +556,11 @@ impl TmuxSource {
 #[async_trait]
 impl RuntimeSource for TmuxSource {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        // A tmux session is not restarted: a spawn that asks for a restart policy is refused.
+        Capabilities {
+            restart: false,
+            ..Capabilities::ALL
+        }
     }
 
     async fn health(&self) -> SourceHealth {
@@ -577,6 +582,11 @@ impl RuntimeSource for TmuxSource {
     }
 
     async fn spawn(&self, request: SpawnRequest) -> Result<SourceWorker, RegistryError> {
+        if request.asks_for_restart() {
+            return Err(RegistryError::Unsupported(
+                "this runtime does not restart workers".into(),
+            ));
+        }
         request.validate()?;
         let plan = Plan::new(&self.inner.config, &request)?;
         let id = {

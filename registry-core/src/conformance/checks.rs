@@ -1086,6 +1086,35 @@ pub async fn unsupported_operations_return_unsupported<S: RuntimeSource + ?Sized
             "expected a refused spawn to start nothing, list() went from {before} to {after} workers"
         );
     }
+    if caps.spawn && !caps.restart {
+        let mut request = harness
+            .shell_request("exit 0")
+            .unwrap_or_else(|| SpawnRequest {
+                command: Some(vec!["/bin/sh".into(), "-c".into(), "exit 0".into()]),
+                ..Default::default()
+            });
+        request.restart = Some(crate::Restart::Always);
+        let before = source
+            .list()
+            .await
+            .context("expected list to succeed")?
+            .len();
+        expect_error(
+            source.spawn(request).await,
+            "unsupported",
+            "spawn with a restart policy",
+        )?;
+        let after = source
+            .list()
+            .await
+            .context("expected list to succeed")?
+            .len();
+        ensure!(
+            before == after,
+            "expected a spawn refused for its restart policy to start nothing, list() went \
+             from {before} to {after} workers"
+        );
+    }
     if caps.stop && caps.input && caps.output && caps.remove {
         return Ok(());
     }

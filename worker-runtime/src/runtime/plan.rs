@@ -12,8 +12,9 @@ use registry_core::RegistryError;
 use tokio::process::Command;
 
 use super::Inner;
-use crate::config::Profile;
+use crate::config::{check_restarts_unhealthy, Profile};
 use crate::limits::MAX_GRACE;
+use crate::probe::{OnUnhealthy, ProbePlan};
 use crate::restart::RestartPolicy;
 use crate::sys;
 use crate::types::{RuntimeError, SpawnSpec};
@@ -29,6 +30,8 @@ pub(super) struct Plan {
     pub(super) retention: u64,
     pub(super) grace: Duration,
     pub(super) restart: RestartPolicy,
+    /// The profile's health probe, if it has one.
+    pub(super) probe: Option<ProbePlan>,
 }
 
 impl Plan {
@@ -122,6 +125,25 @@ impl Inner {
             }
             env.insert(key.into(), value.into());
         }
+        let restart = profile
+            .map(Profile::restart_policy)
+            .unwrap_or_default()
+            .with_request(spec);
+        // Checked when the runtime was made; an error here would be a profile changed since.
+        let probe = match profile.map(Profile::probe_plan).transpose() {
+            Ok(probe) => probe.flatten(),
+            Err(e) => return Err(RuntimeError::InvalidRequest(e)),
+        };
+        if probe
+            .as_ref()
+            .is_some_and(|p| p.on_unhealthy == OnUnhealthy::Restart)
+        {
+            check_restarts_unhealthy(restart.restart).map_err(|e| {
+                RuntimeError::InvalidRequest(format!(
+                    "this profile restarts unhealthy workers: {e}"
+                ))
+            })?;
+        }
         Ok(Plan {
             argv,
             env: env.into_iter().collect(),
@@ -133,7 +155,8 @@ impl Inner {
                 .and_then(|p| p.grace)
                 .unwrap_or(self.config.grace)
                 .min(MAX_GRACE),
-            restart: profile.map(Profile::restart_policy).unwrap_or_default(),
+            restart,
+            probe,
         })
     }
 }

@@ -20,7 +20,9 @@ use super::plan::Plan;
 use super::{Inner, Process, StdinItem, Table};
 use crate::output::capture;
 use crate::sys;
-use crate::types::{FailReason, LastExit, LocalId, RuntimeError, State, Stream, WorkerInfo};
+use crate::types::{
+    FailReason, HealthState, LastExit, LocalId, RuntimeError, State, Stream, WorkerInfo,
+};
 use crate::util::lock;
 
 /// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
@@ -142,6 +144,17 @@ impl Inner {
             }
         } else {
             record.info.state = State::Running;
+            if let Some(probe) = &record.probe {
+                let task = self.handle.spawn(super::probing::probe_run(
+                    Arc::downgrade(self),
+                    id,
+                    record.info.restarts,
+                    Arc::clone(probe),
+                ));
+                if let Some(previous) = record.probe_task.replace(task.abort_handle()) {
+                    previous.abort();
+                }
+            }
         }
         let info = record.info.clone();
         table.upsert(id);
@@ -200,6 +213,20 @@ impl Inner {
         };
         record.process = None;
         record.run_started = None;
+        if let Some(task) = record.probe_task.take() {
+            task.abort();
+        }
+        // The SIGKILL due for a run the probe stopped must not reach the next run.
+        if let Some(timer) = record.kill_timer.take() {
+            timer.abort();
+        }
+        record.kill_at = None;
+        let unhealthy = std::mem::take(&mut record.unhealthy_kill);
+        if let Some(health) = &mut record.info.health {
+            // Nothing is known of the next run yet.
+            health.status = HealthState::Unknown;
+            health.since = last.at;
+        }
         record.stdin = Some(queue);
         record.stdin_rx = Some(rx);
         record.stdin_broken = Arc::new(AtomicBool::new(false));
@@ -208,11 +235,14 @@ impl Inner {
         record.info.last_exit = Some(last);
         // From the same instant as the run's end, so `retry_at - last_exit.at` is the delay.
         record.info.retry_at = Some(last.at + delay);
-        let ended = match (last.code, last.signal) {
+        let mut ended = match (last.code, last.signal) {
             (Some(code), _) => format!("exit code {code}"),
             (None, Some(signal)) => format!("signal {signal}"),
             (None, None) => "an unknown status".to_string(),
         };
+        if unhealthy {
+            ended = format!("its health probe failed ({ended})");
+        }
         let marker = format!(
             "[roster] restart {} after {ended}; next run in {} ms\n",
             record.info.restarts,
@@ -355,7 +385,10 @@ async fn drain(id: LocalId, captures: Vec<JoinHandle<()>>, activity: &Notify) {
 /// not available (kernels before 5.3) `waitid` with `WNOWAIT` on a blocking thread. Only if
 /// both fail does it reap, returning `Some(status)`; then the group kill that follows has a
 /// small window in which the group id could have been reused.
-async fn wait_for_exit_unreaped(pid: i32, child: &mut Child) -> Option<io::Result<ExitStatus>> {
+pub(super) async fn wait_for_exit_unreaped(
+    pid: i32,
+    child: &mut Child,
+) -> Option<io::Result<ExitStatus>> {
     wait_unreaped(pid, child, sys::pidfd_open(pid).ok()).await
 }
 
@@ -382,7 +415,7 @@ async fn wait_unreaped(
 }
 
 /// Tells the watchdog to forget a group once its last member is gone (or after a while).
-async fn forget_group(weak: Weak<Inner>, pgid: i32) {
+pub(super) async fn forget_group(weak: Weak<Inner>, pgid: i32) {
     let deadline = Instant::now() + FORGET_TIMEOUT;
     let mut pause = Duration::from_millis(2);
     while sys::group_exists(pgid) && Instant::now() < deadline {
