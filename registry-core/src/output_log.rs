@@ -345,6 +345,29 @@ impl OutputWriter {
         }
     }
 
+    /// Appends the bytes of `buf` as [`write`](Self::write) does, and leaves `buf` empty.
+    ///
+    /// Where it can, `buf`'s allocation becomes the chunk itself, without a copy: when
+    /// nothing is held back from the last write, the bytes fit one chunk, and the allocation
+    /// is at most a third larger than the bytes (so the retention, which counts bytes, stays
+    /// close to the memory held). `buf` is then left without an allocation. Otherwise the
+    /// bytes are copied and `buf` keeps its allocation for the next read.
+    pub fn write_from(&mut self, buf: &mut Vec<u8>) {
+        let len = buf.len();
+        let fits = self.carry.is_empty() && len <= MAX_CHUNK;
+        if !fits || len == 0 || buf.capacity() - len > len / 3 {
+            self.write(buf);
+            buf.clear();
+            return;
+        }
+        let mut data = std::mem::take(buf);
+        let keep = complete_prefix_len(&data);
+        self.carry = data.split_off(keep);
+        if !data.is_empty() {
+            self.log.push(self.stream, Bytes::from(data));
+        }
+    }
+
     /// Appends whatever is held back (at the end of the output).
     pub fn flush(&mut self) {
         if !self.carry.is_empty() {
@@ -518,6 +541,19 @@ mod tests {
         panic!("the stream's task still holds the log");
     }
 
+    /// Every retained chunk's bytes, in order, each checked to be within the bound and to
+    /// hold whole characters.
+    fn joined_whole_chunks(log: &OutputLog) -> Vec<u8> {
+        let st = log.lock();
+        let mut joined = Vec::new();
+        for chunk in &st.chunks {
+            assert!(chunk.data.len() <= MAX_CHUNK, "a chunk over the bound");
+            std::str::from_utf8(&chunk.data).expect("no chunk splits a character");
+            joined.extend_from_slice(&chunk.data);
+        }
+        joined
+    }
+
     #[test]
     fn the_writer_never_splits_a_character_and_loses_no_byte() {
         let text = "aé€😀z".repeat(40_000);
@@ -529,14 +565,41 @@ mod tests {
                 writer.write(read);
             }
             writer.flush();
-            let st = log.lock();
-            let mut joined = Vec::new();
-            for chunk in &st.chunks {
-                assert!(chunk.data.len() <= MAX_CHUNK, "a chunk over the bound");
-                std::str::from_utf8(&chunk.data).expect("no chunk splits a character");
-                joined.extend_from_slice(&chunk.data);
+            assert_eq!(joined_whole_chunks(&log), bytes, "reads of {read_size}");
+        }
+    }
+
+    #[test]
+    fn writing_from_buffers_keeps_characters_whole_and_takes_only_well_filled_ones() {
+        let text = "aé€😀z".repeat(40_000);
+        let bytes = text.as_bytes();
+        for read_size in [1, 3, 4096, MAX_CHUNK / 2, MAX_CHUNK - 1, MAX_CHUNK] {
+            let log = OutputLog::new(u64::MAX);
+            let mut writer = log.writer(StreamKind::Stdout);
+            let mut buf = Vec::new();
+            let mut taken = 0;
+            for read in bytes.chunks(read_size) {
+                if buf.capacity() < MAX_CHUNK {
+                    buf.reserve_exact(MAX_CHUNK);
+                }
+                buf.extend_from_slice(read);
+                writer.write_from(&mut buf);
+                assert!(buf.is_empty());
+                // Taken (left without an allocation) only when at least 3/4 full.
+                if buf.capacity() == 0 {
+                    assert!(
+                        read.len() >= MAX_CHUNK * 3 / 4,
+                        "took a buffer of {}",
+                        read.len()
+                    );
+                    taken += 1;
+                }
             }
-            assert_eq!(joined, bytes, "reads of {read_size}");
+            writer.flush();
+            if read_size >= MAX_CHUNK - 1 {
+                assert!(taken > 0, "reads of {read_size} were all copied");
+            }
+            assert_eq!(joined_whole_chunks(&log), bytes, "reads of {read_size}");
         }
     }
 

@@ -52,8 +52,10 @@
 //! **No orphans.** A worker is its process group. When its leader exits, the rest of the group
 //! is SIGKILLed. Workers also die with the runtime:
 //! - dropping the last [`Runtime`] clone, or [`Runtime::shutdown`], ends every worker;
-//! - each worker carries `PR_SET_PDEATHSIG = SIGKILL`, tied to the runtime's one spawner
-//!   thread, so a leader dies with the runtime's process even when that process is SIGKILLed;
+//! - each worker carries `PR_SET_PDEATHSIG = SIGKILL`, tied to the runtime's spawner
+//!   threads (a few long-lived threads that start every worker and live exactly as long as
+//!   the runtime), so a leader dies with the runtime's process even when that process is
+//!   SIGKILLed;
 //! - processes the leader started are not covered by that, so each runtime runs a small
 //!   watchdog process (`/bin/sh`) that knows the live process groups and SIGKILLs them when the
 //!   runtime's process goes away, however it went ([`Runtime::health`] reports it if it is

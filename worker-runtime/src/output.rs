@@ -2,11 +2,14 @@
 //! ([`registry_core::output_log::OutputLog`], the log every source that captures output
 //! uses), and the pull-based readers of that log in this crate's own types.
 
+use std::io;
 use std::sync::Arc;
 
+use bytes::BufMut;
 use registry_core::output_log::{OutputLog, OutputReader as LogReader};
 use registry_core::{OutputEvent, OutputRequest};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
 use crate::types::Stream;
@@ -38,32 +41,53 @@ pub enum OutputItem {
     End,
 }
 
-/// Copies one pipe into the log: reads of up to [`CHUNK_SIZE`] bytes, never splitting a
+/// Copies one pipe into the log: chunks of up to [`CHUNK_SIZE`] bytes, never splitting a
 /// UTF-8 character between chunks (an incomplete one is carried into the next chunk and
 /// flushed at end of file). Every read of at least one byte notifies `activity`, so the
 /// supervisor knows output still flows.
-pub(crate) async fn capture<R>(
-    mut pipe: R,
+///
+/// After each read that waited, whatever else the pipe holds already joins the same chunk
+/// (reads that do not wait), so output that comes faster than it is read makes fewer,
+/// fuller chunks, and a full chunk's buffer becomes the chunk without a copy
+/// ([`OutputWriter::write_from`](registry_core::output_log::OutputWriter::write_from)).
+pub(crate) async fn capture(
+    mut pipe: pipe::Receiver,
     stream: Stream,
     log: Arc<OutputLog>,
     activity: Arc<Notify>,
-) where
-    R: AsyncRead + Unpin,
-{
+) {
     let mut writer = log.writer(stream);
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    loop {
-        let n = match pipe.read(&mut buf).await {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut open = true;
+    while open {
+        if buf.capacity() < CHUNK_SIZE {
+            buf.reserve_exact(CHUNK_SIZE);
+        }
+        match pipe.read_buf(&mut (&mut buf).limit(CHUNK_SIZE)).await {
             Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::debug!(error = %e, stream = ?stream, "worker output read failed");
                 break;
             }
-        };
+        }
         activity.notify_one();
-        writer.write(&buf[..n]);
+        while buf.len() < CHUNK_SIZE {
+            let room = CHUNK_SIZE - buf.len();
+            match pipe.try_read_buf(&mut (&mut buf).limit(room)) {
+                Ok(0) => open = false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, stream = ?stream, "worker output read failed");
+                    open = false;
+                }
+            }
+            break;
+        }
+        writer.write_from(&mut buf);
     }
     writer.flush();
 }
@@ -111,7 +135,7 @@ mod tests {
     #[tokio::test]
     async fn a_pipe_is_captured_whole_in_chunks_that_keep_characters_and_streams() {
         let text = "é€😀-".repeat(30_000);
-        let (mut tx, rx) = tokio::io::duplex(4096);
+        let (mut tx, rx) = pipe::pipe().unwrap();
         let log = OutputLog::new(u64::MAX);
         let activity = Arc::new(Notify::new());
         let task = tokio::spawn(capture(rx, Stream::Stderr, Arc::clone(&log), activity));

@@ -1,4 +1,9 @@
-//! The few system calls the runtime makes directly. Every `unsafe` block of the crate is here.
+//! The few system calls the runtime makes directly. Every `unsafe` block of the crate is here
+//! and in [`spawn`], which starts a worker's process.
+
+mod spawn;
+
+pub(crate) use spawn::{reap, set_nonblocking, spawn, Exec, CHILD_STACK};
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -73,10 +78,11 @@ pub(crate) fn wait_exited_unreaped(pid: i32) -> io::Result<()> {
     }
 }
 
-/// Marks every fd from 3 up close-on-exec. Called between fork and exec so that descriptors
-/// the host process inherited without close-on-exec (a job server pipe, a socket handed over
-/// by a service manager) do not leak into workers or the watchdog. The std library's own
-/// error-reporting pipe is close-on-exec already, so exec failures are still reported.
+/// Marks every fd from 3 up close-on-exec. Called between fork (or clone) and exec so that
+/// descriptors the host process inherited without close-on-exec (a job server pipe, a socket
+/// handed over by a service manager) do not leak into workers or the watchdog. The std
+/// library's own error-reporting pipe is close-on-exec already, so exec failures are still
+/// reported.
 /// Best effort: kernels before 5.11 lack the flag, and nothing changes there.
 ///
 /// Async-signal-safe: a single system call.
@@ -95,31 +101,6 @@ pub(crate) fn cloexec_inherited_fds() {
 /// The runtime's own pid.
 pub(crate) fn own_pid() -> i32 {
     std::process::id() as i32
-}
-
-/// Puts the worker in its own process group and makes it die with the spawning thread.
-///
-/// `parent` is the runtime's pid, read before the fork. `PR_SET_PDEATHSIG` fires when the
-/// *thread* that forked exits, which is why all forks happen on the runtime's one long-lived
-/// spawner thread. If the runtime died between the fork and the `prctl`, the child was already
-/// re-parented and no signal will come, so it checks `getppid()` and exits at once.
-pub(crate) fn configure_worker(command: &mut tokio::process::Command, parent: i32) {
-    command.process_group(0);
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: prctl, getppid, close_range and _exit are, and the closure
-    // neither allocates nor takes locks (building the io::Error from errno does not allocate).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            cloexec_inherited_fds();
-            Ok(())
-        });
-    }
 }
 
 /// Puts the watchdog in its own process group (so a terminal's signals to the host's group

@@ -108,13 +108,80 @@ async fn sigkill_of_the_host_leaves_no_worker_and_no_grandchild_behind() -> Resu
     if std::env::var_os(HOST_MODE).is_some() {
         return run_as_host().await;
     }
+    let mut procs =
+        kill_host_and_collect_pids("sigkill_of_the_host_leaves_no_worker_and_no_grandchild_behind")
+            .await?;
+    assert_eq!(
+        procs.len(),
+        5,
+        "the watchdog, two leaders and two grandchildren"
+    );
+    let watchdog = procs.remove(0);
+    all_gone(&procs)
+        .await
+        .with_context(|| format!("the host's watchdog: {}", watchdog.describe()))
+}
+
+/// The death signal alone: the host's watchdog is killed first, then workers are started
+/// (more of them than there are spawner threads, so that every thread starts some), and the
+/// host is SIGKILLed. Each leader must die with it through the `PR_SET_PDEATHSIG` its spawn
+/// set, whichever spawner thread started it.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_watchdog_gone_sigkill_of_the_host_still_kills_every_leader() -> Result<()> {
+    if std::env::var_os(HOST_MODE).is_some() {
+        return run_as_host_without_watchdog().await;
+    }
+    let procs = kill_host_and_collect_pids(
+        "with_the_watchdog_gone_sigkill_of_the_host_still_kills_every_leader",
+    )
+    .await?;
+    assert_eq!(procs.len(), LEADERS_WITHOUT_WATCHDOG, "every leader's pid");
+    all_gone(&procs).await
+}
+
+const LEADERS_WITHOUT_WATCHDOG: usize = 12;
+
+async fn run_as_host_without_watchdog() -> Result<()> {
+    let rt = runtime();
+    let watchdog = i32::try_from(rt.watchdog_pid())?;
+    // SAFETY: kill(2) on our own child, the watchdog; no memory is touched.
+    assert_eq!(unsafe { libc::kill(watchdog, libc::SIGKILL) }, 0);
+    eventually("the watchdog to be reported gone", || {
+        (!rt.health().is_empty()).then_some(())
+    })
+    .await?;
+    // Started all at once, so the spawner threads share them out.
+    let spawns: Vec<_> = (0..LEADERS_WITHOUT_WATCHDOG)
+        .map(|_| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.spawn(sh("echo $$; exec sleep 100")).await })
+        })
+        .collect();
+    let mut all = String::new();
+    for spawn in spawns {
+        let w = spawn.await??;
+        all.push_str(&wait_for_output(&rt, w.id, "\n").await?);
+        all.push(' ');
+    }
+    print_pids_and_wait(&all).await
+}
+
+/// Prints the pids for the test that runs this host, then waits to be killed (ending by
+/// itself only if that test is gone).
+async fn print_pids_and_wait(pids: &str) -> Result<()> {
+    println!(
+        "{PIDS_MARKER} {}",
+        pids.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    Ok(())
+}
+
+/// Re-executes this test binary as a host running `test`, reads the pids it prints,
+/// SIGKILLs it, and returns those processes.
+async fn kill_host_and_collect_pids(test: &str) -> Result<Vec<Proc>> {
     let mut host = Command::new(std::env::current_exe()?)
-        .args([
-            "--exact",
-            "sigkill_of_the_host_leaves_no_worker_and_no_grandchild_behind",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(HOST_MODE, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -147,16 +214,7 @@ async fn sigkill_of_the_host_leaves_no_worker_and_no_grandchild_behind() -> Resu
     // SIGKILL: the host gets no chance to clean up.
     host.kill()?;
     host.wait()?;
-    let mut procs = found?;
-    assert_eq!(
-        procs.len(),
-        5,
-        "the watchdog, two leaders and two grandchildren"
-    );
-    let watchdog = procs.remove(0);
-    all_gone(&procs)
-        .await
-        .with_context(|| format!("the host's watchdog: {}", watchdog.describe()))
+    found
 }
 
 async fn run_as_host() -> Result<()> {
@@ -167,13 +225,7 @@ async fn run_as_host() -> Result<()> {
         all.push_str(&eventually_two_lines(&rt, w.id).await?);
         all.push(' ');
     }
-    println!(
-        "{PIDS_MARKER} {}",
-        all.split_whitespace().collect::<Vec<_>>().join(" ")
-    );
-    // Wait to be killed; end by ourselves only if the parent test is gone.
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    Ok(())
+    print_pids_and_wait(&all).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,18 +5,16 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use registry_core::RegistryError;
-use tokio::process::Command;
 
 use super::Inner;
 use crate::config::{check_restarts_unhealthy, Profile};
 use crate::limits::MAX_GRACE;
 use crate::probe::{OnUnhealthy, ProbePlan};
 use crate::restart::RestartPolicy;
-use crate::sys;
+use crate::sys::Exec;
 use crate::types::{RuntimeError, SpawnSpec};
 
 /// PATH given to workers when the host has none, and to the watchdog.
@@ -35,20 +33,11 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    pub(super) fn command(&self) -> Command {
-        let mut command = Command::new(&self.argv[0]);
-        command
-            .args(&self.argv[1..])
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(cwd) = &self.cwd {
-            command.current_dir(cwd);
-        }
-        sys::configure_worker(&mut command, sys::own_pid());
-        command
+    /// What the spawner thread runs: the argv with exactly the plan's environment, stdin,
+    /// stdout and stderr piped, in the working directory if there is one. An error here (a
+    /// NUL byte in the working directory) is a spawn failure like a missing program.
+    pub(super) fn exec(&self) -> std::io::Result<Exec> {
+        Exec::new(&self.argv, &self.env, self.cwd.as_deref(), DEFAULT_PATH)
     }
 }
 

@@ -5,18 +5,17 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Weak};
 use std::time::{Instant, SystemTime};
 
-use tokio::process::Command;
+use tokio::io::AsyncReadExt;
 use tokio::time::MissedTickBehavior;
 
 use super::plan::Plan;
 use super::supervise::{forget_group, wait_for_exit_unreaped};
 use super::Inner;
 use crate::probe::{self, OnUnhealthy, ProbePlan, Target};
-use crate::sys;
+use crate::sys::{self, Exec};
 use crate::types::{Health, HealthState, LocalId};
 use crate::util::lock;
 
@@ -114,20 +113,15 @@ impl Drop for ProbeGroup {
 /// dies with the runtime's process and the watchdog knows its group), its output discarded.
 /// Success is exit code 0.
 async fn exec(weak: &Weak<Inner>, probe: &ProbeRun, argv: &[String]) -> bool {
-    let mut command = Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .env_clear()
-        .envs(probe.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(cwd) = &probe.cwd {
-        command.current_dir(cwd);
-    }
-    sys::configure_worker(&mut command, sys::own_pid());
+    let exec = match Exec::new(argv, &probe.env, probe.cwd.as_deref(), super::DEFAULT_PATH) {
+        Ok(exec) => exec,
+        Err(e) => {
+            tracing::debug!(error = %e, "a health probe's command could not be prepared");
+            return false;
+        }
+    };
     let submitted = match weak.upgrade() {
-        Some(inner) => inner.spawner.submit(command),
+        Some(inner) => inner.spawner.submit(exec),
         None => return false,
     };
     let spawned = match submitted {
@@ -142,6 +136,16 @@ async fn exec(weak: &Weak<Inner>, probe: &ProbeRun, argv: &[String]) -> bool {
         Err(_) => return false,
     };
     let mut child = spawned.child;
+    // Stdin closed (a read gets end of file); what the probe writes is read and dropped, so
+    // a chatty probe neither blocks on a full pipe nor dies of SIGPIPE. The readers end when
+    // the probe's group is gone.
+    drop(child.stdin.take());
+    for out in [child.stdout.take(), child.stderr.take()]
+        .into_iter()
+        .flatten()
+    {
+        tokio::spawn(discard(out));
+    }
     let Some(pgid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
         return false;
     };
@@ -160,6 +164,16 @@ async fn exec(weak: &Weak<Inner>, probe: &ProbeRun, argv: &[String]) -> bool {
     };
     drop(group);
     status.is_ok_and(|s| s.success())
+}
+
+/// Reads `out` to its end and drops what it reads.
+async fn discard(mut out: tokio::net::unix::pipe::Receiver) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = out.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 impl Inner {

@@ -12,13 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use registry_core::output_log::OutputLog;
 use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, ChildStdin};
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::plan::Plan;
 use super::{Inner, Process, StdinItem, Table};
 use crate::output::capture;
+use crate::spawner::Child;
 use crate::sys;
 use crate::types::{
     FailReason, HealthState, LastExit, LocalId, RuntimeError, State, Stream, WorkerInfo,
@@ -294,7 +295,7 @@ pub(super) async fn start_worker(
     let gone = || RuntimeError::Internal("the runtime was shut down".into());
     let submitted = {
         let inner = weak.upgrade().ok_or_else(gone)?;
-        inner.spawner.submit(plan.command())
+        plan.exec().and_then(|exec| inner.spawner.submit(exec))
     };
     let result = match submitted {
         Ok(reply) => reply
@@ -310,7 +311,7 @@ pub(super) async fn start_worker(
         Err(e) => Err(e),
     };
     // If the runtime is gone, the child (if any) is dropped here and dies with the spawner
-    // thread (PR_SET_PDEATHSIG); tokio reaps it.
+    // threads (PR_SET_PDEATHSIG); the reaper thread reaps it.
     let inner = weak.upgrade().ok_or_else(gone)?;
     match result {
         Ok(child) => inner.started(id, child),
@@ -389,7 +390,10 @@ pub(super) async fn wait_for_exit_unreaped(
     pid: i32,
     child: &mut Child,
 ) -> Option<io::Result<ExitStatus>> {
-    wait_unreaped(pid, child, sys::pidfd_open(pid).ok()).await
+    // The pidfd made with the process names it from its first instant; opening one now is
+    // for kernels without CLONE_PIDFD.
+    let pidfd = child.take_pidfd().or_else(|| sys::pidfd_open(pid).ok());
+    wait_unreaped(pid, child, pidfd).await
 }
 
 async fn wait_unreaped(
@@ -403,7 +407,7 @@ async fn wait_unreaped(
         }
     }
     // The blocking thread is held for the worker's life. Nothing reaps the child meanwhile:
-    // tokio only reaps a child whose `wait` is polled, or one that was dropped.
+    // only its `wait` and its drop do.
     match tokio::task::spawn_blocking(move || sys::wait_exited_unreaped(pid)).await {
         Ok(Ok(())) => None,
         Ok(Err(e)) => {
@@ -432,7 +436,7 @@ pub(super) async fn forget_group(weak: Weak<Inner>, pgid: i32) {
 /// worker) or the pipe breaks.
 async fn write_stdin(
     mut queue: mpsc::UnboundedReceiver<StdinItem>,
-    mut pipe: ChildStdin,
+    mut pipe: pipe::Sender,
     broken: Arc<AtomicBool>,
 ) {
     while let Some((data, _permit)) = queue.recv().await {
@@ -471,11 +475,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_pidfds_the_wait_for_the_leader_leaves_it_unreaped() {
-        let mut child = Command::new("/bin/sh")
-            .args(["-c", "exit 3"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let mut child = Child::start_here(&["/bin/sh", "-c", "exit 3"]).unwrap();
         let pid = i32::try_from(child.id().unwrap()).unwrap();
         let early = wait_unreaped(pid, &mut child, None).await;
         assert!(early.is_none(), "{early:?}");
@@ -512,11 +512,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_supervisor_marks_the_group_gone_also_when_the_runtime_is_gone() {
-        let child = Command::new("/bin/sh")
-            .args(["-c", "exit 0"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let child = Child::start_here(&["/bin/sh", "-c", "exit 0"]).unwrap();
         let pid = i32::try_from(child.id().unwrap()).unwrap();
         let group = Arc::new(Group::new(pid));
         let log = OutputLog::new(1024);
