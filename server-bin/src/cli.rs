@@ -13,9 +13,15 @@ use registry_core::SourceFactories;
 
 use crate::config::Config;
 
-/// The runtime registry: every place that runs workers behind one HTTP API.
+/// Roster: every place that runs workers, behind one HTTP API with live event streams.
+///
+/// Run `roster serve` (this host's workers, other rosters, older launchers' workers, as the
+/// config says), then drive it with the subcommands below, a browser on its address, or any
+/// HTTP client.
+// clap takes the help text from the comment above; a bare `about` would print the
+// package's description instead, which is written for crate readers, not users.
 #[derive(Debug, Parser)]
-#[command(name = "roster", version, about, after_help = AFTER_HELP)]
+#[command(name = "roster", version, after_help = AFTER_HELP)]
 pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
