@@ -236,9 +236,11 @@ async fn pipeline(app: &Arc<App>, req: Request<Incoming>) -> Outcome<'_> {
         return answer(Err(e));
     }
     if app.is_stopping() && route.method != http::Method::GET {
-        return answer(Err(
-            RegistryError::unavailable("the server is shutting down", None).into()
-        ));
+        return answer(Err(RegistryError::unavailable(
+            "the server is shutting down",
+            None,
+        )
+        .into()));
     }
     answer(api::dispatch(app, route.endpoint, &params, req).await)
 }

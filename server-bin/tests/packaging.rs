@@ -109,7 +109,10 @@ fn container_recipe_steps_run_without_an_engine() -> Result<()> {
         "{out}"
     );
     let recipe = std::fs::read_to_string(repo().join("packaging/Containerfile"))?;
-    ensure!(recipe.contains("USER 10001:10001"), "the image runs as root");
+    ensure!(
+        recipe.contains("USER 10001:10001"),
+        "the image runs as root"
+    );
     ensure!(
         recipe.matches("FROM ").count() >= 2,
         "the recipe is not multi-stage"

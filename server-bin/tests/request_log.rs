@@ -147,7 +147,14 @@ backoff_cap = "200ms"
     ensure!(spawn.status == 201, "spawn: {:?}", spawn.body);
     let worker: Value = serde_json::from_slice(&spawn.body)?;
     let id = worker["id"].as_str().context("an id")?.to_string();
-    let get = request_to(addr, Method::GET, &format!("/v1/workers/{id}"), &headers, None).await?;
+    let get = request_to(
+        addr,
+        Method::GET,
+        &format!("/v1/workers/{id}"),
+        &headers,
+        None,
+    )
+    .await?;
     ensure!(get.status == 200);
     let denied = request_to(addr, Method::GET, "/v1/runtimes", &[], None).await?;
     ensure!(denied.status == 401);
@@ -213,7 +220,9 @@ backoff_cap = "200ms"
             fields["request_id"].as_str().is_some_and(|r| !r.is_empty()),
             "{fields}"
         );
-        let ms = fields["elapsed_ms"].as_f64().context("elapsed_ms a number")?;
+        let ms = fields["elapsed_ms"]
+            .as_f64()
+            .context("elapsed_ms a number")?;
         ensure!(
             ms >= 0.0 && (ms * 100.0 - (ms * 100.0).round()).abs() < 1e-6,
             "elapsed_ms is not rounded to two decimals: {ms}"
@@ -230,6 +239,9 @@ backoff_cap = "200ms"
 #[test]
 fn the_line_parser_refuses_a_repeated_key() {
     let err = parse_lines(r#"{"fields":{"message":"a","message":"b"}}"#).unwrap_err();
-    assert!(format!("{err:#}").contains("duplicate key \"message\""), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("duplicate key \"message\""),
+        "{err:#}"
+    );
     assert!(parse_lines(r#"{"fields":{"message":"a","reason":"b"}}"#).is_ok());
 }
