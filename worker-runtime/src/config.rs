@@ -78,6 +78,37 @@ fn usize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error>
     usize::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too large")))
 }
 
+impl RuntimeConfig {
+    /// What serde cannot check, with the key path at fault (`profiles.shell.command`) beside
+    /// the message: `event_retention` of 0, a profile with an empty command, a
+    /// `max_restarts` over [`MAX_RESTARTS_LIMIT`](crate::MAX_RESTARTS_LIMIT).
+    /// [`Runtime::new`](crate::Runtime::new) refuses such a config.
+    pub fn problem(&self) -> Result<(), (String, String)> {
+        if self.event_retention == 0 {
+            return Err((
+                "event_retention".into(),
+                "event_retention must be at least 1".into(),
+            ));
+        }
+        for (name, profile) in &self.profiles {
+            if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
+                return Err((
+                    format!("profiles.{name}.command"),
+                    format!("profile {name:?} has an empty command"),
+                ));
+            }
+            let limit = crate::MAX_RESTARTS_LIMIT;
+            if profile.max_restarts.is_some_and(|n| n > limit) {
+                return Err((
+                    format!("profiles.{name}.max_restarts"),
+                    format!("profile {name:?}: `max_restarts` is at most {limit}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {

@@ -26,7 +26,7 @@ use crate::config::RuntimeConfig;
 use crate::events::{EventLog, EventReader, NewEvent};
 use crate::limits::MAX_GRACE;
 use crate::output::OutputReader;
-use crate::restart::{Decision, Ending, Restarts, MAX_RESTARTS_LIMIT};
+use crate::restart::{Decision, Ending, Restarts};
 use crate::spawner::Spawner;
 use crate::types::{
     FailReason, LastExit, LocalId, Problem, RuntimeError, SpawnSpec, State, WorkerInfo,
@@ -133,22 +133,8 @@ impl Runtime {
     /// command, `event_retention` of 0) and [`RuntimeError::Internal`] outside a tokio runtime
     /// or when the thread or the watchdog cannot be started.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
-        if config.event_retention == 0 {
-            return Err(RuntimeError::InvalidRequest(
-                "event_retention must be at least 1".into(),
-            ));
-        }
-        for (name, profile) in &config.profiles {
-            if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
-                return Err(RuntimeError::InvalidRequest(format!(
-                    "profile {name:?} has an empty command"
-                )));
-            }
-            if profile.max_restarts.is_some_and(|n| n > MAX_RESTARTS_LIMIT) {
-                return Err(RuntimeError::InvalidRequest(format!(
-                    "profile {name:?}: `max_restarts` is at most {MAX_RESTARTS_LIMIT}"
-                )));
-            }
+        if let Err((_, message)) = config.problem() {
+            return Err(RuntimeError::InvalidRequest(message));
         }
         let handle = Handle::try_current().map_err(|_| {
             RuntimeError::Internal(

@@ -84,6 +84,13 @@ impl RuntimeSection {
         let plain = || ConfigFileError::new(known_line(self.line), format!("{runtime}: {message}"));
         let line_of_path = |path: &str| self.keys.iter().find(|k| k.path == path).map(|k| k.line);
 
+        if let Some(path) = err.path.as_deref() {
+            // Without array indices: `command[1]` is at the line of `command`.
+            return self.error_at_path(&runtime, message, &super::lines::plain(path));
+        }
+        // A source that gives no path (a kind of somebody else's): the key is found by the
+        // names the message quotes.
+
         if let Some((head, context)) = split_context(message) {
             let line = backticked(head)
                 .find_map(|name| line_of_path(&format!("{context}.{name}")))
@@ -107,6 +114,46 @@ impl RuntimeSection {
             }
         }
         plain()
+    }
+}
+
+impl RuntimeSection {
+    /// A factory's error about the value at `path` (without array indices): at the line of
+    /// a key of that table the message quotes (an unknown key, a missing one's table), else
+    /// of the path itself or its nearest written parent, else at the runtime's line. The
+    /// message names the table (`in `profiles.shell`: …`) or the key (`` `grace`: … ``).
+    fn error_at_path(&self, runtime: &str, message: &str, path: &str) -> ConfigFileError {
+        let line_of_path = |path: &str| self.keys.iter().find(|k| k.path == path).map(|k| k.line);
+        let quoted = backticked(message).find_map(|name| {
+            let full = format!("{path}.{name}");
+            line_of_path(&full).map(|line| (line, full))
+        });
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        let names_leaf = message.contains(&format!("`{leaf}`"));
+        let text = if split_context(message).is_some() {
+            // It names its table already (as toml's messages do).
+            format!("{runtime}: {message}")
+        } else if quoted.is_some() {
+            format!("{runtime}: in `{path}`: {message}")
+        } else if names_leaf {
+            match parent(path) {
+                Some(parent) => format!("{runtime}: in `{parent}`: {message}"),
+                None => format!("{runtime}: {message}"),
+            }
+        } else {
+            format!("{runtime}: `{path}`: {message}")
+        };
+        let line = quoted.map(|(line, _)| line).or_else(|| {
+            let mut at = Some(path);
+            while let Some(p) = at {
+                if let Some(line) = line_of_path(p) {
+                    return Some(line);
+                }
+                at = parent(p);
+            }
+            None
+        });
+        ConfigFileError::new(line.or(known_line(self.line)), text)
     }
 }
 
@@ -138,10 +185,14 @@ impl Config {
     /// (without `name` and `source`) and `<state_dir>/runtimes/<id>` as its state
     /// directory.
     ///
-    /// A factory's error becomes an error naming the runtime. A message that ends with the
-    /// table it is about (``… in `profiles.shell` ``) is placed at the line of the key of
-    /// that table it names, else at the table's line; any other at the line of the key it
-    /// names (at any depth of the runtime's table); else at the runtime's line. An
+    /// A factory's error becomes an error naming the runtime. One with a key path
+    /// ([`ConfigError::path`], which every in-tree kind gives) is placed at that key's line
+    /// (or at the line of the key of that table the message quotes, or of its nearest
+    /// written parent). One without (a kind of somebody else's) is placed by what its
+    /// message quotes: a message that ends with the table it is about
+    /// (``… in `profiles.shell` ``) at the line of the key of that table it names, else at
+    /// the table's line; any other at the line of the key it names (at any depth of the
+    /// runtime's table); else at the runtime's line. An
     /// unknown kind is reported at the line of `source` with the known kinds. On an error
     /// the sources built so far are dropped without a shutdown: call this before anything
     /// depends on them. Call it inside a Tokio runtime: a source such as `embedded` starts
