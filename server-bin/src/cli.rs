@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -131,7 +130,7 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
     let mut config = match &args.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
-            Err(e) => return fail(&e),
+            Err(e) => return fail_config(path, &e, &factories),
         },
         None => Config::default_embedded(),
     };
@@ -145,9 +144,20 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
+    let checked = factories.clone();
     match rt.block_on(crate::run(config, factories)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("{e:#}")),
+        Err(e) => match (
+            &args.config,
+            e.downcast_ref::<crate::config::ConfigFileError>(),
+        ) {
+            // A source that would not build: every error of the file, not only its first.
+            (Some(path), Some(_)) => {
+                drop(rt);
+                fail_config(path, &format!("{e:#}"), &checked)
+            }
+            _ => fail(&format!("{e:#}")),
+        },
     }
 }
 
@@ -157,47 +167,57 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
 }
 
 /// `roster check-config FILE`: parse, read the tokens, check the listen address, and build
-/// every runtime's source (then shut it down at once), reporting the first error.
+/// every runtime's source (then shut it down at once), reporting every error in file order.
 pub fn check_config(file: &std::path::Path, factories: &SourceFactories) -> ExitCode {
-    let config = match Config::load(file) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let tokens = match config.load_tokens() {
-        Ok(t) => t,
-        Err(e) => return fail(&e),
-    };
-    if let Err(e) = config.check_listen(&tokens) {
-        return fail(&e);
-    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    let built = rt.block_on(async {
-        let built = config.build_sources(factories)?;
-        for b in &built {
-            b.source.shutdown(Some(Duration::ZERO)).await;
-        }
-        Ok::<_, crate::config::ConfigFileError>(built.len())
-    });
-    match built {
-        Ok(n) => {
-            let kinds: Vec<String> = config
+    match rt.block_on(Config::check_file(file, factories)) {
+        Ok(report) => {
+            let n = report.runtimes.len();
+            let kinds: Vec<String> = report
                 .runtimes
                 .iter()
-                .map(|r| format!("{} ({})", r.id, r.kind))
+                .map(|(id, kind)| format!("{id} ({kind})"))
                 .collect();
             println!(
                 "config is valid: {n} runtime{}: {}; {} token{}",
                 if n == 1 { "" } else { "s" },
                 kinds.join(", "),
-                tokens.len(),
-                if tokens.len() == 1 { "" } else { "s" }
+                report.tokens,
+                if report.tokens == 1 { "" } else { "s" }
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(errors) => report_errors(file, &errors),
+    }
+}
+
+/// Prints every error of `file`, one a line, and how many there are.
+fn report_errors(file: &std::path::Path, errors: &crate::config::ConfigErrors) -> ExitCode {
+    for e in &errors.0 {
+        eprintln!("roster: {}: {e}", file.display());
+    }
+    if errors.0.len() > 1 {
+        eprintln!("roster: {} errors in {}", errors.0.len(), file.display());
+    }
+    ExitCode::FAILURE
+}
+
+/// A start that failed on the config: every error of the file, as `check-config` gives
+/// them (the first alone if checking finds none, as for an error only starting shows).
+fn fail_config(
+    file: &std::path::Path,
+    first: &dyn std::fmt::Display,
+    factories: &SourceFactories,
+) -> ExitCode {
+    let all = runtime()
+        .ok()
+        .and_then(|rt| rt.block_on(Config::check_file(file, factories)).err());
+    match all {
+        Some(errors) => report_errors(file, &errors),
+        None => fail(first),
     }
 }
 

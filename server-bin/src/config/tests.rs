@@ -1035,3 +1035,33 @@ fn a_factory_error_with_a_path_is_placed_by_the_path_not_by_the_names_it_quotes(
         "runtime \"p\": `profiles.b.cwd`: must sit beside `command`"
     );
 }
+
+// ---- plain words ----
+
+#[test]
+fn serde_words_become_plain_ones_with_the_fix_where_known() {
+    let err = parse_err("[server]\nevent_retention = \"lots\"\n");
+    assert_eq!(err.line, Some(2), "{err}");
+    assert!(
+        err.message
+            .contains("expected a whole number (0 or more), found the string \"lots\""),
+        "{err}"
+    );
+    assert!(!err.message.contains("usize"), "{err}");
+    let err = parse_err("[server]\nlisen = \"127.0.0.1:1\"\n");
+    assert!(err.message.contains("did you mean `listen`?"), "{err}");
+    let err = parse_err("[server]\nallowed_hosts = \"a\"\n");
+    assert!(err.message.contains("expected a list"), "{err}");
+    assert!(!err.message.contains("sequence"), "{err}");
+    let err = parse_err("[server]\nlisten = 5\n");
+    assert!(err.message.contains("\"127.0.0.1:7411\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_sources_serde_error_is_in_plain_words_at_its_line() {
+    let text = "[[runtimes]]\nname = \"local\"\nsource = \"embedded\"\n\
+                max_workers = \"many\"\nmax_finishd = 3\n";
+    let err = build_err(text);
+    assert!(!err.message.contains("usize"), "{err}");
+    assert!(err.message.contains("a whole number"), "{err}");
+}
