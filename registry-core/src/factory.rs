@@ -357,9 +357,7 @@ mod tests {
             Some("profiles.shell.grace".into())
         );
         assert_eq!(
-            path(&format!(
-                "[profiles.a]\ncommand = [\"/bin/sh\", 5]\ngrace = \"1s\""
-            )),
+            path("[profiles.a]\ncommand = [\"/bin/sh\", 5]\ngrace = \"1s\""),
             Some("profiles.a.command[1]".into())
         );
         // A missing key: the table that lacks it.
