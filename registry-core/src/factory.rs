@@ -26,16 +26,23 @@ pub struct SourceConfig {
 
 impl SourceConfig {
     /// Parses the table into the source's own config type (which should use
-    /// `#[serde(deny_unknown_fields)]`). The error names the offending key.
+    /// `#[serde(deny_unknown_fields)]`). The error carries the key path of the value at
+    /// fault ([`ConfigError::path`], e.g. `profiles.shell.grace`; for a missing key, the
+    /// table that lacks it; for an unknown key, the table it is in).
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        toml::Value::Table(self.table.0.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError {
-                runtime: self.runtime_id.to_string(),
-                // The whole text: it ends with the key path ("in `profiles.shell.command`"),
-                // which `message()` alone drops.
-                message: e.to_string().trim().replace('\n', " "),
-            })
+        serde_path_to_error::deserialize(toml::Value::Table(self.table.0.clone())).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| {
+                let path = key_path(e.path());
+                // The whole text: toml ends it with the key path too ("in `profiles.shell`"),
+                // which `message()` alone drops, so the message names the key by itself.
+                let message = e.inner().to_string().trim().replace('\n', " ");
+                let error = ConfigError::new(self.runtime_id.as_str(), message);
+                match path {
+                    Some(path) => error.at(path),
+                    None => error,
+                }
+            },
+        )
     }
 }
 
@@ -44,13 +51,32 @@ impl SourceConfig {
     /// parsed config: the operator's message is the error's own, and for an internal
     /// error its detail (which a source writes for the log, naming no secret).
     pub fn build_error(&self, error: RegistryError) -> ConfigError {
-        ConfigError {
-            runtime: self.runtime_id.to_string(),
-            message: error
+        ConfigError::new(
+            self.runtime_id.as_str(),
+            error
                 .internal_detail()
                 .map_or_else(|| error.to_string(), str::to_string),
+        )
+    }
+}
+
+/// `a.b[0].c` for a serde path; `None` for the root.
+fn key_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
         }
     }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A config error of one runtime. Meant for the operator, so it may name keys.
@@ -61,6 +87,27 @@ pub struct ConfigError {
     pub runtime: String,
     /// What is wrong, naming the key.
     pub message: String,
+    /// The key path of the value at fault within the runtime's table, as `a.b[0].c`
+    /// (`profiles.shell.grace`, `command[1]`): the server places the error at that key's
+    /// line. `None` when the error is about no one key (a source that could not start).
+    pub path: Option<String>,
+}
+
+impl ConfigError {
+    /// An error of runtime `runtime` about no particular key.
+    pub fn new(runtime: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            runtime: runtime.into(),
+            message: message.into(),
+            path: None,
+        }
+    }
+
+    /// The same error, about the value at key path `path` (see [`ConfigError::path`]).
+    pub fn at(mut self, path: impl Into<String>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
 }
 
 /// A kind of source, as a server learns it: its name in configs and how one runtime's
@@ -139,13 +186,13 @@ impl SourceFactories {
     ) -> Result<Arc<dyn RuntimeSource>, ConfigError> {
         match self.kinds.get(kind) {
             Some(factory) => factory(config),
-            None => Err(ConfigError {
-                runtime: config.runtime_id.to_string(),
-                message: format!(
+            None => Err(ConfigError::new(
+                config.runtime_id.as_str(),
+                format!(
                     "unknown source kind {kind:?}; known kinds: {}",
                     self.kinds().join(", ")
                 ),
-            }),
+            )),
         }
     }
 }
@@ -280,6 +327,44 @@ mod tests {
             .parse::<Demo>()
             .unwrap_err();
         assert!(err.message.contains("not a duration"), "{err}");
+        assert_eq!(err.path.as_deref(), Some("grace"), "{err:?}");
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Profile {
+        #[serde(deserialize_with = "duration")]
+        grace: Duration,
+        command: Vec<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Nested {
+        profiles: BTreeMap<String, Profile>,
+    }
+
+    #[test]
+    fn parse_errors_carry_the_key_path_of_the_value_at_fault() {
+        let path = |text: &str| cfg(text).parse::<Nested>().unwrap_err().path;
+        let ok = "command = [\"/bin/sh\"]\ngrace = \"1s\"";
+        assert_eq!(
+            path(&format!(
+                "[profiles.a]\n{ok}\n[profiles.shell]\ncommand = [\"x\"]\ngrace = \"soon\""
+            )),
+            Some("profiles.shell.grace".into())
+        );
+        assert_eq!(
+            path("[profiles.a]\ncommand = [\"/bin/sh\", 5]\ngrace = \"1s\""),
+            Some("profiles.a.command[1]".into())
+        );
+        // A missing key: the table that lacks it.
+        assert_eq!(
+            path("[profiles.b]\ngrace = \"1s\""),
+            Some("profiles.b".into())
+        );
     }
 
     #[test]

@@ -1117,7 +1117,7 @@ async fn unavailable_for(
     if strong.stopping.load(Ordering::Acquire) || strong.is_retiring(id) {
         return false;
     }
-    tracing::warn!(runtime = %id, kind = %runtime.kind, %message, "runtime unavailable");
+    tracing::warn!(runtime = %id, kind = %runtime.kind, reason = %message, "runtime unavailable");
     let retry_at = OffsetDateTime::now_utc() + backoff;
     strong.apply(
         id,

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,9 +12,15 @@ use registry_core::SourceFactories;
 
 use crate::config::Config;
 
-/// The runtime registry: every place that runs workers behind one HTTP API.
+/// Roster: every place that runs workers, behind one HTTP API with live event streams.
+///
+/// Run `roster serve` (this host's workers, other rosters, older launchers' workers, as the
+/// config says), then drive it with the subcommands below, a browser on its address, or any
+/// HTTP client.
+// clap takes the help text from the comment above; a bare `about` would print the
+// package's description instead, which is written for crate readers, not users.
 #[derive(Debug, Parser)]
-#[command(name = "roster", version, about, after_help = AFTER_HELP)]
+#[command(name = "roster", version, after_help = AFTER_HELP)]
 pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
@@ -126,7 +131,7 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
     let mut config = match &args.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
-            Err(e) => return fail(&e),
+            Err(e) => return fail_config(path, &e, &factories),
         },
         None => Config::default_embedded(),
     };
@@ -138,7 +143,7 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
     }
     // SIGHUP and `POST /v1/admin/reload` read the file again (the flags still win).
     let reload = Some(crate::ReloadConfig {
-        path: args.config.map(Into::into),
+        path: args.config.clone().map(Into::into),
         listen: args.listen,
         state_dir: args.state_dir.map(Into::into),
         factories: factories.clone(),
@@ -149,10 +154,21 @@ fn serve(args: ServeArgs, factories: SourceFactories) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
+    let checked = factories.clone();
     let run = crate::run_reloadable(config, factories, reload, crate::shutdown_signal());
     match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("{e:#}")),
+        Err(e) => match (
+            &args.config,
+            e.downcast_ref::<crate::config::ConfigFileError>(),
+        ) {
+            // A source that would not build: every error of the file, not only its first.
+            (Some(path), Some(_)) => {
+                drop(rt);
+                fail_config(path, &format!("{e:#}"), &checked)
+            }
+            _ => fail(&format!("{e:#}")),
+        },
     }
 }
 
@@ -162,47 +178,57 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
 }
 
 /// `roster check-config FILE`: parse, read the tokens, check the listen address, and build
-/// every runtime's source (then shut it down at once), reporting the first error.
+/// every runtime's source (then shut it down at once), reporting every error in file order.
 pub fn check_config(file: &std::path::Path, factories: &SourceFactories) -> ExitCode {
-    let config = match Config::load(file) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let tokens = match config.load_tokens() {
-        Ok(t) => t,
-        Err(e) => return fail(&e),
-    };
-    if let Err(e) = config.check_listen(&tokens) {
-        return fail(&e);
-    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    let built = rt.block_on(async {
-        let built = config.build_sources(factories)?;
-        for b in &built {
-            b.source.shutdown(Some(Duration::ZERO)).await;
-        }
-        Ok::<_, crate::config::ConfigFileError>(built.len())
-    });
-    match built {
-        Ok(n) => {
-            let kinds: Vec<String> = config
+    match rt.block_on(Config::check_file(file, factories)) {
+        Ok(report) => {
+            let n = report.runtimes.len();
+            let kinds: Vec<String> = report
                 .runtimes
                 .iter()
-                .map(|r| format!("{} ({})", r.id, r.kind))
+                .map(|(id, kind)| format!("{id} ({kind})"))
                 .collect();
             println!(
                 "config is valid: {n} runtime{}: {}; {} token{}",
                 if n == 1 { "" } else { "s" },
                 kinds.join(", "),
-                tokens.len(),
-                if tokens.len() == 1 { "" } else { "s" }
+                report.tokens,
+                if report.tokens == 1 { "" } else { "s" }
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(errors) => report_errors(file, &errors),
+    }
+}
+
+/// Prints every error of `file`, one a line, and how many there are.
+fn report_errors(file: &std::path::Path, errors: &crate::config::ConfigErrors) -> ExitCode {
+    for e in &errors.0 {
+        eprintln!("roster: {}: {e}", file.display());
+    }
+    if errors.0.len() > 1 {
+        eprintln!("roster: {} errors in {}", errors.0.len(), file.display());
+    }
+    ExitCode::FAILURE
+}
+
+/// A start that failed on the config: every error of the file, as `check-config` gives
+/// them (the first alone if checking finds none, as for an error only starting shows).
+fn fail_config(
+    file: &std::path::Path,
+    first: &dyn std::fmt::Display,
+    factories: &SourceFactories,
+) -> ExitCode {
+    let all = runtime()
+        .ok()
+        .and_then(|rt| rt.block_on(Config::check_file(file, factories)).err());
+    match all {
+        Some(errors) => report_errors(file, &errors),
+        None => fail(first),
     }
 }
 

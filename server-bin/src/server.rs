@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -160,13 +161,21 @@ fn client_request_id(req: &Request<Incoming>) -> Option<String> {
 async fn handle(
     app: Arc<App>,
     abort: ConnAbort,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     req.extensions_mut().insert(abort);
     let request_id = client_request_id(&req).unwrap_or_else(|| app.next_request_id());
     let method = req.method().clone();
-    let (route, result) = pipeline(&app, req).await;
+    // The path for the log line, only when that line is written (a `Uri` clone shares its
+    // bytes; nothing is formatted here).
+    let uri = tracing::enabled!(tracing::Level::INFO).then(|| req.uri().clone());
+    let Outcome {
+        route,
+        token,
+        result,
+    } = pipeline(&app, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(error) => {
@@ -182,29 +191,54 @@ async fn handle(
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     app.metrics.observe_request(&method, route, status, elapsed);
-    tracing::info!(
-        request_id = %request_id,
-        %method,
-        route,
-        status,
-        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
+    if let Some(uri) = uri {
+        tracing::info!(
+            request_id = %request_id,
+            %method,
+            path = uri.path(),
+            route,
+            status,
+            token = token.as_deref().unwrap_or("-"),
+            peer = %peer,
+            elapsed_ms = round_ms(elapsed),
+            "request"
+        );
+    }
     Ok(resp)
 }
 
-/// Host → route → token → origin → handler. Returns the route template for the metrics.
-async fn pipeline(
-    app: &Arc<App>,
-    req: Request<Incoming>,
-) -> (&'static str, Result<Response<Body>, ApiError>) {
+/// A duration in milliseconds with two decimals (`0.03`, not `0.030555000000000002`).
+fn round_ms(elapsed: Duration) -> f64 {
+    (elapsed.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+/// What the pipeline made of a request: its route template (for the metrics and the log),
+/// the name of the token it came with (never the token), and the answer.
+struct Outcome {
+    route: &'static str,
+    token: Option<String>,
+    result: Result<Response<Body>, ApiError>,
+}
+
+impl Outcome {
+    fn early(route: &'static str, error: ApiError) -> Self {
+        Outcome {
+            route,
+            token: None,
+            result: Err(error),
+        }
+    }
+}
+
+/// Host → route → token → origin → handler.
+async fn pipeline(app: &Arc<App>, req: Request<Incoming>) -> Outcome {
     let gate = app.gate();
     if let Err(e) = gate
         .allowed
         .check_host(req.headers())
         .and_then(|()| gate.allowed.check_target(req.uri()))
     {
-        return (UNMATCHED, Err(e));
+        return Outcome::early(UNMATCHED, e);
     }
     let path = req.uri().path().to_string();
     let (route, params) = match resolve(req.method(), &path) {
@@ -214,34 +248,38 @@ async fn pipeline(
         ),
         Resolution::WrongMethod(template, allow) => {
             let method = req.method().clone();
-            return (template, Err(ApiError::MethodNotAllowed { method, allow }));
+            return Outcome::early(template, ApiError::MethodNotAllowed { method, allow });
         }
         Resolution::NotFound => {
-            return (
+            return Outcome::early(
                 UNMATCHED,
-                Err(ApiError::RouteNotFound(
+                ApiError::RouteNotFound(
                     "no such route; GET /v1/openapi.json lists every route".into(),
-                )),
+                ),
             )
         }
     };
     let template = route.template;
-    if let Err(e) = gate.tokens.authorize(req.headers(), route.access) {
-        return (template, Err(e));
-    }
+    let token = match gate.tokens.authorize(req.headers(), route.access) {
+        Ok(token) => token.map(str::to_string),
+        Err(e) => return Outcome::early(template, e),
+    };
+    let answer = |result| Outcome {
+        route: template,
+        token,
+        result,
+    };
     if let Err(e) = gate.allowed.check_origin(req.method(), req.headers()) {
-        return (template, Err(e));
+        return answer(Err(e));
     }
     if app.is_stopping() && route.method != http::Method::GET {
-        return (
-            template,
-            Err(RegistryError::unavailable("the server is shutting down", None).into()),
-        );
+        return answer(Err(RegistryError::unavailable(
+            "the server is shutting down",
+            None,
+        )
+        .into()));
     }
-    (
-        template,
-        api::dispatch(app, route.endpoint, &params, req).await,
-    )
+    answer(api::dispatch(app, route.endpoint, &params, req).await)
 }
 
 /// Serves `registry` on `listener` with default options until `shutdown` completes.
@@ -339,7 +377,7 @@ pub async fn serve_with(
             permit = slots.clone().acquire_owned() => permit?,
             () = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -356,7 +394,7 @@ pub async fn serve_with(
         let conn_abort = ConnAbort(abort.clone());
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| handle(app.clone(), conn_abort.clone(), req)),
+            service_fn(move |req| handle(app.clone(), conn_abort.clone(), peer, req)),
         );
         let watched = graceful.watch(conn);
         tokio::spawn(async move {

@@ -63,6 +63,9 @@ impl SourceKind for EmbeddedSource {
 
     fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
         let settings: EmbeddedConfig = config.parse()?;
+        settings.problem().map_err(|(path, message)| {
+            ConfigError::new(config.runtime_id.as_str(), message).at(path)
+        })?;
         // An operator's message: the runtime's own (which names no path or pid), also for
         // an internal error.
         EmbeddedSource::new(settings).map_err(|e| config.build_error(e))

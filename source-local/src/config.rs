@@ -117,30 +117,39 @@ impl LocalConfig {
 
     /// Checks what serde cannot: the message names the key at fault.
     pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|(_, message)| message)
+    }
+
+    /// [`validate`](Self::validate), with the key at fault beside the message.
+    fn check(&self) -> Result<(), (&'static str, String)> {
         if self.spool_dir.as_os_str().is_empty() {
-            return Err("`spool_dir` must not be empty".into());
+            return Err(("spool_dir", "`spool_dir` must not be empty".into()));
         }
         if self.max_workers == 0 {
-            return Err("`max_workers` must be at least 1".into());
+            return Err(("max_workers", "`max_workers` must be at least 1".into()));
         }
         if self.max_descriptor_bytes == 0 {
-            return Err("`max_descriptor_bytes` must be at least 1 byte".into());
+            return Err((
+                "max_descriptor_bytes",
+                "`max_descriptor_bytes` must be at least 1 byte".into(),
+            ));
         }
         if self.poll_interval < MIN_POLL_INTERVAL {
-            return Err(format!(
-                "`poll_interval` must be at least {}ms",
-                MIN_POLL_INTERVAL.as_millis()
+            return Err((
+                "poll_interval",
+                format!(
+                    "`poll_interval` must be at least {}ms",
+                    MIN_POLL_INTERVAL.as_millis()
+                ),
             ));
         }
         Ok(())
     }
 
-    /// Checks the config for runtime `runtime`, as a factory reports it.
+    /// Checks the config for runtime `runtime`, as a factory reports it: at the key at fault.
     pub(crate) fn checked(self, runtime: &RuntimeId) -> Result<Self, ConfigError> {
-        self.validate().map_err(|message| ConfigError {
-            runtime: runtime.to_string(),
-            message,
-        })?;
+        self.check()
+            .map_err(|(key, message)| ConfigError::new(runtime.as_str(), message).at(key))?;
         Ok(self)
     }
 }

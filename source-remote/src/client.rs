@@ -18,12 +18,103 @@ use crate::stream::EventReader;
 /// The most bytes of a plain (non-stream) answer that are read.
 const MAX_ANSWER_BYTES: usize = 8 << 20;
 
-/// What a person is told when the remote cannot be reached. Deliberately vague: the
-/// address is internal authority.
-pub(crate) const NO_ANSWER: &str = "the remote runtime does not answer";
-pub(crate) const TIMED_OUT: &str = "the remote runtime did not answer in time";
-pub(crate) const BAD_TOKEN: &str =
-    "the remote roster refused this registry's token; check the runtime's token setting";
+/// What a person is told when the remote cannot be reached: which failure, and what to
+/// check, never the address (internal authority; the log has it).
+pub(crate) const NO_ANSWER: &str = "the remote roster answered with a server error";
+pub(crate) const TIMED_OUT: &str = "the remote roster accepted the connection but did not answer \
+     within `request_timeout`";
+pub(crate) const BAD_TOKEN: &str = "the remote roster refused this registry's token (401 \
+     unauthorized); check the runtime's `token_env` or `token_file`";
+pub(crate) const FORBIDDEN: &str = "the remote roster refused this registry (403 forbidden): \
+     it must accept the host name of the runtime's `url` (its `allowed_hosts`) and this \
+     registry's token";
+pub(crate) const NO_SUCH_RUNTIME: &str = "the remote roster has no runtime of the configured \
+     `remote_runtime` name (404 runtime_not_found); check `remote_runtime` against its \
+     runtimes";
+
+/// Why a connection to the remote failed, as far as a person can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// Nothing listens at the address (`ECONNREFUSED`).
+    Refused,
+    /// The host name did not resolve.
+    Dns,
+    /// The TCP connect took longer than `connect_timeout`.
+    ConnectTimeout,
+    /// The bytes that came back are not HTTP (a TLS port, another protocol).
+    NotHttp,
+    /// The connection closed or was reset before the answer was whole.
+    Closed,
+    /// Anything else of the network (unreachable, …).
+    Other(std::io::ErrorKind),
+}
+
+impl Cause {
+    /// What the runtime's health says.
+    pub(crate) fn message(self) -> String {
+        match self {
+            Cause::Refused => "the remote roster refused the connection: nothing listens at the \
+                runtime's `url` (is it running there?)"
+                .into(),
+            Cause::Dns => "the host name of the runtime's `url` could not be resolved (DNS \
+                failure)"
+                .into(),
+            Cause::ConnectTimeout => "connecting to the remote roster timed out (no answer \
+                within `connect_timeout`); check the network and the runtime's `url`"
+                .into(),
+            Cause::NotHttp => "the remote did not answer in plain HTTP (TLS, or another \
+                protocol?): the runtime's `url` must name a roster's plain-HTTP port"
+                .into(),
+            Cause::Closed => "the remote closed the connection before it answered".into(),
+            Cause::Other(kind) => format!("the connection to the remote roster failed: {kind}"),
+        }
+    }
+
+    /// The cause of a client error, found by walking its sources.
+    pub(crate) fn of(error: &(dyn std::error::Error + 'static)) -> Cause {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            // hyper-util's connect error is private; its text names the step that failed.
+            if e.to_string() == "dns error" {
+                return Cause::Dns;
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_parse() || h.is_parse_status() {
+                    return Cause::NotHttp;
+                }
+                if h.is_incomplete_message() || h.is_canceled() {
+                    return Cause::Closed;
+                }
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind as K;
+                return match io.kind() {
+                    K::ConnectionRefused => Cause::Refused,
+                    K::TimedOut => Cause::ConnectTimeout,
+                    K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::BrokenPipe
+                    | K::UnexpectedEof => Cause::Closed,
+                    kind => Cause::Other(kind),
+                };
+            }
+            next = e.source();
+        }
+        Cause::Closed
+    }
+}
+
+/// The whole chain of an error's messages, for the log (it may name the address).
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
 
 /// The client, with the remote's address and token (both [`Redacted`](registry_core::Redacted)
 /// in its settings, so the derived `Debug` shows neither).
@@ -31,6 +122,9 @@ pub(crate) const BAD_TOKEN: &str =
 pub(crate) struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     settings: std::sync::Arc<Settings>,
+    /// The detail of the last failure to talk to the remote (it may name the address): for
+    /// the log line the link writes when the runtime goes down.
+    last_failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// The error in an error answer of a roster's API (`{"error": {"code", "message"}}`, SPEC
@@ -65,11 +159,32 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(32)
             .build(connector);
-        Upstream { client, settings }
+        Upstream {
+            client,
+            settings,
+            last_failure: Default::default(),
+        }
     }
 
     pub(crate) fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The detail of the last transport failure, taken (`None` if there was none since).
+    pub(crate) fn take_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// A failure to talk to the remote at all: `unavailable`, with its [`Cause`]'s message.
+    /// The detail (it may name the address) is kept for the log.
+    pub(crate) fn transport(&self, e: impl std::error::Error + 'static) -> RegistryError {
+        let detail = chain(&e);
+        tracing::debug!(error = %detail, "request to the remote runtime failed");
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(detail);
+        RegistryError::unavailable(Cause::of(&e).message(), None)
     }
 
     fn build(
@@ -107,10 +222,14 @@ impl Upstream {
     ) -> Result<serde_json::Value, RegistryError> {
         let req = self.build(method, path_and_query, body, None)?;
         let work = async {
-            let resp = self.client.request(req).await.map_err(transport)?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.transport(e))?;
             let status = resp.status();
             let retry_after = retry_after(&resp);
-            let bytes = read_limited(resp.into_body()).await?;
+            let bytes = self.read_limited(resp.into_body()).await?;
             Ok::<_, RegistryError>((status, retry_after, bytes))
         };
         let (status, retry_after, bytes) =
@@ -146,7 +265,7 @@ impl Upstream {
             match tokio::time::timeout(self.settings.request_timeout, self.client.request(req))
                 .await
             {
-                Ok(result) => result.map_err(transport)?,
+                Ok(result) => result.map_err(|e| self.transport(e))?,
                 Err(_) => return Err(RegistryError::UpstreamTimeout(TIMED_OUT.into())),
             };
         let status = resp.status();
@@ -170,7 +289,7 @@ impl Upstream {
         let retry_after = retry_after(&resp);
         let bytes = match tokio::time::timeout(
             self.settings.request_timeout,
-            read_limited(resp.into_body()),
+            self.read_limited(resp.into_body()),
         )
         .await
         {
@@ -178,6 +297,23 @@ impl Upstream {
             _ => Bytes::new(),
         };
         Err(self.error_from(status, retry_after, &bytes))
+    }
+
+    /// Reads a body up to [`MAX_ANSWER_BYTES`].
+    async fn read_limited(&self, mut body: Incoming) -> Result<Bytes, RegistryError> {
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.transport(e))?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > MAX_ANSWER_BYTES {
+                    return Err(RegistryError::internal(
+                        "the remote's answer is larger than this registry reads",
+                    ));
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(out))
     }
 
     /// Maps an error answer of the remote to the same error here: its codes keep their
@@ -210,10 +346,7 @@ impl Upstream {
             "runtime_unavailable" => RegistryError::unavailable(message, retry_after),
             "upstream_timeout" => RegistryError::UpstreamTimeout(message),
             "unauthorized" => RegistryError::unavailable(BAD_TOKEN, retry_after),
-            "runtime_not_found" => RegistryError::unavailable(
-                "the remote roster has no runtime of the configured `remote_runtime` name",
-                retry_after,
-            ),
+            "runtime_not_found" => RegistryError::unavailable(NO_SUCH_RUNTIME, retry_after),
             "internal" => RegistryError::internal("the remote roster answered an internal error"),
             // invalid_json, route_not_found, method_not_allowed, unsupported_media_type,
             // origin_not_allowed: this registry asked wrongly, which is its own fault.
@@ -224,36 +357,12 @@ impl Upstream {
     }
 }
 
-/// Reads a body up to [`MAX_ANSWER_BYTES`].
-async fn read_limited(mut body: Incoming) -> Result<Bytes, RegistryError> {
-    let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(transport)?;
-        if let Ok(data) = frame.into_data() {
-            if out.len() + data.len() > MAX_ANSWER_BYTES {
-                return Err(RegistryError::internal(
-                    "the remote's answer is larger than this registry reads",
-                ));
-            }
-            out.extend_from_slice(&data);
-        }
-    }
-    Ok(Bytes::from(out))
-}
-
 fn retry_after<B>(resp: &Response<B>) -> Option<Duration> {
     resp.headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs)
-}
-
-/// A failure to talk to the remote at all. The detail (it may name the address) stays
-/// in the log.
-pub(crate) fn transport(e: impl std::fmt::Display) -> RegistryError {
-    tracing::debug!(error = %e, "request to the remote runtime failed");
-    RegistryError::unavailable(NO_ANSWER, None)
 }
 
 /// Takes the remote's worker ids and its runtime's name out of a message.

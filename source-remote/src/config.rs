@@ -118,13 +118,11 @@ impl RemoteConfig {
     /// Checks the values and reads the token. Messages are for the operator: they name the
     /// key at fault, never the token.
     pub(crate) fn settings(&self, runtime: &str) -> Result<Settings, ConfigError> {
-        let fail = |message: String| ConfigError {
-            runtime: runtime.to_string(),
-            message,
-        };
-        let endpoint = parse_url(&self.url).map_err(|m| fail(format!("`url`: {m}")))?;
+        let fail = |key: &str, message: String| ConfigError::new(runtime, message).at(key);
+        let endpoint = parse_url(&self.url).map_err(|m| fail("url", format!("`url`: {m}")))?;
         if RuntimeId::new(&self.remote_runtime).is_err() {
             return Err(fail(
+                "remote_runtime",
                 "`remote_runtime` must be a runtime id of the other roster: a lower-case \
                  letter, then up to 62 lower-case letters, digits or '-'"
                     .into(),
@@ -132,17 +130,23 @@ impl RemoteConfig {
         }
         let token = match (&self.token_env, &self.token_file) {
             (Some(_), Some(_)) => {
-                return Err(fail("give `token_env` or `token_file`, not both".into()))
+                return Err(fail(
+                    "token_file",
+                    "give `token_env` or `token_file`, not both".into(),
+                ))
             }
             (Some(var), None) => Some(std::env::var(var.as_str()).map_err(|_| {
-                fail(format!(
-                    "`token_env`: the environment variable {:?} is not set (or not UTF-8)",
-                    var.as_str()
-                ))
+                fail(
+                    "token_env",
+                    format!(
+                        "`token_env`: the environment variable {:?} is not set (or not UTF-8)",
+                        var.as_str()
+                    ),
+                )
             })?),
             (None, Some(path)) => Some(
                 std::fs::read_to_string(&**path)
-                    .map_err(|e| fail(format!("`token_file`: cannot read it ({e})")))?
+                    .map_err(|e| fail("token_file", format!("`token_file`: cannot read it ({e})")))?
                     .trim_end()
                     .to_string(),
             ),
@@ -150,14 +154,20 @@ impl RemoteConfig {
         };
         if let Some(token) = &token {
             if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                let key = if self.token_env.is_some() {
+                    "token_env"
+                } else {
+                    "token_file"
+                };
                 return Err(fail(
+                    key,
                     "the token must be non-empty printable ASCII without spaces".into(),
                 ));
             }
         }
         let positive = |key: &str, d: Duration| {
             if d.is_zero() {
-                Err(fail(format!("`{key}` must be longer than zero")))
+                Err(fail(key, format!("`{key}` must be longer than zero")))
             } else {
                 Ok(())
             }
@@ -168,11 +178,15 @@ impl RemoteConfig {
         positive("backoff_base", self.backoff_base)?;
         if self.backoff_cap < self.backoff_base {
             return Err(fail(
+                "backoff_cap",
                 "`backoff_cap` must be at least `backoff_base` (default 100ms)".into(),
             ));
         }
         if self.max_event_bytes < 64 << 10 {
-            return Err(fail("`max_event_bytes` must be at least 64KiB".into()));
+            return Err(fail(
+                "max_event_bytes",
+                "`max_event_bytes` must be at least 64KiB".into(),
+            ));
         }
         Ok(Settings {
             endpoint,

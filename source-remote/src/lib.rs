@@ -29,6 +29,16 @@
 //! - **Errors.** The remote's error codes keep their meaning; transport failures become
 //!   `runtime_unavailable` or `upstream_timeout`. No message names the remote's address,
 //!   token, runtime name or ids.
+//! - **Why it is down.** The runtime's health message says which failure it is, in words
+//!   that point at the setting to check: the connection refused (nothing listens at `url`),
+//!   the host name not resolved (DNS), the connect timed out (`connect_timeout`), an answer
+//!   that is not plain HTTP (a TLS port), the connection closed before an answer, no answer
+//!   within `request_timeout`, `401` (the token: `token_env` / `token_file`), `403` (the
+//!   other roster's `allowed_hosts`, or the token), `404 runtime_not_found` (the
+//!   `remote_runtime` name). The log is the operator's: one `warn` line when the runtime goes
+//!   down and one per change of reason, with the runtime, the remote's `address` and the
+//!   transport's own `cause`; a retry that fails the same way is a `debug` line; an `info`
+//!   line says when the remote answers again.
 #![warn(missing_docs)]
 
 mod client;

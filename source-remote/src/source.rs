@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::{scrub, Upstream};
+use crate::client::{scrub, Upstream, FORBIDDEN, NO_SUCH_RUNTIME};
 use crate::config::Settings;
 use crate::output::Hubs;
 use crate::sse::{Event, Item};
@@ -595,12 +595,10 @@ impl State {
             Link::Up if !self.synced => {
                 SourceHealth::unavailable("waiting for the remote runtime's first snapshot", None)
             }
-            Link::Up => self.mirrored.clone().unwrap_or_else(|| {
-                SourceHealth::unavailable(
-                    "the remote roster has no runtime of the configured `remote_runtime` name",
-                    None,
-                )
-            }),
+            Link::Up => self
+                .mirrored
+                .clone()
+                .unwrap_or_else(|| SourceHealth::unavailable(NO_SUCH_RUNTIME, None)),
         }
     }
 }
@@ -679,19 +677,32 @@ pub(crate) fn worker_path(key: &SourceKey, rest: &str) -> Result<String, Registr
 /// Follows the remote's event stream for the life of the source: connect, read, and on
 /// any trouble mark the runtime `unavailable` and try again after a backoff with full
 /// jitter.
+///
+/// The log gets one warning when the link goes down and one more each time the reason
+/// changes (refused, then DNS, …), naming the runtime, the remote's address and the
+/// failure's detail; a retry that fails the same way is a debug line. An `info` line says
+/// when the remote answers again.
 async fn link(shared: Arc<Shared>) {
     let settings = shared.settings().clone();
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
     let mut shutdown = shared.shutdown.subscribe();
     let path = format!("/v1/events?runtime={}", settings.remote_runtime.as_str());
+    let address = &*settings.endpoint.authority; // the log is the operator's: it names the address
+    let mut warned: Option<String> = None;
     loop {
-        let reason = tokio::select! {
-            reason = follow(&shared, &path, &mut backoff) => reason,
+        let down = tokio::select! {
+            down = follow(&shared, &path, &mut backoff, &mut warned) => down,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         let delay = backoff.next_delay();
-        tracing::warn!(runtime = %shared.runtime, %reason, retry_in = ?delay, "remote runtime unavailable");
-        shared.mark_down(reason, delay);
+        let cause = down.detail.as_deref().unwrap_or("-");
+        if warned.as_deref() == Some(down.reason.as_str()) {
+            tracing::debug!(runtime = %shared.runtime, %address, cause, retry_in = ?delay, "remote runtime still unavailable: {}", down.reason);
+        } else {
+            tracing::warn!(runtime = %shared.runtime, %address, cause, retry_in = ?delay, "remote runtime unavailable: {}", down.reason);
+            warned = Some(down.reason.clone());
+        }
+        shared.mark_down(down.reason, delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
@@ -699,19 +710,62 @@ async fn link(shared: Arc<Shared>) {
     }
 }
 
-/// One connection of the event stream, until it ends; returns why, for people.
-async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> String {
+/// Why one connection of the event stream ended.
+struct Down {
+    /// For people: the runtime's health message (no address, no remote name).
+    reason: String,
+    /// For the log: what the transport or the remote said, which may name the address.
+    detail: Option<String>,
+}
+
+impl From<String> for Down {
+    fn from(reason: String) -> Self {
+        Down {
+            reason,
+            detail: None,
+        }
+    }
+}
+
+impl From<&str> for Down {
+    fn from(reason: &str) -> Self {
+        Down::from(reason.to_string())
+    }
+}
+
+/// One connection of the event stream, until it ends; returns why. `warned` is the reason
+/// last warned of: once the stream is open again, the recovery is logged and it is cleared.
+async fn follow(
+    shared: &Arc<Shared>,
+    path: &str,
+    backoff: &mut Backoff,
+    warned: &mut Option<String>,
+) -> Down {
     let cursor = shared.lock().cursor.clone();
     let mut reader = match shared.upstream.open_stream(path, cursor.as_deref()).await {
         Ok(reader) => reader,
         Err(e) => {
-            if let Some(detail) = e.internal_detail() {
-                tracing::warn!(runtime = %shared.runtime, %detail, "the remote runtime's event stream could not be opened");
-                return "the remote runtime's answer was not understood".into();
+            let detail = shared.upstream.take_failure();
+            if let Some(internal) = e.internal_detail() {
+                return Down {
+                    reason: "the remote runtime's answer was not understood".into(),
+                    detail: Some(internal.to_string()),
+                };
             }
-            return e.to_string();
+            let reason = match &e {
+                RegistryError::Forbidden(_) => FORBIDDEN.to_string(),
+                other => other.to_string(),
+            };
+            let detail = detail.or_else(|| match &e {
+                RegistryError::Forbidden(m) => Some(format!("403: {m}")),
+                _ => None,
+            });
+            return Down { reason, detail };
         }
     };
+    if warned.take().is_some() {
+        tracing::info!(runtime = %shared.runtime, address = %*shared.settings().endpoint.authority, "the remote runtime answers again");
+    }
     // Only a resumed stream can need healing: a fresh one starts with a snapshot.
     let mut healing = shared.mark_up() && cursor.is_some();
     let mut delivered = false;
@@ -747,7 +801,10 @@ async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> Stri
                 if matches!(e, ReadError::TooLarge) {
                     shared.lock().cursor = None;
                 }
-                return e.message().into();
+                return Down {
+                    reason: e.message().into(),
+                    detail: shared.upstream.take_failure(),
+                };
             }
         };
         shared.touch();
@@ -759,7 +816,7 @@ async fn follow(shared: &Arc<Shared>, path: &str, backoff: &mut Backoff) -> Stri
                 }
                 Err(reason) => {
                     shared.lock().cursor = None;
-                    return reason;
+                    return reason.into();
                 }
             }
             if !delivered {

@@ -83,6 +83,39 @@ fn usize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error>
     usize::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too large")))
 }
 
+impl RuntimeConfig {
+    /// What serde cannot check, with the key path at fault (`profiles.shell.command`) beside
+    /// the message: `event_retention` of 0, a profile with an empty command, a
+    /// `max_restarts` over [`MAX_RESTARTS_LIMIT`](crate::MAX_RESTARTS_LIMIT).
+    /// [`Runtime::new`](crate::Runtime::new) refuses such a config.
+    pub fn problem(&self) -> Result<(), (String, String)> {
+        if self.event_retention == 0 {
+            return Err((
+                "event_retention".into(),
+                "event_retention must be at least 1".into(),
+            ));
+        }
+        for (name, profile) in &self.profiles {
+            if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
+                return Err((
+                    format!("profiles.{name}.command"),
+                    format!("profile {name:?} has an empty command"),
+                ));
+            }
+            if let Err(e) = profile.probe_plan() {
+                return Err((format!("profiles.{name}"), format!("profile {name:?}: {e}")));
+            }
+        }
+        if !(1..=1024).contains(&self.max_probes) {
+            return Err((
+                "max_probes".into(),
+                "max_probes must be between 1 and 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {

@@ -177,16 +177,8 @@ impl Runtime {
     /// command, `event_retention` of 0) and [`RuntimeError::Internal`] outside a tokio runtime
     /// or when the thread or the watchdog cannot be started.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
-        if config.event_retention == 0 {
-            return Err(RuntimeError::InvalidRequest(
-                "event_retention must be at least 1".into(),
-            ));
-        }
-        check_profiles(&config.profiles)?;
-        if !(1..=1024).contains(&config.max_probes) {
-            return Err(RuntimeError::InvalidRequest(
-                "max_probes must be between 1 and 1024".into(),
-            ));
+        if let Err((_, message)) = config.problem() {
+            return Err(RuntimeError::InvalidRequest(message));
         }
         let handle = Handle::try_current().map_err(|_| {
             RuntimeError::Internal(

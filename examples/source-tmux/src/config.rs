@@ -131,45 +131,74 @@ impl TmuxConfig {
     /// Checks what serde cannot: the shapes of `socket_name`, the profiles, the limits.
     /// The message names the key at fault.
     pub(crate) fn check(&self) -> Result<(), String> {
+        self.problem().map_err(|(_, message)| message)
+    }
+
+    /// [`check`](Self::check), with the key path at fault (`profiles.shell.command`) beside
+    /// the message.
+    pub(crate) fn problem(&self) -> Result<(), (String, String)> {
+        let top = |key: &str, message: String| (key.to_string(), message);
         if let Some(name) = &self.socket_name {
-            check_socket_name(name)?;
+            check_socket_name(name).map_err(|m| top("socket_name", m))?;
         }
         if self.max_workers == 0 {
-            return Err("`max_workers` must be at least 1".into());
+            return Err(top(
+                "max_workers",
+                "`max_workers` must be at least 1".into(),
+            ));
         }
         if self.tmux.as_os_str().is_empty() {
-            return Err("`tmux` is empty; give the tmux program, e.g. \"tmux\"".into());
+            return Err(top(
+                "tmux",
+                "`tmux` is empty; give the tmux program, e.g. \"tmux\"".into(),
+            ));
         }
         for (name, profile) in &self.profiles {
-            let at = |key: &str| format!("`profiles.{name}.{key}`");
+            let path = |key: &str| format!("profiles.{name}.{key}");
+            let at = |key: &str| format!("`{}`", path(key));
+            let fail = |key: &str, message: String| Err((path(key), message));
             match profile.command.first() {
-                None => return Err(format!("{} must hold at least the program", at("command"))),
+                None => {
+                    return fail(
+                        "command",
+                        format!("{} must hold at least the program", at("command")),
+                    )
+                }
                 Some(p) if p.is_empty() => {
-                    return Err(format!("{}: the program is empty", at("command")))
+                    return fail(
+                        "command",
+                        format!("{}: the program is empty", at("command")),
+                    )
                 }
                 Some(_) => {}
             }
             if profile.command.iter().any(|a| a.contains('\0')) {
-                return Err(format!("{} holds a NUL character", at("command")));
+                return fail(
+                    "command",
+                    format!("{} holds a NUL character", at("command")),
+                );
             }
             for (key, value) in &profile.env {
                 if !is_env_name(key) {
-                    return Err(format!(
-                        "{}: {key:?} is not an environment name a tmux worker can get (letters, \
-                         digits and '_', not starting with a digit)",
-                        at("env")
-                    ));
+                    return fail(
+                        "env",
+                        format!(
+                            "{}: {key:?} is not an environment name a tmux worker can get \
+                             (letters, digits and '_', not starting with a digit)",
+                            at("env")
+                        ),
+                    );
                 }
                 if value.contains('\0') {
-                    return Err(format!(
-                        "{}: the value of {key} holds a NUL character",
-                        at("env")
-                    ));
+                    return fail(
+                        "env",
+                        format!("{}: the value of {key} holds a NUL character", at("env")),
+                    );
                 }
             }
             if let Some(cwd) = &profile.cwd {
                 if cwd.as_os_str().is_empty() {
-                    return Err(format!("{} is empty", at("cwd")));
+                    return fail("cwd", format!("{} is empty", at("cwd")));
                 }
             }
         }

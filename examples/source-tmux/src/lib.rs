@@ -234,6 +234,9 @@ impl SourceKind for TmuxSource {
     /// runtime's state directory, and starts the source; call it inside a tokio runtime.
     fn from_config(config: &SourceConfig) -> Result<Self, ConfigError> {
         let mut settings: TmuxConfig = config.parse()?;
+        settings.problem().map_err(|(path, message)| {
+            ConfigError::new(config.runtime_id.as_str(), message).at(path)
+        })?;
         if settings.socket_name.is_none() {
             settings.socket_name =
                 Some(TmuxConfig::default_socket_name(config.runtime_id.as_str()).into());

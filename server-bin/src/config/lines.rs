@@ -33,6 +33,41 @@ impl ConfigFileError {
     }
 }
 
+/// Every error of a config file, in file order (those without a line last), each on a
+/// line of its own when displayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigFileError>);
+
+impl ConfigErrors {
+    /// `errors` sorted by line (stable, so errors of one line keep their order), each
+    /// message once.
+    pub fn in_file_order(mut errors: Vec<ConfigFileError>) -> ConfigErrors {
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        let mut seen = std::collections::HashSet::new();
+        errors.retain(|e| seen.insert(e.message.clone()));
+        ConfigErrors(errors)
+    }
+
+    /// The first error of the file, if any.
+    pub fn into_first(self) -> Option<ConfigFileError> {
+        self.0.into_iter().next()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
 /// Displays `line N: ` for a known line, nothing otherwise.
 struct LinePrefix(Option<usize>);
 
@@ -53,6 +88,8 @@ pub(super) struct KeyLine {
     pub(super) is_key: bool,
     /// The 1-based line of the key (of an element: of the element, or its `[[…]]` header).
     pub(super) line: usize,
+    /// For a key whose value is no table: the line its value ends on.
+    pub(super) value_end: Option<usize>,
 }
 
 /// Every key and array element of a file, in file order, with its line.
@@ -67,6 +104,18 @@ impl KeyIndex {
         index_table(text, doc, "", &mut entries);
         entries.sort_by_key(|k| k.line);
         KeyIndex { entries }
+    }
+
+    /// How many keys and elements the file has.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The lines a key with a plain value (no table) spans, from the key to the value's
+    /// end.
+    pub(super) fn lines_of_value(&self, path: &str) -> Option<(usize, usize)> {
+        let entry = self.entries.iter().find(|k| k.is_key && k.path == path)?;
+        Some((entry.line, entry.value_end?))
     }
 
     /// The line of the key or element at exactly `path`.
@@ -90,10 +139,14 @@ fn index_table(text: &str, table: &DeTable<'_>, prefix: &str, out: &mut Vec<KeyL
         } else {
             format!("{prefix}.{leaf}")
         };
+        let is_table = matches!(value.get_ref(), DeValue::Table(_));
         out.push(KeyLine {
             path: path.clone(),
             is_key: true,
             line: line_of(text, key.span().start),
+            value_end: (!is_table)
+                .then(|| line_of(text, value.span().end.saturating_sub(1)))
+                .filter(|&end| end >= line_of(text, key.span().start)),
         });
         index_value(text, value, &path, out);
     }
@@ -109,6 +162,7 @@ fn index_value(text: &str, value: &Spanned<DeValue<'_>>, path: &str, out: &mut V
                     path: path.clone(),
                     is_key: false,
                     line: line_of(text, element.span().start),
+                    value_end: None,
                 });
                 index_value(text, element, &path, out);
             }
@@ -175,7 +229,8 @@ pub(super) fn value_error(
     err: &serde_path_to_error::Error<toml::de::Error>,
 ) -> ConfigFileError {
     let inner = err.inner();
-    let message = inner.message().trim();
+    let message = plain_words(inner.message().trim());
+    let message = message.as_str();
     let path = path_text(err.path());
     // The key's own line; for a path the file does not hold (a default filled in), the
     // place toml reports.
@@ -233,4 +288,151 @@ pub(super) fn split_context(message: &str) -> Option<(&str, &str)> {
 /// The `backtick-quoted` parts of `message`, in order.
 pub(super) fn backticked(message: &str) -> impl Iterator<Item = &str> {
     message.split('`').skip(1).step_by(2)
+}
+
+/// serde's wording in plain words: `invalid type: integer `5`, expected usize` becomes
+/// `invalid type: expected a whole number, found 5`; an unknown key gets the nearest
+/// known one as the likely fix. A trailing ``in `table` `` is kept; other messages (a
+/// source's own, "missing field …") are left as they are.
+pub(super) fn plain_words(message: &str) -> String {
+    let (head, context) = match split_context(message) {
+        Some((head, context)) => (head.to_string(), Some(context)),
+        None => (message.to_string(), None),
+    };
+    let head = head.replace('\n', " ");
+    let rewritten = rewrite(head.trim()).unwrap_or(head);
+    match context {
+        Some(context) => format!("{rewritten} in `{context}`"),
+        None => rewritten,
+    }
+}
+
+fn rewrite(head: &str) -> Option<String> {
+    for kind in ["invalid type", "invalid value"] {
+        if let Some(rest) = head.strip_prefix(kind).and_then(|r| r.strip_prefix(": ")) {
+            let (found, expected) = rest.rsplit_once(", expected ")?;
+            return Some(format!(
+                "{kind}: expected {}, found {}",
+                expected_words(expected),
+                found_words(found)
+            ));
+        }
+    }
+    if let Some(rest) = head.strip_prefix("unknown field ") {
+        let (name, known) = match rest.split_once(", expected ") {
+            Some((name, known)) => (name, Some(known)),
+            None => (rest.split(',').next().unwrap_or(rest), None),
+        };
+        let name = name.trim_matches('`');
+        let known: Vec<&str> = known.map(backticked).into_iter().flatten().collect();
+        let mut out = format!("unknown field `{name}`");
+        if let Some(near) = nearest(name, &known) {
+            out.push_str(&format!("; did you mean `{near}`?"));
+        }
+        if !known.is_empty() {
+            let list: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+            out.push_str(&format!(" (the keys here: {})", list.join(", ")));
+        } else if rest.contains("there are no fields") {
+            out.push_str(" (this table takes no keys)");
+        }
+        return Some(out);
+    }
+    if let Some(rest) = head.strip_prefix("unknown variant ") {
+        let (name, known) = rest.split_once(", expected ")?;
+        let known: Vec<&str> = backticked(known).collect();
+        let list: Vec<String> = known.iter().map(|k| format!("\"{k}\"")).collect();
+        return Some(format!(
+            "{} is not one of {}",
+            name.replace('`', "\""),
+            list.join(", ")
+        ));
+    }
+    None
+}
+
+/// What serde's "expected …" means, for a person.
+fn expected_words(expected: &str) -> String {
+    let e = expected.trim();
+    let words = match e {
+        "usize" | "u8" | "u16" | "u32" | "u64" | "u128" | "an integer" | "integer" => {
+            "a whole number (0 or more)"
+        }
+        "isize" | "i8" | "i16" | "i32" | "i64" | "i128" => "a whole number",
+        "f32" | "f64" | "a float" => "a number",
+        "a boolean" | "bool" => "true or false",
+        "a string" | "a borrowed string" | "a string or path" | "path string" => {
+            "a string in quotes"
+        }
+        "a sequence" => "a list, like [\"a\", \"b\"]",
+        "a map" => "a table",
+        "socket address" => "an address with a port, like \"127.0.0.1:7411\"",
+        "IP address" => "an IP address, like \"127.0.0.1\"",
+        "a character" | "char" => "one character",
+        _ if e.starts_with("struct ") || e.starts_with("a map") => "a table",
+        _ => return e.to_string(),
+    };
+    words.to_string()
+}
+
+/// What serde's "found …" (its `Unexpected`) means, for a person.
+fn found_words(found: &str) -> String {
+    let f = found.trim();
+    let quoted = |prefix: &str| {
+        f.strip_prefix(prefix)
+            .map(|v| v.trim_matches('`').to_string())
+    };
+    if let Some(v) = quoted("integer ").or_else(|| quoted("floating point ")) {
+        return v;
+    }
+    if let Some(v) = quoted("boolean ") {
+        return v;
+    }
+    if let Some(v) = f.strip_prefix("string ") {
+        return format!("the string {v}");
+    }
+    match f {
+        "sequence" => "a list".into(),
+        "map" => "a table".into(),
+        "unit value" => "nothing".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The known key nearest to `name` (a typo's likely fix): at most two edits away, or a
+/// spelling without `_`.
+fn nearest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    let squash = |s: &str| s.replace(['_', '-'], "").to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| {
+            let d = if squash(k) == squash(name) {
+                0
+            } else {
+                edits(name, k)
+            };
+            (d, *k)
+        })
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// The Levenshtein distance of two short strings.
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(row[j + 1])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }

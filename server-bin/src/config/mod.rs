@@ -25,7 +25,9 @@
 //! command = ["/bin/sh", "-c"]
 //! ```
 //!
-//! Every error names the key at fault and, where the text shows it, the 1-based line. The
+//! Every error names the key at fault and, where the text shows it, the 1-based line.
+//! [`Config::check_file`] reports every error of a file, in file order; [`Config::parse`]
+//! and [`Config::load`] the first. The
 //! keys of `[server]`, `[[server.tokens]]` and the top level are checked by [`Config::parse`];
 //! the keys of a runtime besides `name` and `source` belong to its source and are checked by
 //! the source's factory in [`Config::build_sources`], which reports the line of the key the
@@ -38,6 +40,7 @@
 //! ([`TokenSection`], [`LoadedToken`]), runtimes ([`RuntimeSection`], building the sources)
 //! and `lines` (the key index and [`ConfigFileError`]).
 
+mod check;
 mod lines;
 mod runtimes;
 mod server;
@@ -49,17 +52,16 @@ use std::fs;
 use std::path::Path;
 
 use serde::Deserialize;
-use toml::de::DeTable;
 use toml::Spanned;
 
 pub use crate::auth::{is_loopback, AllowedHost, AllowedOrigin, Scope};
-pub use lines::ConfigFileError;
+pub use check::CheckReport;
+pub use lines::{ConfigErrors, ConfigFileError};
 pub use runtimes::{BuiltRuntime, RuntimeSection};
 pub use server::{ServerSection, DEFAULT_LISTEN};
 pub use tokens::{LoadedToken, TokenSection};
 
-use lines::{syntax_error, value_error, KeyIndex};
-use runtimes::{default_runtime, parse_runtimes};
+use runtimes::default_runtime;
 
 /// The whole config: the server's settings and the runtimes it serves.
 #[derive(Clone, Debug)]
@@ -73,11 +75,11 @@ pub struct Config {
 /// The file as serde reads it, before the runtimes are checked.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
+pub(super) struct RawFile {
     #[serde(default)]
-    server: ServerSection,
+    pub(super) server: ServerSection,
     #[serde(default)]
-    runtimes: Vec<Spanned<toml::Table>>,
+    pub(super) runtimes: Vec<Spanned<toml::Table>>,
 }
 
 impl Config {
@@ -108,24 +110,14 @@ impl Config {
     /// it) and each allowed origin is `scheme://host[:port]` without a default or empty
     /// port; each runtime has a valid unique `name` and a `source`. The other keys of a
     /// runtime are checked by its source in [`Config::build_sources`].
+    ///
+    /// The error is the first of the file; [`Config::check_file`] reports every one.
     pub fn parse(text: &str) -> Result<Config, ConfigFileError> {
-        let doc = DeTable::parse(text).map_err(|e| syntax_error(text, &e))?;
-        let index = KeyIndex::new(text, doc.get_ref());
-
-        let mut raw: RawFile = serde_path_to_error::deserialize(toml::Deserializer::from(doc))
-            .map_err(|e| value_error(text, &index, &e))?;
-        raw.server.check(&index)?;
-
-        let runtimes = if raw.runtimes.is_empty() {
-            vec![default_runtime()]
-        } else {
-            parse_runtimes(text, raw.runtimes, &index)?
-        };
-
-        Ok(Config {
-            server: raw.server,
-            runtimes,
-        })
+        let (config, errors) = check::parse_every(text);
+        match ConfigErrors::in_file_order(errors).into_first() {
+            Some(first) => Err(first),
+            None => Ok(config.expect("a config without errors was read")),
+        }
     }
 
     /// Reads and parses the file at `path`. A file that can't be read is an error naming

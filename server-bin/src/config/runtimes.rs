@@ -7,12 +7,12 @@ use std::sync::Arc;
 use registry_core::{
     ConfigError, RedactedValues, RuntimeId, RuntimeSource, SourceConfig, SourceFactories,
 };
-use toml::Spanned;
 
+use super::check::{culprit, remove};
 use super::lines::{
-    backticked, known_line, line_of, parent, plain, split_context, ConfigFileError, KeyIndex,
+    backticked, known_line, parent, plain, plain_words, split_context, ConfigFileError, KeyIndex,
 };
-use super::Config;
+use super::{Config, ConfigErrors};
 
 /// The name of the runtime a file without `[[runtimes]]` gets.
 const DEFAULT_RUNTIME: &str = "local";
@@ -74,7 +74,8 @@ impl RuntimeSection {
     /// table, else a key of the runtime's table itself, else a key of that name at any
     /// depth (and the message then says which table), else at the runtime's line.
     fn factory_error(&self, err: &ConfigError, kind_known: bool) -> ConfigFileError {
-        let message = err.message.trim();
+        let message = plain_words(err.message.trim());
+        let message = message.as_str();
         let runtime = format!("runtime \"{}\"", self.id);
         if !kind_known {
             return ConfigFileError::new(
@@ -84,6 +85,13 @@ impl RuntimeSection {
         }
         let plain = || ConfigFileError::new(known_line(self.line), format!("{runtime}: {message}"));
         let line_of_path = |path: &str| self.keys.iter().find(|k| k.path == path).map(|k| k.line);
+
+        if let Some(path) = err.path.as_deref() {
+            // Without array indices: `command[1]` is at the line of `command`.
+            return self.error_at_path(&runtime, message, &super::lines::plain(path));
+        }
+        // A source that gives no path (a kind of somebody else's): the key is found by the
+        // names the message quotes.
 
         if let Some((head, context)) = split_context(message) {
             let line = backticked(head)
@@ -108,6 +116,46 @@ impl RuntimeSection {
             }
         }
         plain()
+    }
+}
+
+impl RuntimeSection {
+    /// A factory's error about the value at `path` (without array indices): at the line of
+    /// a key of that table the message quotes (an unknown key, a missing one's table), else
+    /// of the path itself or its nearest written parent, else at the runtime's line. The
+    /// message names the table (`in `profiles.shell`: …`) or the key (`` `grace`: … ``).
+    fn error_at_path(&self, runtime: &str, message: &str, path: &str) -> ConfigFileError {
+        let line_of_path = |path: &str| self.keys.iter().find(|k| k.path == path).map(|k| k.line);
+        let quoted = backticked(message).find_map(|name| {
+            let full = format!("{path}.{name}");
+            line_of_path(&full).map(|line| (line, full))
+        });
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        let names_leaf = message.contains(&format!("`{leaf}`"));
+        let text = if split_context(message).is_some() {
+            // It names its table already (as toml's messages do).
+            format!("{runtime}: {message}")
+        } else if quoted.is_some() {
+            format!("{runtime}: in `{path}`: {message}")
+        } else if names_leaf {
+            match parent(path) {
+                Some(parent) => format!("{runtime}: in `{parent}`: {message}"),
+                None => format!("{runtime}: {message}"),
+            }
+        } else {
+            format!("{runtime}: `{path}`: {message}")
+        };
+        let line = quoted.map(|(line, _)| line).or_else(|| {
+            let mut at = Some(path);
+            while let Some(p) = at {
+                if let Some(line) = line_of_path(p) {
+                    return Some(line);
+                }
+                at = parent(p);
+            }
+            None
+        });
+        ConfigFileError::new(line.or(known_line(self.line)), text)
     }
 }
 
@@ -143,10 +191,14 @@ impl Config {
     /// (without `name` and `source`) and `<state_dir>/runtimes/<id>` as its state
     /// directory.
     ///
-    /// A factory's error becomes an error naming the runtime. A message that ends with the
-    /// table it is about (``… in `profiles.shell` ``) is placed at the line of the key of
-    /// that table it names, else at the table's line; any other at the line of the key it
-    /// names (at any depth of the runtime's table); else at the runtime's line. An
+    /// A factory's error becomes an error naming the runtime. One with a key path
+    /// ([`ConfigError::path`], which every in-tree kind gives) is placed at that key's line
+    /// (or at the line of the key of that table the message quotes, or of its nearest
+    /// written parent). One without (a kind of somebody else's) is placed by what its
+    /// message quotes: a message that ends with the table it is about
+    /// (``… in `profiles.shell` ``) at the line of the key of that table it names, else at
+    /// the table's line; any other at the line of the key it names (at any depth of the
+    /// runtime's table); else at the runtime's line. An
     /// unknown kind is reported at the line of `source` with the known kinds. On an error
     /// the sources built so far are dropped without a shutdown: call this before anything
     /// depends on them. Call it inside a Tokio runtime: a source such as `embedded` starts
@@ -155,20 +207,66 @@ impl Config {
         &self,
         factories: &SourceFactories,
     ) -> Result<Vec<BuiltRuntime>, ConfigFileError> {
+        let (built, errors) = self.build_every(factories);
+        match ConfigErrors::in_file_order(errors).into_first() {
+            Some(first) => Err(first),
+            None => Ok(built),
+        }
+    }
+
+    /// [`build_sources`](Self::build_sources), going on past errors: every source that
+    /// builds, and every error. When a source's error names a key path, the source is
+    /// built again without that key, to find the next error of its table (up to one try
+    /// per key; an error without a path, or about a missing key, ends that runtime).
+    pub(super) fn build_every(
+        &self,
+        factories: &SourceFactories,
+    ) -> (Vec<BuiltRuntime>, Vec<ConfigFileError>) {
         let kinds = factories.kinds();
         let mut built = Vec::with_capacity(self.runtimes.len());
+        let mut errors = Vec::new();
         for runtime in &self.runtimes {
-            let config = self.source_config(runtime);
-            let source = factories
-                .build(&runtime.kind, config)
-                .map_err(|e| runtime.factory_error(&e, kinds.contains(&runtime.kind.as_str())))?;
-            built.push(BuiltRuntime {
-                id: runtime.id.clone(),
-                kind: runtime.kind.clone(),
-                source,
-            });
+            let kind_known = kinds.contains(&runtime.kind.as_str());
+            let mut table = runtime.table.clone();
+            for attempt in 0..=runtime.keys.len() {
+                let mut config = self.source_config(runtime);
+                config.table = table.clone();
+                match factories.build(&runtime.kind, config) {
+                    Ok(source) => {
+                        // A table with keys taken out only finds errors; its source is
+                        // not kept.
+                        if table == runtime.table {
+                            built.push(BuiltRuntime {
+                                id: runtime.id.clone(),
+                                kind: runtime.kind.clone(),
+                                source,
+                            });
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        // On a table with keys taken out, only an error about a key of its
+                        // own counts: a missing key or a source that can't start may be
+                        // what taking a key out caused.
+                        let own = e.path.is_some() || e.message.starts_with("unknown field");
+                        if attempt > 0 && (!own || e.message.starts_with("missing field")) {
+                            break;
+                        }
+                        errors.push(runtime.factory_error(&e, kind_known));
+                        let culprit = e
+                            .path
+                            .as_deref()
+                            .or(Some(""))
+                            .and_then(|p| culprit(p, &e.message));
+                        match culprit {
+                            Some(path) if kind_known && remove(&mut table.0, &path) => {}
+                            _ => break,
+                        }
+                    }
+                }
+            }
         }
-        Ok(built)
+        (built, errors)
     }
 }
 
@@ -192,20 +290,45 @@ pub(super) fn default_runtime() -> RuntimeSection {
     )
 }
 
-/// Checks the runtimes: each has a valid, unique `name` and a string `source`. `index`
-/// is the index of the whole file, where runtime `i`'s keys stand under `runtimes[i]`.
-pub(super) fn parse_runtimes(
-    text: &str,
-    raws: Vec<Spanned<toml::Table>>,
+/// Checks the runtimes, each given with the line of its table: each has a valid, unique
+/// `name` and a string `source`. `index` is the index of the whole file, where runtime
+/// `i`'s keys stand under `runtimes[i]`. Every runtime that is right, and every error of
+/// those that are not.
+pub(super) fn every_runtime(
+    raws: Vec<(usize, toml::Table)>,
     index: &KeyIndex,
-) -> Result<Vec<RuntimeSection>, ConfigFileError> {
+) -> (Vec<RuntimeSection>, Vec<ConfigFileError>) {
     let mut first_line_of: HashMap<RuntimeId, usize> = HashMap::new();
     let mut runtimes = Vec::with_capacity(raws.len());
-    for (i, raw) in raws.into_iter().enumerate() {
-        let line = line_of(text, raw.span().start);
+    let mut errors = Vec::new();
+    for (i, (line, mut table)) in raws.into_iter().enumerate() {
+        match one_runtime(i, line, &mut table, index, &mut first_line_of) {
+            Ok((id, kind, source_line, keys)) => runtimes.push(RuntimeSection {
+                id,
+                kind,
+                table: RedactedValues(table),
+                line,
+                source_line,
+                keys,
+            }),
+            Err(e) => errors.push(e),
+        }
+    }
+    (runtimes, errors)
+}
+
+/// Runtime `i`'s `name` and `source` (taken out of `table`), the line of `source` and the
+/// lines of the other keys.
+fn one_runtime(
+    i: usize,
+    line: usize,
+    table: &mut toml::Table,
+    index: &KeyIndex,
+    first_line_of: &mut HashMap<RuntimeId, usize>,
+) -> Result<(RuntimeId, String, usize, Vec<TableKey>), ConfigFileError> {
+    {
         let prefix = format!("runtimes[{i}].");
         let line_of_key = |name: &str| index.line(&format!("{prefix}{name}")).unwrap_or(line);
-        let mut table = raw.into_inner();
 
         let name_line = line_of_key("name");
         let name = match table.remove("name") {
@@ -267,14 +390,6 @@ pub(super) fn parse_runtimes(
             })
             .collect();
 
-        runtimes.push(RuntimeSection {
-            id,
-            kind,
-            table: RedactedValues(table),
-            line,
-            source_line,
-            keys: key_lines,
-        });
+        Ok((id, kind, source_line, key_lines))
     }
-    Ok(runtimes)
 }

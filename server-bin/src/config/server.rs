@@ -99,56 +99,57 @@ impl ServerSection {
     /// (Hosts and origins are checked as they are read: see [`AllowedHost`] and
     /// [`AllowedOrigin`].) The entries of `[[server.tokens]]` are checked by
     /// [`TokenSection::check_all`].
-    pub(super) fn check(&mut self, index: &KeyIndex) -> Result<(), ConfigFileError> {
+    pub(super) fn problems(&self, index: &KeyIndex) -> Vec<ConfigFileError> {
         let key_line = |key: &str| index.line(&format!("server.{key}"));
-        let zero = |key: &str, what: &str| {
-            ConfigFileError::new(
-                key_line(key),
-                format!("`server.{key}` must be at least {what}"),
-            )
-        };
+        let at = |key: &str, message: String| ConfigFileError::new(key_line(key), message);
+        let zero =
+            |key: &str, what: &str| at(key, format!("`server.{key}` must be at least {what}"));
+        let mut errors = Vec::new();
         if self.state_dir.as_os_str().is_empty() {
-            return Err(ConfigFileError::new(
-                key_line("state_dir"),
+            errors.push(at(
+                "state_dir",
                 "`server.state_dir` is empty; give a directory, e.g. \"/var/lib/roster\", or \
-                 leave the key out for the default ./.roster",
+                 leave the key out for the default ./.roster"
+                    .into(),
             ));
         }
         if self.max_body == 0 {
-            return Err(zero("max_body", "1 byte"));
+            errors.push(zero("max_body", "1 byte"));
         }
         if self.sse_ping < MIN_SSE_PING {
-            return Err(zero("sse_ping", "1ms"));
+            errors.push(zero("sse_ping", "1ms"));
         }
         if self.sse_ping > MAX_INTERVAL {
-            return Err(ConfigFileError::new(
-                key_line("sse_ping"),
-                "`server.sse_ping` must be at most 1h".to_string(),
+            errors.push(at(
+                "sse_ping",
+                "`server.sse_ping` must be at most 1h".into(),
             ));
         }
         if self.shutdown_grace > MAX_INTERVAL {
-            return Err(ConfigFileError::new(
-                key_line("shutdown_grace"),
-                "`server.shutdown_grace` must be at most 1h".to_string(),
+            errors.push(at(
+                "shutdown_grace",
+                "`server.shutdown_grace` must be at most 1h".into(),
             ));
         }
         if self.event_retention == 0 {
-            return Err(zero("event_retention", "1"));
+            errors.push(zero("event_retention", "1"));
         }
         if self.event_retention_bytes == 0 {
-            return Err(zero("event_retention_bytes", "1 byte"));
+            errors.push(zero("event_retention_bytes", "1 byte"));
         }
         if self.subscriber_queue == 0 {
-            return Err(zero("subscriber_queue", "1"));
+            errors.push(zero("subscriber_queue", "1"));
         }
         if self.subscriber_queue > MAX_SUBSCRIBER_QUEUE {
-            return Err(ConfigFileError::new(
-                key_line("subscriber_queue"),
+            errors.push(at(
+                "subscriber_queue",
                 format!("`server.subscriber_queue` must be at most {MAX_SUBSCRIBER_QUEUE}"),
             ));
         }
-
-        TokenSection::check_all(&self.tokens, index)
+        if let Err(e) = TokenSection::check_all(&self.tokens, index) {
+            errors.push(e);
+        }
+        errors
     }
 }
 

@@ -278,6 +278,7 @@ fn each_runtime_gets_its_table_and_a_state_dir_under_runtimes() {
             Err(ConfigError {
                 runtime,
                 message: "recorded".into(),
+                path: None,
             })
         })
         .unwrap();
@@ -303,6 +304,7 @@ fn failing_with(message: &'static str) -> SourceFactories {
             Err(ConfigError {
                 runtime: config.runtime_id.to_string(),
                 message: message.to_string(),
+                path: None,
             })
         })
         .unwrap();
@@ -999,4 +1001,67 @@ fn config_file_error_displays_its_line_when_known() {
         message: "bad".into(),
     };
     assert_eq!(without.to_string(), "bad");
+}
+
+#[tokio::test]
+async fn an_in_tree_sources_check_is_placed_by_the_key_path_it_gives() {
+    // Neither message quotes the key: the line comes from the error's path alone.
+    let text = "[[runtimes]]\nname = \"local\"\nsource = \"embedded\"\n\
+                [runtimes.profiles.ok]\ncommand = [\"/bin/true\"]\n\
+                [runtimes.profiles.shell]\ncwd = \"/\"\ncommand = []\n";
+    let err = build_err(text);
+    assert_eq!(err.line, Some(8), "{err}");
+    assert!(err.message.contains("`profiles.shell.command`"), "{err}");
+    assert!(err.message.contains("empty command"), "{err}");
+}
+
+#[test]
+fn a_factory_error_with_a_path_is_placed_by_the_path_not_by_the_names_it_quotes() {
+    let config = Config::parse(TWO_PROFILES).unwrap();
+    let mut factories = SourceFactories::new();
+    factories
+        .register("probe", |config: SourceConfig| {
+            // Quotes `command` (a key of profile `a`), but is about `b`'s `cwd`.
+            Err(
+                ConfigError::new(config.runtime_id.as_str(), "must sit beside `command`")
+                    .at("profiles.b.cwd"),
+            )
+        })
+        .unwrap();
+    let err = config.build_sources(&factories).unwrap_err();
+    assert_eq!(err.line, Some(8), "{err}");
+    assert_eq!(
+        err.message,
+        "runtime \"p\": `profiles.b.cwd`: must sit beside `command`"
+    );
+}
+
+// ---- plain words ----
+
+#[test]
+fn serde_words_become_plain_ones_with_the_fix_where_known() {
+    let err = parse_err("[server]\nevent_retention = \"lots\"\n");
+    assert_eq!(err.line, Some(2), "{err}");
+    assert!(
+        err.message
+            .contains("expected a whole number (0 or more), found the string \"lots\""),
+        "{err}"
+    );
+    assert!(!err.message.contains("usize"), "{err}");
+    let err = parse_err("[server]\nlisen = \"127.0.0.1:1\"\n");
+    assert!(err.message.contains("did you mean `listen`?"), "{err}");
+    let err = parse_err("[server]\nallowed_hosts = \"a\"\n");
+    assert!(err.message.contains("expected a list"), "{err}");
+    assert!(!err.message.contains("sequence"), "{err}");
+    let err = parse_err("[server]\nlisten = 5\n");
+    assert!(err.message.contains("\"127.0.0.1:7411\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_sources_serde_error_is_in_plain_words_at_its_line() {
+    let text = "[[runtimes]]\nname = \"local\"\nsource = \"embedded\"\n\
+                max_workers = \"many\"\nmax_finishd = 3\n";
+    let err = build_err(text);
+    assert!(!err.message.contains("usize"), "{err}");
+    assert!(err.message.contains("a whole number"), "{err}");
 }
