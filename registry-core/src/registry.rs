@@ -137,6 +137,9 @@ struct RuntimeRecord {
     health: HealthView,
     diagnostics: Vec<Diagnostic>,
     answered: bool,
+    /// The registry marked it `unavailable` once (its lifecycle stream failed): its first
+    /// attempt is over, so it no longer holds readiness back.
+    known_down: bool,
 }
 
 impl Registry {
@@ -205,6 +208,7 @@ impl Registry {
                     },
                     diagnostics: Vec::new(),
                     answered: false,
+                    known_down: false,
                 },
             );
             // Publishes the first runtime.updated.
@@ -247,9 +251,16 @@ impl Registry {
             .ok_or_else(|| not_found_runtime(id))
     }
 
-    /// Whether every runtime has answered once (its first whole truth arrived).
+    /// Whether this registry serves: every runtime has answered once (its first whole truth
+    /// arrived) or is known to be unavailable (its lifecycle stream could not be had, at
+    /// least once). A runtime that is down does not keep the registry unready; its health
+    /// says it is down. Only a runtime whose first attempt is still under way does.
     pub fn is_ready(&self) -> bool {
-        self.inner.lock().runtimes.values().all(|r| r.answered)
+        self.inner
+            .lock()
+            .runtimes
+            .values()
+            .all(|r| r.answered || r.known_down)
     }
 
     /// How many events the registry has published in this run (the log's head).
@@ -346,28 +357,45 @@ impl Registry {
         Ok(confirmed.unwrap_or(view))
     }
 
-    /// Asks a worker to stop (SIGTERM now, a hard kill after `grace`). A no-op on a
-    /// terminal worker.
-    pub async fn stop(&self, id: &WorkerId, grace: Option<Duration>) -> Result<(), RegistryError> {
+    /// Asks a worker to stop (SIGTERM now, a hard kill after `grace`) and returns it in the
+    /// state the stop moved it to: `stopping`, or terminal when it had ended (or ended
+    /// meanwhile). A no-op on a terminal worker, which is returned as it is.
+    ///
+    /// Like `spawn`, it waits (up to 5 s) for the source's lifecycle stream to show the
+    /// change; a worker whose change is not confirmed in time is returned as the projection
+    /// holds it then.
+    pub async fn stop(
+        &self,
+        id: &WorkerId,
+        grace: Option<Duration>,
+    ) -> Result<WorkerView, RegistryError> {
         let (runtime, key, rt) = self.inner.route(id)?;
         if !rt.caps.stop {
             return Err(unsupported(&runtime, "stop workers"));
         }
         // A terminal worker never changes: the second stop succeeds without asking the
         // source (which may be unreachable just then).
-        let terminal = self
-            .inner
-            .lock()
-            .workers
-            .get(id)
-            .is_some_and(|r| r.view.state.is_terminal());
-        if terminal {
-            return Ok(());
+        let before = self.worker(id)?;
+        if before.state.is_terminal() {
+            return Ok(before);
         }
         rt.source
             .stop(&key, grace)
             .await
-            .map_err(|e| self.inner.context(e, "stop", &runtime, Some(id)))
+            .map_err(|e| self.inner.context(e, "stop", &runtime, Some(id)))?;
+        let moved = |v: &WorkerView| v.state.progress().is_some_and(|p| p >= 2);
+        let confirmed = self
+            .inner
+            .await_projection(|st| match st.workers.get(id) {
+                Some(rec) => moved(&rec.view).then(|| rec.view.clone()),
+                // Removed right after it ended (a full `max_finished`): as it was last seen.
+                None => Some(before.clone()),
+            })
+            .await;
+        match confirmed {
+            Some(view) => Ok(view),
+            None => self.worker(id).or(Ok(before)),
+        }
     }
 
     /// Writes to a worker's stdin.
@@ -893,6 +921,9 @@ async fn unavailable_for(
         id,
         SourceEvent::Health(SourceHealth::unavailable(message, Some(retry_at))),
     );
+    if let Some(rec) = strong.lock().runtimes.get_mut(id) {
+        rec.known_down = true;
+    }
     drop(strong);
     tokio::select! {
         _ = tokio::time::sleep(backoff) => true,

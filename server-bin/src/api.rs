@@ -94,7 +94,7 @@ fn readyz(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
         Ok(h::json(StatusCode::OK, &json!({ "status": "ready" })))
     } else {
         Err(RegistryError::unavailable(
-            "not every runtime has answered yet",
+            "a runtime has not answered its first connection yet",
             Some(Duration::from_secs(1)),
         )
         .into())
@@ -265,8 +265,8 @@ async fn stop(
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
-    app.registry.stop(&id, grace).await?;
-    Ok(h::json(StatusCode::ACCEPTED, &app.registry.worker(&id)?))
+    let worker = app.registry.stop(&id, grace).await?;
+    Ok(h::json(StatusCode::ACCEPTED, &worker))
 }
 
 fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -12,9 +12,9 @@ use crate::auth::Scope;
 pub enum Endpoint {
     /// `GET /`: the web console.
     Console,
-    /// `GET /healthz`.
+    /// `GET` or `HEAD /healthz`.
     Healthz,
-    /// `GET /readyz`.
+    /// `GET` or `HEAD /readyz`.
     Readyz,
     /// `GET /metrics`.
     Metrics,
@@ -87,7 +87,9 @@ const fn route(
 pub const ROUTES: &[Route] = &[
     route(Method::GET,    "/",                                       Endpoint::Console,      Access::Open),
     route(Method::GET,    "/healthz",                                Endpoint::Healthz,      Access::Open),
+    route(Method::HEAD,   "/healthz",                                Endpoint::Healthz,      Access::Open),
     route(Method::GET,    "/readyz",                                 Endpoint::Readyz,       Access::Open),
+    route(Method::HEAD,   "/readyz",                                 Endpoint::Readyz,       Access::Open),
     route(Method::GET,    "/metrics",                                Endpoint::Metrics,      READ),
     route(Method::GET,    "/v1/openapi.json",                        Endpoint::OpenApi,      Access::Open),
     route(Method::GET,    "/v1/runtimes",                            Endpoint::ListRuntimes, READ),

@@ -1,0 +1,149 @@
+//! What an operator needs to find out why (issue 16): readiness that means "this roster
+//! serves", probes by `HEAD`, stop answers that say where the stop left the worker, failure
+//! causes in the worker view, listing filters, a runtime's profiles, and process metrics.
+//! All through the real server on 127.0.0.1:0 with real processes.
+mod common;
+
+use anyhow::{Context as _, Result};
+use common::{TestServer, WAIT};
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use server_bin::{Config, ServeOptions};
+
+const SPAWN: &str = "/v1/runtimes/local/workers";
+
+/// A loopback port nothing listens on: bound, then let go.
+fn closed_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `path` until it answers `status`, or fails after [`WAIT`] with the last answer.
+async fn wait_status(server: &TestServer, path: &str, status: StatusCode) -> Result<Value> {
+    let last = std::sync::Mutex::new(String::new());
+    let last_ref = &last;
+    common::eventually(&format!("{path} to answer {status}"), WAIT, || async move {
+        let resp = server.get(path).await?;
+        *last_ref.lock().unwrap_or_else(|e| e.into_inner()) =
+            format!("{} {}", resp.status, resp.text());
+        Ok((resp.status == status).then(|| resp.json().unwrap_or(Value::Null)))
+    })
+    .await
+    .with_context(|| format!("last answer: {}", last.lock().unwrap_or_else(|e| e.into_inner())))
+}
+
+// ---------------------------------------------------------------------------------------
+// Readiness and probes
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_dead_remote_does_not_keep_the_server_unready() -> Result<()> {
+    let port = closed_port()?;
+    let text = format!(
+        r#"
+[[runtimes]]
+name = "local"
+source = "embedded"
+allow_commands = true
+[runtimes.profiles.shell]
+command = ["/bin/sh", "-c"]
+
+[[runtimes]]
+name = "far"
+source = "remote"
+url = "http://127.0.0.1:{port}"
+remote_runtime = "local"
+connect_timeout = "500ms"
+"#
+    );
+    let config = Config::parse(&text)?;
+    let server = TestServer::start_with(config, ServeOptions::default()).await?;
+    let ready = wait_status(&server, "/readyz", StatusCode::OK).await?;
+    assert_eq!(ready, json!({ "status": "ready" }));
+    // The remote's own health still says it is down, in the API and in the metrics.
+    let far = server.get("/v1/runtimes/far").await?.json()?;
+    assert_eq!(far["health"]["status"], "unavailable", "{far}");
+    let metrics = server.get("/metrics").await?.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("roster_runtime_health{")
+            && l.contains(r#"runtime="far""#)
+            && l.contains(r#"status="unavailable""#)
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // And it stays ready while the remote stays down (reconnects go on).
+    let resp = server.get("/readyz").await?;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn head_answers_the_probes_without_a_body() -> Result<()> {
+    let server = TestServer::start().await?;
+    wait_status(&server, "/readyz", StatusCode::OK).await?;
+    for path in ["/healthz", "/readyz"] {
+        let resp = server.request(Method::HEAD, path, &[], None).await?;
+        assert_eq!(resp.status, StatusCode::OK, "HEAD {path}");
+        assert!(resp.body.is_empty(), "HEAD {path}: {:?}", resp.text());
+        assert!(resp.headers.contains_key("x-request-id"), "HEAD {path}");
+    }
+    // Other routes keep their methods: HEAD there is still 405, with the allowed ones.
+    let resp = server.request(Method::HEAD, "/v1/runtimes", &[], None).await?;
+    assert_eq!(resp.status, StatusCode::METHOD_NOT_ALLOWED);
+    server.stop().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Stop answers where it left the worker
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn stop_answers_stopping_for_a_worker_that_takes_its_time() -> Result<()> {
+    let server = TestServer::start().await?;
+    // Ignores SIGTERM, so it stays `stopping` for the whole grace.
+    let id = server
+        .spawn_shell("trap '' TERM; echo ready; while :; do sleep 0.1; done")
+        .await?;
+    server.wait_worker(&id, |w| w["state"] == "running").await?;
+    let resp = server
+        .post(&format!("/v1/workers/{id}/stop"), r#"{"grace_ms": 20000}"#)
+        .await?;
+    assert_eq!(resp.status, StatusCode::ACCEPTED, "{}", resp.text());
+    let worker = resp.json()?;
+    assert_eq!(worker["state"], "stopping", "{worker}");
+    assert_eq!(worker["id"], id.as_str());
+    // A second stop with no grace ends it; then a third answers the terminal worker.
+    let resp = server
+        .post(&format!("/v1/workers/{id}/stop"), r#"{"grace_ms": 0}"#)
+        .await?;
+    assert_eq!(resp.status, StatusCode::ACCEPTED);
+    let state = resp.json()?["state"].clone();
+    assert!(state == "stopping" || state == "stopped", "{state}");
+    server.wait_worker(&id, |w| w["state"] == "stopped").await?;
+    let again = server
+        .post(&format!("/v1/workers/{id}/stop"), "{}")
+        .await?;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!(again.json()?["state"], "stopped");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_of_an_ended_worker_answers_its_end() -> Result<()> {
+    let server = TestServer::start().await?;
+    let id = server.spawn_shell("exit 4").await?;
+    server.wait_worker(&id, |w| w["state"] == "exited").await?;
+    let resp = server
+        .post(&format!("/v1/workers/{id}/stop"), "{}")
+        .await?;
+    assert_eq!(resp.status, StatusCode::ACCEPTED);
+    let worker = resp.json()?;
+    assert_eq!(worker["state"], "exited", "{worker}");
+    assert_eq!(worker["exit_code"], 4, "{worker}");
+    let _ = SPAWN;
+    server.stop().await?;
+    Ok(())
+}
