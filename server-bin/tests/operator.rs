@@ -29,7 +29,12 @@ async fn wait_status(server: &TestServer, path: &str, status: StatusCode) -> Res
         Ok((resp.status == status).then(|| resp.json().unwrap_or(Value::Null)))
     })
     .await
-    .with_context(|| format!("last answer: {}", last.lock().unwrap_or_else(|e| e.into_inner())))
+    .with_context(|| {
+        format!(
+            "last answer: {}",
+            last.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -65,10 +70,12 @@ connect_timeout = "500ms"
     assert_eq!(far["health"]["status"], "unavailable", "{far}");
     let metrics = server.get("/metrics").await?.text();
     assert!(
-        metrics.lines().any(|l| l.starts_with("roster_runtime_health{")
-            && l.contains(r#"runtime="far""#)
-            && l.contains(r#"status="unavailable""#)
-            && l.ends_with(" 1")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("roster_runtime_health{")
+                && l.contains(r#"runtime="far""#)
+                && l.contains(r#"status="unavailable""#)
+                && l.ends_with(" 1")),
         "{metrics}"
     );
     // And it stays ready while the remote stays down (reconnects go on).
@@ -89,7 +96,9 @@ async fn head_answers_the_probes_without_a_body() -> Result<()> {
         assert!(resp.headers.contains_key("x-request-id"), "HEAD {path}");
     }
     // Other routes keep their methods: HEAD there is still 405, with the allowed ones.
-    let resp = server.request(Method::HEAD, "/v1/runtimes", &[], None).await?;
+    let resp = server
+        .request(Method::HEAD, "/v1/runtimes", &[], None)
+        .await?;
     assert_eq!(resp.status, StatusCode::METHOD_NOT_ALLOWED);
     server.stop().await?;
     Ok(())
@@ -122,9 +131,7 @@ async fn stop_answers_stopping_for_a_worker_that_takes_its_time() -> Result<()> 
     let state = resp.json()?["state"].clone();
     assert!(state == "stopping" || state == "stopped", "{state}");
     server.wait_worker(&id, |w| w["state"] == "stopped").await?;
-    let again = server
-        .post(&format!("/v1/workers/{id}/stop"), "{}")
-        .await?;
+    let again = server.post(&format!("/v1/workers/{id}/stop"), "{}").await?;
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert_eq!(again.json()?["state"], "stopped");
     server.stop().await?;
@@ -136,14 +143,75 @@ async fn stop_of_an_ended_worker_answers_its_end() -> Result<()> {
     let server = TestServer::start().await?;
     let id = server.spawn_shell("exit 4").await?;
     server.wait_worker(&id, |w| w["state"] == "exited").await?;
-    let resp = server
-        .post(&format!("/v1/workers/{id}/stop"), "{}")
-        .await?;
+    let resp = server.post(&format!("/v1/workers/{id}/stop"), "{}").await?;
     assert_eq!(resp.status, StatusCode::ACCEPTED);
     let worker = resp.json()?;
     assert_eq!(worker["state"], "exited", "{worker}");
     assert_eq!(worker["exit_code"], 4, "{worker}");
     let _ = SPAWN;
+    server.stop().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Process metrics
+// ---------------------------------------------------------------------------------------
+
+/// The value of the one sample of `name` (no labels) in an exposition text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_show_the_process_and_the_build() -> Result<()> {
+    let server = TestServer::start().await?;
+    let text = server.get("/metrics").await?.text();
+    for (family, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+        ("roster_build_info", "gauge"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} {kind}\n")),
+            "{family} {kind}:\n{text}"
+        );
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        text.contains(&format!("roster_build_info{{version=\"{version}\"}} 1\n")),
+        "{text}"
+    );
+    // The values are this process's: it holds memory and file descriptors (the listener,
+    // the connection of this very request), and it started in the past.
+    let rss = sample(&text, "process_resident_memory_bytes").context("rss")?;
+    assert!(rss > 1_000_000.0, "{rss}");
+    let fds = sample(&text, "process_open_fds").context("fds")?;
+    assert!(fds >= 4.0, "{fds}");
+    let cpu = sample(&text, "process_cpu_seconds_total").context("cpu")?;
+    assert!(cpu >= 0.0, "{cpu}");
+    let start = sample(&text, "process_start_time_seconds").context("start")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(start > 1_577_836_800.0 && start <= now + 1.0, "{start}");
+    // More open connections, more fds: the gauge is read at each render.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(server.addr).await?);
+    }
+    let more = common::eventually("the new connections to be counted", WAIT, || async {
+        let text = server.get("/metrics").await?.text();
+        let now = sample(&text, "process_open_fds").unwrap_or(0.0);
+        Ok((now >= fds + 8.0).then_some(now))
+    })
+    .await?;
+    assert!(more >= fds + 8.0);
+    drop(held);
     server.stop().await?;
     Ok(())
 }
