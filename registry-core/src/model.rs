@@ -134,6 +134,18 @@ pub enum FailReason {
     CrashLoop,
 }
 
+impl FailReason {
+    /// The wire name (`spawn_failed`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::SpawnFailed => "spawn_failed",
+            FailReason::Killed => "killed",
+            FailReason::Lost => "lost",
+            FailReason::CrashLoop => "crash_loop",
+        }
+    }
+}
+
 /// Which output stream a chunk came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +191,11 @@ pub struct SourceWorker {
     pub last_exit: Option<LastExit>,
     /// While the worker waits to be restarted (as `starting`): when the next run is due.
     pub retry_at: Option<OffsetDateTime>,
+    /// Why the worker failed (or what else about its end a person should know), in words:
+    /// "program not found: No such file or directory (os error 2)". Written for the client
+    /// who asked for the worker: no host path, pid or environment value (the registry
+    /// scrubs it again).
+    pub message: Option<String>,
 }
 
 /// How the previous run of a restarted worker ended.
@@ -240,6 +257,10 @@ pub struct WorkerView {
     /// While the worker waits to be restarted (as `starting`): when the next run is due.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub retry_at: Option<OffsetDateTime>,
+    /// Why it failed, in words (sanitized): set when it could not be started, say. Absent
+    /// from an older roster's answer, and then `None`.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 impl WorkerView {
@@ -263,6 +284,7 @@ impl WorkerView {
             restarts: worker.restarts,
             last_exit: worker.last_exit,
             retry_at: worker.retry_at,
+            message: worker.message.as_deref().map(crate::sanitize_message),
         }
     }
 }
@@ -623,6 +645,15 @@ mod tests {
             WorkerState::parse("zombie").unwrap_err().code(),
             "invalid_request"
         );
+        for reason in [
+            FailReason::SpawnFailed,
+            FailReason::Killed,
+            FailReason::Lost,
+            FailReason::CrashLoop,
+        ] {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
     }
 
     #[test]
@@ -762,6 +793,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
         };
         let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();
         let view = WorkerView::from_source(id, RuntimeId::new("local").unwrap(), &w);

@@ -17,10 +17,10 @@ use crate::Redacted;
 
 use crate::events::{EventLog, Resubscribe, Start};
 use crate::{
-    sanitize_message, Capabilities, Diagnostic, EventPayload, HealthStatus, HealthView, IdIssuer,
-    OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource, RuntimeView,
-    SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem, Subscription,
-    WorkerId, WorkerState, WorkerView,
+    sanitize_message, Capabilities, Diagnostic, EventPayload, FailReason, HealthStatus, HealthView,
+    IdIssuer, OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource,
+    RuntimeView, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem,
+    Subscription, WorkerId, WorkerState, WorkerView,
 };
 
 /// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
@@ -343,14 +343,22 @@ impl Registry {
             .map_err(|e| self.inner.context(e, "spawn", runtime, None))?;
         let id = self.inner.issuer.worker_id(runtime, &worker.key);
         // The projection changes only through the lifecycle stream (one writer, in order);
-        // wait for it to show the worker, so a `GET` right after sees it. A worker that is
-        // already gone again (say, failed and evicted at once) is answered as the source
-        // reported it.
+        // wait for it to show the worker at least as far as the source answered (a program
+        // that could not start is `failed` at once, not the `starting` reported before), so
+        // a `GET` right after agrees. A worker that is already gone again (say, failed and
+        // evicted at once) is answered as the source reported it.
         let view = WorkerView::from_source(id.clone(), runtime.clone(), &worker);
+        let reached = |have: &WorkerView| {
+            have.restarts > view.restarts
+                || match (have.state.progress(), view.state.progress()) {
+                    (Some(have), Some(want)) => have >= want,
+                    _ => true,
+                }
+        };
         let confirmed = self
             .inner
             .await_projection(|st| match st.workers.get(&id) {
-                Some(rec) => Some(rec.view.clone()),
+                Some(rec) => reached(&rec.view).then(|| rec.view.clone()),
                 None => st.log.removed_since(since, &id).then(|| view.clone()),
             })
             .await;
@@ -648,6 +656,7 @@ impl Inner {
         let id = self.issuer.worker_id(runtime, &worker.key);
         let view = WorkerView::from_source(id.clone(), runtime.clone(), worker);
         let mut furthest = view.state;
+        let old_state = st.workers.get(&id).map(|old| old.view.state);
         if let Some(old) = st.workers.get(&id) {
             let moves_on =
                 old.furthest
@@ -658,6 +667,9 @@ impl Inner {
             if view.state == WorkerState::Unknown && view.restarts == old.view.restarts {
                 furthest = old.furthest;
             }
+        }
+        if view.state == WorkerState::Failed && old_state != Some(WorkerState::Failed) {
+            log_failure(runtime, &view);
         }
         self.ids
             .insert(id.clone(), (runtime.clone(), worker.key.clone()));
@@ -929,6 +941,14 @@ async fn unavailable_for(
         _ = tokio::time::sleep(backoff) => true,
         _ = shutdown.changed() => false,
     }
+}
+
+/// The one log line of a worker's failure, under its public id (the only id an operator can
+/// look up): its reason and, where the source gave one, why in words.
+fn log_failure(runtime: &RuntimeId, view: &WorkerView) {
+    let reason = view.reason.map(FailReason::as_str).unwrap_or_default();
+    let message = view.message.as_deref().unwrap_or("");
+    tracing::info!(runtime = %runtime, worker = %view.id, %reason, %message, "worker failed");
 }
 
 fn page_key(v: &WorkerView) -> (i128, &WorkerId) {

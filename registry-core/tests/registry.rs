@@ -69,6 +69,7 @@ impl Scripted {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
         }
     }
 

@@ -1344,6 +1344,16 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
         )
         .await?,
     )?;
+    // A program that can't be started: `failed` with a `message` that says why.
+    let missing = api
+        .post(
+            &server,
+            SPAWN,
+            r#"{"command":["/nonexistent/shape-program"]}"#,
+        )
+        .await?;
+    expect(&missing, 201, "")?;
+    ensure!(missing.json()?["message"].is_string(), "{}", missing.text());
     let pad = "p".repeat(90);
     let script = format!("for i in $(seq 1 12); do echo line-$i-{pad}; sleep 0.02; done");
     let body = json!({ "profile": "shell", "args": [script], "name": "gap" }).to_string();

@@ -215,3 +215,119 @@ async fn metrics_show_the_process_and_the_build() -> Result<()> {
     server.stop().await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Why a worker failed to start
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_program_that_cannot_start_says_why_in_the_worker_view() -> Result<()> {
+    let server = TestServer::start().await?;
+    let resp = server
+        .post(SPAWN, r#"{"command": ["/nonexistent/binary", "x"]}"#)
+        .await?;
+    assert_eq!(resp.status, StatusCode::CREATED, "{}", resp.text());
+    let worker = resp.json()?;
+    assert_eq!(worker["state"], "failed", "{worker}");
+    assert_eq!(worker["reason"], "spawn_failed", "{worker}");
+    assert_eq!(
+        worker["message"], "program not found: No such file or directory (os error 2)",
+        "{worker}"
+    );
+    // The same on a later GET, in the list and in the registry's event stream.
+    let id = worker["id"].as_str().context("an id")?;
+    let got = server.get(&format!("/v1/workers/{id}")).await?.json()?;
+    assert_eq!(got["message"], worker["message"]);
+    let mut events = server.sse("/v1/events", &[]).await?;
+    let snapshot = events.next_event().await?;
+    let listed = snapshot.data["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["id"] == id).cloned())
+        .context("the worker in the snapshot")?;
+    assert_eq!(listed["message"], worker["message"]);
+
+    // A worker that runs has no message.
+    let ok = server.spawn_shell("exit 0").await?;
+    let done = server.wait_worker(&ok, |w| w["state"] == "exited").await?;
+    assert!(done["message"].is_null(), "{done}");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_profile_s_host_paths_stay_out_of_the_message() -> Result<()> {
+    let home = tempfile::tempdir()?;
+    let gone = home.path().join("no-such-dir");
+    let program = home.path().join("not-executable.sh");
+    std::fs::write(&program, "echo never\n")?;
+    let config = common::config(&format!(
+        "[profiles.lost]\ncommand = [{:?}]\n[profiles.elsewhere]\ncommand = [\"/bin/true\"]\ncwd = {:?}\n\
+         [profiles.plain]\ncommand = [{:?}]\n",
+        gone.join("tool").display().to_string(),
+        gone.display().to_string(),
+        program.display().to_string(),
+    ));
+    let server = TestServer::start_with(config, ServeOptions::default()).await?;
+    let cases = [
+        ("lost", "program not found: "),
+        ("elsewhere", "working directory not found: "),
+        ("plain", "permission denied "),
+    ];
+    for (profile, start) in cases {
+        let body = json!({ "profile": profile }).to_string();
+        let resp = server.post(SPAWN, &body).await?;
+        assert_eq!(
+            resp.status,
+            StatusCode::CREATED,
+            "{profile}: {}",
+            resp.text()
+        );
+        let worker = resp.json()?;
+        assert_eq!(worker["reason"], "spawn_failed", "{worker}");
+        let message = worker["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(start), "{profile}: {message}");
+        assert!(message.contains("(os error "), "{profile}: {message}");
+    }
+    // `stop` checks that nothing a client got names the state directory; the profiles'
+    // paths are checked here.
+    let root = home.path().display().to_string();
+    server.seen().assert_free_of(&[root])?;
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_log_names_a_failed_worker_by_its_public_id() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let (mut roster, addr) = common::process::Roster::serve(&state, &[], &[("RUST_LOG", "info")])?;
+    let body = r#"{"command": ["/nonexistent/binary"]}"#;
+    let resp = common::request_to(addr, Method::POST, SPAWN, &[], Some(body)).await?;
+    let id = resp.created_id()?;
+    let stderr = &roster.stderr;
+    let line = common::eventually("the failure in the log", WAIT, || async {
+        Ok(stderr
+            .text()
+            .lines()
+            .find(|l| l.contains("worker failed") && l.contains(&id))
+            .map(str::to_string))
+    })
+    .await?;
+    assert!(line.contains("spawn_failed"), "{line}");
+    assert!(
+        line.contains("program not found: No such file or directory (os error 2)"),
+        "{line}"
+    );
+    roster.terminate()?;
+    // No line names a worker by an internal number (`worker=7`).
+    let log = roster.stderr.text();
+    for (at, _) in log.match_indices("worker=") {
+        let next = log[at + "worker=".len()..].chars().next();
+        assert!(
+            !next.is_some_and(|c| c.is_ascii_digit()),
+            "an internal worker number in the log:\n{log}"
+        );
+    }
+    assert!(!log.contains("worker could not be started"), "{log}");
+    Ok(())
+}

@@ -129,6 +129,7 @@ impl Keys {
                 at: at(e.at),
             }),
             retry_at: info.retry_at.map(at),
+            message: info.message,
         }
     }
 

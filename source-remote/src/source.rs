@@ -642,6 +642,7 @@ fn from_view(view: &WorkerView) -> SourceWorker {
         restarts: view.restarts,
         last_exit: view.last_exit,
         retry_at: view.retry_at,
+        message: view.message.clone(),
     }
 }
 

@@ -217,6 +217,7 @@ impl Inner {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(text) = request.stdin.as_ref().filter(|t| !t.is_empty()) {
