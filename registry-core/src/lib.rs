@@ -47,8 +47,9 @@ pub use events::{
 pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory, SourceKind};
 pub use id::{IdIssuer, RuntimeId, SourceKey, WorkerId, KEY_FILE};
 pub use model::{
-    limits, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, LastExit, RuntimeView,
-    SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerState, WorkerView,
+    limits, ArgsRule, Capabilities, Diagnostic, FailReason, HealthStatus, HealthView, LastExit,
+    ProfileView, RestartView, RuntimeView, SourceHealth, SourceWorker, SpawnRequest, StreamKind,
+    WorkerState, WorkerView,
 };
 pub use redact::{Redacted, RedactedValues};
 pub use registry::{Page, Registry, RegistryConfig, WorkerFilter, MAX_PAGE};

@@ -433,6 +433,62 @@ pub struct RuntimeView {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// A spawn profile of a runtime as clients see it (`GET /v1/runtimes/{id}/profiles`): a
+/// name a spawn request may give as `profile`, and what such a request may pass. It never
+/// holds the profile's environment (names or values) or working directory, and holds its
+/// command line only where the runtime's config shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileView {
+    /// The name to give as `profile`.
+    pub name: String,
+    /// The operator's sentence about it, if the config has one.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The fields of a spawn request this profile takes besides `profile` (`args`, `env`,
+    /// `stdin`, `name`, `labels`, `request_id`).
+    pub accepts: Vec<String>,
+    /// What becomes of the request's `args`.
+    pub args: ArgsRule,
+    /// The profile's restart policy; `None` when its workers are never restarted.
+    #[serde(default)]
+    pub restart: Option<RestartView>,
+    /// The grace between SIGTERM and SIGKILL of a stop that gives none, in milliseconds.
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+    /// The command line the request's `args` are appended to — only where the config shows it
+    /// (it may name host paths); otherwise `None`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+}
+
+impl ProfileView {
+    /// Every field of a spawn request besides `profile` and `command`: what a profile of a
+    /// kind that takes the whole request (`embedded`, `tmux`) accepts.
+    pub const EVERY_FIELD: [&'static str; 6] =
+        ["args", "env", "stdin", "name", "labels", "request_id"];
+}
+
+/// What a profile does with a spawn request's `args`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgsRule {
+    /// Appended to the profile's command line, any number (within the request limits).
+    Appended,
+}
+
+/// A profile's restart policy, as clients see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartView {
+    /// `on-failure` or `always`.
+    pub policy: String,
+    /// Most restarts within the window; the exit after them ends the worker `crash_loop`.
+    pub max_restarts: u32,
+    /// The window `max_restarts` counts in, in milliseconds.
+    pub window_ms: u64,
+}
+
 /// A spawn request (SPEC §3). Unknown fields are refused when it is parsed. `Debug` shows
 /// the environment's names, never its values, and never the stdin text.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,9 +18,9 @@ use crate::Redacted;
 use crate::events::{EventLog, Resubscribe, Start};
 use crate::{
     sanitize_message, Capabilities, Diagnostic, EventPayload, FailReason, HealthStatus, HealthView,
-    IdIssuer, OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId, RuntimeSource,
-    RuntimeView, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest, StreamItem,
-    Subscription, WorkerId, WorkerState, WorkerView,
+    IdIssuer, OutputRequest, OutputStream, ProfileView, RegistryError, ResetReason, RuntimeId,
+    RuntimeSource, RuntimeView, SourceEvent, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
+    StreamItem, Subscription, WorkerId, WorkerState, WorkerView,
 };
 
 /// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
@@ -67,15 +67,51 @@ impl RegistryConfig {
     }
 }
 
-/// Which workers `list_workers` returns.
+/// Which workers `list_workers` returns: those that pass every part that is set
+/// ([`matches`](Self::matches) is the one rule).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerFilter {
     /// Only this runtime's.
     pub runtime: Option<RuntimeId>,
-    /// Only in this state.
-    pub state: Option<WorkerState>,
+    /// Only in one of these states (empty: any state).
+    pub states: Vec<WorkerState>,
     /// Only those that carry every one of these labels.
     pub labels: Vec<(String, String)>,
+    /// Only those with exactly this name.
+    pub name: Option<String>,
+    /// Only those whose name, or a label's key or value, holds this text, compared without
+    /// regard to ASCII case (other characters must match exactly). Empty matches all.
+    pub text: Option<String>,
+}
+
+impl WorkerFilter {
+    /// Whether `view` passes the filter.
+    pub fn matches(&self, view: &WorkerView) -> bool {
+        self.runtime.as_ref().is_none_or(|r| &view.runtime_id == r)
+            && (self.states.is_empty() || self.states.contains(&view.state))
+            && self
+                .labels
+                .iter()
+                .all(|(k, val)| view.labels.get(k) == Some(val))
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| view.name.as_ref() == Some(n))
+            && self.text.as_deref().is_none_or(|t| {
+                let holds = |hay: &str| contains_ignoring_ascii_case(hay, t);
+                view.name.as_deref().is_some_and(holds)
+                    || view.labels.iter().any(|(k, v)| holds(k) || holds(v))
+            })
+    }
+}
+
+/// Whether `hay` holds `needle`, ASCII letters compared without case.
+fn contains_ignoring_ascii_case(hay: &str, needle: &str) -> bool {
+    let (hay, needle) = (hay.as_bytes(), needle.as_bytes());
+    needle.is_empty()
+        || hay
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// One page of workers.
@@ -298,14 +334,7 @@ impl Registry {
             st.workers
                 .values()
                 .map(|r| &r.view)
-                .filter(|v| filter.runtime.as_ref().is_none_or(|r| &v.runtime_id == r))
-                .filter(|v| filter.state.is_none_or(|s| v.state == s))
-                .filter(|v| {
-                    filter
-                        .labels
-                        .iter()
-                        .all(|(k, val)| v.labels.get(k) == Some(val))
-                })
+                .filter(|v| filter.matches(v))
                 .cloned()
                 .collect()
         };
@@ -322,6 +351,22 @@ impl Registry {
             None
         };
         Ok(Page { workers, next_page })
+    }
+
+    /// The spawn profiles of `runtime` (see [`RuntimeSource::profiles`]), sorted by name,
+    /// their descriptions scrubbed like every source message.
+    pub async fn profiles(&self, runtime: &RuntimeId) -> Result<Vec<ProfileView>, RegistryError> {
+        let rt = self.inner.runtime(runtime)?;
+        let mut profiles = rt
+            .source
+            .profiles()
+            .await
+            .map_err(|e| self.inner.context(e, "profiles", runtime, None))?;
+        for p in &mut profiles {
+            p.description = p.description.as_deref().map(sanitize_message);
+        }
+        profiles.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(profiles)
     }
 
     /// Starts a worker in `runtime` and returns it.

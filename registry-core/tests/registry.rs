@@ -828,7 +828,7 @@ async fn list_filters_by_runtime_state_and_label_and_pages_without_repeats() {
         1
     );
     let exited = WorkerFilter {
-        state: Some(WorkerState::Exited),
+        states: vec![WorkerState::Exited],
         ..Default::default()
     };
     assert_eq!(

@@ -24,6 +24,8 @@ pub enum Endpoint {
     ListRuntimes,
     /// `GET /v1/runtimes/{runtime_id}`.
     GetRuntime,
+    /// `GET /v1/runtimes/{runtime_id}/profiles`.
+    Profiles,
     /// `POST /v1/runtimes/{runtime_id}/workers`.
     Spawn,
     /// `GET /v1/workers`.
@@ -94,6 +96,7 @@ pub const ROUTES: &[Route] = &[
     route(Method::GET,    "/v1/openapi.json",                        Endpoint::OpenApi,      Access::Open),
     route(Method::GET,    "/v1/runtimes",                            Endpoint::ListRuntimes, READ),
     route(Method::GET,    "/v1/runtimes/{runtime_id}",               Endpoint::GetRuntime,   READ),
+    route(Method::GET,    "/v1/runtimes/{runtime_id}/profiles",      Endpoint::Profiles,     READ),
     route(Method::POST,   "/v1/runtimes/{runtime_id}/workers",       Endpoint::Spawn,        OPERATE),
     route(Method::GET,    "/v1/workers",                             Endpoint::ListWorkers,  READ),
     route(Method::GET,    "/v1/workers/{worker_id}",                 Endpoint::GetWorker,    READ),

@@ -140,6 +140,7 @@ fn the_paths_are_the_api() {
     let want: BTreeSet<String> = [
         "GET /v1/runtimes",
         "GET /v1/runtimes/{runtime_id}",
+        "GET /v1/runtimes/{runtime_id}/profiles",
         "POST /v1/runtimes/{runtime_id}/workers",
         "GET /v1/workers",
         "GET /v1/workers/{worker_id}",

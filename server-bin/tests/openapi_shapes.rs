@@ -1291,7 +1291,8 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
     // A worker waiting to be restarted: `restarts`, `last_exit` and `retry_at` are set.
     let again: EmbeddedConfig = toml::from_str(
         "[profiles.again]\ncommand = [\"/bin/sh\", \"-c\"]\nrestart = \"always\"\n\
-         restart_backoff = { base = \"60s\", cap = \"60s\" }\n",
+         restart_backoff = { base = \"60s\", cap = \"60s\" }\n\
+         description = \"a shell that starts again\"\nshow_command = true\n",
     )?;
     server
         .registry
@@ -1301,6 +1302,12 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
             Arc::new(EmbeddedSource::new(again)?),
         )
         .await?;
+    // Profiles: one with every field set (`again`), one with the defaults (`local`'s shell).
+    for runtime in ["again", "local"] {
+        let path = format!("/v1/runtimes/{runtime}/profiles");
+        let profiles = api.get(&server, &path).await?;
+        expect(&profiles, 200, "")?;
+    }
     // One run ended with a code, one by a signal: `last_exit` holds each of its fields.
     for script in ["exit 3", "kill -9 $$"] {
         let body = json!({ "profile": "again", "args": [script] }).to_string();

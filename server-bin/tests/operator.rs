@@ -331,3 +331,193 @@ async fn the_log_names_a_failed_worker_by_its_public_id() -> Result<()> {
     assert!(!log.contains("worker could not be started"), "{log}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Listing filters
+// ---------------------------------------------------------------------------------------
+
+/// The names of the workers a `GET /v1/workers…` lists (it must answer 200), sorted.
+async fn names(server: &TestServer, query: &str) -> Result<Vec<String>> {
+    let resp = server.get(&format!("/v1/workers?{query}")).await?;
+    anyhow::ensure!(resp.status == StatusCode::OK, "{query}: {}", resp.text());
+    let mut out: Vec<String> = resp.json()?["workers"]
+        .as_array()
+        .context("workers")?
+        .iter()
+        .map(|w| w["name"].as_str().unwrap_or("-").to_string())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+#[tokio::test]
+async fn workers_are_listed_by_states_exact_name_and_text() -> Result<()> {
+    let server = TestServer::start().await?;
+    let spawn = |script: &'static str, name: &'static str, labels: Value| {
+        let body = json!({ "profile": "shell", "args": [script], "name": name, "labels": labels });
+        let server = &server;
+        async move { server.post(SPAWN, &body.to_string()).await?.created_id() }
+    };
+    let web = spawn("exec sleep 30", "Web-Frontend", json!({ "team": "edge" })).await?;
+    let api = spawn("exec sleep 30", "api", json!({ "tier": "Backend" })).await?;
+    let done = spawn("exit 0", "web-report", json!({})).await?;
+    server
+        .wait_worker(&web, |w| w["state"] == "running")
+        .await?;
+    server
+        .wait_worker(&api, |w| w["state"] == "running")
+        .await?;
+    server
+        .wait_worker(&done, |w| w["state"] == "exited")
+        .await?;
+    let stopping = server
+        .post(&format!("/v1/workers/{api}/stop"), r#"{"grace_ms": 0}"#)
+        .await?;
+    assert_eq!(stopping.status, StatusCode::ACCEPTED);
+    server
+        .wait_worker(&api, |w| w["state"] == "stopped")
+        .await?;
+
+    // A comma list of states: any of them.
+    assert_eq!(
+        names(&server, "state=running,starting").await?,
+        ["Web-Frontend"]
+    );
+    assert_eq!(
+        names(&server, "state=exited,stopped").await?,
+        ["api", "web-report"]
+    );
+    assert_eq!(names(&server, "state=running").await?, ["Web-Frontend"]);
+    // The exact name: case and all.
+    assert_eq!(names(&server, "name=api").await?, ["api"]);
+    assert!(names(&server, "name=API").await?.is_empty());
+    assert!(names(&server, "name=ap").await?.is_empty());
+    // Text in a name or a label's key or value, without regard to ASCII case.
+    assert_eq!(
+        names(&server, "q=WEB").await?,
+        ["Web-Frontend", "web-report"]
+    );
+    assert_eq!(names(&server, "q=backend").await?, ["api"]);
+    assert_eq!(names(&server, "q=tea").await?, ["Web-Frontend"]);
+    assert_eq!(
+        names(&server, "q=report&state=exited").await?,
+        ["web-report"]
+    );
+    assert_eq!(names(&server, "q=").await?.len(), 3);
+    // Filters combine with paging as before: the same order, a cursor that still works.
+    let first = server.get("/v1/workers?q=e&limit=1").await?.json()?;
+    let next = first["next_page"].as_str().context("a next page")?;
+    let second = server
+        .get(&format!("/v1/workers?q=e&limit=1&page={next}"))
+        .await?
+        .json()?;
+    assert_ne!(first["workers"][0]["id"], second["workers"][0]["id"]);
+
+    // Bad input: a clear 400 naming what is wrong; the server goes on serving.
+    let cases = [
+        ("state=running,zombie".to_string(), "zombie"),
+        ("state=running,".to_string(), "unknown state"),
+        (format!("q={}", "x".repeat(257)), "`q`"),
+        (format!("name={}", "n".repeat(257)), "`name`"),
+        ("name=a&name=b".to_string(), "more than once"),
+    ];
+    for (query, needle) in cases {
+        let resp = server.get(&format!("/v1/workers?{query}")).await?;
+        assert_eq!(resp.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(resp.code(), "invalid_request", "{query}");
+        assert!(resp.text().contains(needle), "{query}: {}", resp.text());
+    }
+    assert_eq!(names(&server, "").await?.len(), 3);
+    server.stop().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// A runtime's profiles
+// ---------------------------------------------------------------------------------------
+
+const PROFILES: &str = r#"
+[[runtimes]]
+name = "local"
+source = "embedded"
+[runtimes.profiles.shell]
+command = ["/bin/sh", "-c"]
+description = "a shell script, given as the one argument"
+show_command = true
+grace = "3s"
+[runtimes.profiles.deploy]
+command = ["/opt/secret-tools/deploy.sh", "--key-file=/etc/secret-tools/key"]
+cwd = "/srv/private-checkout"
+env = { DEPLOY_TOKEN = "tok-very-secret" }
+restart = "on-failure"
+max_restarts = 3
+restart_window = "1m"
+"#;
+
+#[tokio::test]
+async fn a_runtime_lists_its_profiles_without_what_the_config_keeps_private() -> Result<()> {
+    let config = Config::parse(PROFILES)?;
+    let server = TestServer::start_with(config, ServeOptions::default()).await?;
+    let resp = server.get("/v1/runtimes/local/profiles").await?;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    let body = resp.json()?;
+    let every = json!(["args", "env", "stdin", "name", "labels", "request_id"]);
+    assert_eq!(
+        body,
+        json!({ "profiles": [
+            {
+                "name": "deploy", "description": null, "accepts": every, "args": "appended",
+                "restart": { "policy": "on-failure", "max_restarts": 3, "window_ms": 60000 },
+                "grace_ms": 10000, "command": null,
+            },
+            {
+                "name": "shell", "description": "a shell script, given as the one argument",
+                "accepts": every, "args": "appended", "restart": null, "grace_ms": 3000,
+                "command": ["/bin/sh", "-c"],
+            },
+        ]})
+    );
+    // Nothing private got out: not the command, the working directory or the environment.
+    let text = resp.text();
+    for secret in [
+        "secret-tools",
+        "private-checkout",
+        "DEPLOY_TOKEN",
+        "tok-very-secret",
+    ] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    // An unknown runtime, and a query parameter the route does not take.
+    let resp = server.get("/v1/runtimes/nowhere/profiles").await?;
+    assert_eq!(resp.status, StatusCode::NOT_FOUND);
+    assert_eq!(resp.code(), "runtime_not_found");
+    let resp = server.get("/v1/runtimes/local/profiles?all=1").await?;
+    assert_eq!(resp.code(), "invalid_request");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_remote_runtime_lists_its_upstream_s_profiles() -> Result<()> {
+    let upstream =
+        TestServer::start_with(Config::parse(PROFILES)?, ServeOptions::default()).await?;
+    wait_status(&upstream, "/readyz", StatusCode::OK).await?;
+    let text = format!(
+        "[[runtimes]]\nname = \"far\"\nsource = \"remote\"\nurl = \"http://{}\"\n\
+         remote_runtime = \"local\"\n",
+        upstream.addr
+    );
+    let down = TestServer::start_with(Config::parse(&text)?, ServeOptions::default()).await?;
+    wait_status(&down, "/readyz", StatusCode::OK).await?;
+    let here = common::eventually("the remote's profiles", WAIT, || async {
+        let resp = down.get("/v1/runtimes/far/profiles").await?;
+        Ok((resp.status == StatusCode::OK).then(|| resp.json().unwrap_or(Value::Null)))
+    })
+    .await?;
+    let there = upstream.get("/v1/runtimes/local/profiles").await?.json()?;
+    assert_eq!(here, there);
+    assert_eq!(here["profiles"][1]["name"], "shell", "{here}");
+    down.stop().await?;
+    upstream.stop().await?;
+    Ok(())
+}
