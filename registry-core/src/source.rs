@@ -13,6 +13,9 @@ use crate::{
 };
 
 /// A change a source reports on its lifecycle stream.
+// Most events are upserts, each moved once through a channel: boxing them would add an
+// allocation per event and a `Box` to every source's code, to save room in the rare others.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum SourceEvent {
     /// A worker is new or changed. Sending the same worker twice is harmless.
