@@ -99,40 +99,43 @@ fn parse_max_fds(text: &str) -> Option<u64> {
 /// Writes the process families and `roster_build_info`.
 pub(super) fn write(out: &mut String) -> fmt::Result {
     let stats = ProcessStats::read();
-    if let Some(v) = stats.cpu_seconds {
-        let name = "process_cpu_seconds_total";
-        header(
-            out,
-            name,
+    let families = [
+        (
+            "process_cpu_seconds_total",
             "counter",
             "User and system CPU time spent, in seconds.",
-        )?;
-        writeln!(out, "{name} {v}")?;
-    }
-    if let Some(v) = stats.resident_bytes {
-        let name = "process_resident_memory_bytes";
-        header(out, name, "gauge", "Resident memory size in bytes.")?;
-        writeln!(out, "{name} {v}")?;
-    }
-    if let Some(v) = stats.open_fds {
-        let name = "process_open_fds";
-        header(out, name, "gauge", "Open file descriptors.")?;
-        writeln!(out, "{name} {v}")?;
-    }
-    if let Some(v) = stats.max_fds {
-        let name = "process_max_fds";
-        header(out, name, "gauge", "The limit of open file descriptors.")?;
-        writeln!(out, "{name} {v}")?;
-    }
-    if let Some(v) = stats.start_time_seconds {
-        let name = "process_start_time_seconds";
-        header(
-            out,
-            name,
+            stats.cpu_seconds.map(|v| v.to_string()),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            stats.resident_bytes.map(|v| v.to_string()),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            stats.open_fds.map(|v| v.to_string()),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "The limit of open file descriptors.",
+            stats.max_fds.map(|v| v.to_string()),
+        ),
+        (
+            "process_start_time_seconds",
             "gauge",
             "Start time of the process since the Unix epoch, in seconds.",
-        )?;
-        writeln!(out, "{name} {v}")?;
+            stats.start_time_seconds.map(|v| v.to_string()),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        if let Some(value) = value {
+            header(out, name, kind, help)?;
+            writeln!(out, "{name} {value}")?;
+        }
     }
     let name = "roster_build_info";
     header(
