@@ -134,6 +134,7 @@ impl EventPayload {
                 EventPayload::WorkerUpserted { worker: w } => {
                     w.name.as_ref().map_or(0, String::len)
                         + w.profile.as_ref().map_or(0, String::len)
+                        + w.message.as_ref().map_or(0, String::len)
                         + strings(&mut w.labels.iter().map(|(k, v)| k.len() + v.len()))
                         + strings(&mut w.args.iter().map(String::len))
                         + strings(&mut w.command.iter().flatten().map(String::len))

@@ -48,9 +48,9 @@ pub use events::{
 pub use factory::{de, ConfigError, SourceConfig, SourceFactories, SourceFactory, SourceKind};
 pub use id::{IdIssuer, RuntimeId, SourceKey, WorkerId, KEY_FILE};
 pub use model::{
-    limits, BackoffRequest, Capabilities, Diagnostic, FailReason, HealthState, HealthStatus,
-    HealthView, LastExit, ProbeKind, Restart, RuntimeView, SourceHealth, SourceWorker,
-    SpawnRequest, StreamKind, WorkerHealth, WorkerState, WorkerView,
+    limits, ArgsRule, BackoffRequest, Capabilities, Diagnostic, FailReason, HealthState,
+    HealthStatus, HealthView, LastExit, ProbeKind, ProfileView, Restart, RestartView, RuntimeView,
+    SourceHealth, SourceWorker, SpawnRequest, StreamKind, WorkerHealth, WorkerState, WorkerView,
 };
 pub use redact::{Redacted, RedactedValues};
 pub use registry::{Page, Registry, RegistryConfig, SharedPage, WorkerFilter, MAX_PAGE};

@@ -135,6 +135,18 @@ pub enum FailReason {
     CrashLoop,
 }
 
+impl FailReason {
+    /// The wire name (`spawn_failed`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::SpawnFailed => "spawn_failed",
+            FailReason::Killed => "killed",
+            FailReason::Lost => "lost",
+            FailReason::CrashLoop => "crash_loop",
+        }
+    }
+}
+
 /// Which output stream a chunk came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -180,6 +192,11 @@ pub struct SourceWorker {
     pub last_exit: Option<LastExit>,
     /// While the worker waits to be restarted (as `starting`): when the next run is due.
     pub retry_at: Option<OffsetDateTime>,
+    /// Why the worker failed (or what else about its end a person should know), in words:
+    /// "program not found: No such file or directory (os error 2)". Written for the client
+    /// who asked for the worker: no host path, pid or environment value (the registry
+    /// scrubs it again).
+    pub message: Option<String>,
     /// What the worker's health probe says; `None` without a probe.
     pub health: Option<WorkerHealth>,
 }
@@ -313,6 +330,10 @@ pub struct WorkerView {
     /// While the worker waits to be restarted (as `starting`): when the next run is due.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub retry_at: Option<OffsetDateTime>,
+    /// Why it failed, in words (sanitized): set when it could not be started, say. Absent
+    /// from an older roster's answer, and then `None`.
+    #[serde(default)]
+    pub message: Option<String>,
     /// What the worker's health probe says; absent without a probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<WorkerHealth>,
@@ -339,6 +360,7 @@ impl WorkerView {
             restarts: worker.restarts,
             last_exit: worker.last_exit,
             retry_at: worker.retry_at,
+            message: worker.message.as_deref().map(crate::sanitize_message),
             health: worker.health,
         }
     }
@@ -492,6 +514,62 @@ pub struct RuntimeView {
     pub workers: BTreeMap<WorkerState, u64>,
     /// Current problems.
     pub diagnostics: Vec<Diagnostic>,
+}
+
+/// A spawn profile of a runtime as clients see it (`GET /v1/runtimes/{id}/profiles`): a
+/// name a spawn request may give as `profile`, and what such a request may pass. It never
+/// holds the profile's environment (names or values) or working directory, and holds its
+/// command line only where the runtime's config shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileView {
+    /// The name to give as `profile`.
+    pub name: String,
+    /// The operator's sentence about it, if the config has one.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The fields of a spawn request this profile takes besides `profile` (`args`, `env`,
+    /// `stdin`, `name`, `labels`, `request_id`).
+    pub accepts: Vec<String>,
+    /// What becomes of the request's `args`.
+    pub args: ArgsRule,
+    /// The profile's restart policy; `None` when its workers are never restarted.
+    #[serde(default)]
+    pub restart: Option<RestartView>,
+    /// The grace between SIGTERM and SIGKILL of a stop that gives none, in milliseconds.
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+    /// The command line the request's `args` are appended to — only where the config shows it
+    /// (it may name host paths); otherwise `None`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+}
+
+impl ProfileView {
+    /// Every field of a spawn request besides `profile` and `command`: what a profile of a
+    /// kind that takes the whole request (`embedded`, `tmux`) accepts.
+    pub const EVERY_FIELD: [&'static str; 6] =
+        ["args", "env", "stdin", "name", "labels", "request_id"];
+}
+
+/// What a profile does with a spawn request's `args`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgsRule {
+    /// Appended to the profile's command line, any number (within the request limits).
+    Appended,
+}
+
+/// A profile's restart policy, as clients see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartView {
+    /// `on-failure` or `always`.
+    pub policy: String,
+    /// Most restarts within the window; the exit after them ends the worker `crash_loop`.
+    pub max_restarts: u32,
+    /// The window `max_restarts` counts in, in milliseconds.
+    pub window_ms: u64,
 }
 
 /// A spawn request (SPEC §3). Unknown fields are refused when it is parsed. `Debug` shows
@@ -821,6 +899,15 @@ mod tests {
             WorkerState::parse("zombie").unwrap_err().code(),
             "invalid_request"
         );
+        for reason in [
+            FailReason::SpawnFailed,
+            FailReason::Killed,
+            FailReason::Lost,
+            FailReason::CrashLoop,
+        ] {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
     }
 
     #[test]
@@ -1032,6 +1119,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
             health: None,
         };
         let id: WorkerId = "w_0123456789ABCDEFGHJKMNPQRS".parse().unwrap();

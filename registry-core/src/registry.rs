@@ -18,10 +18,11 @@ use crate::Redacted;
 use crate::events::{EventLog, LazySnapshot, Pending, Resubscribe, Start};
 use crate::table::{PageKey, Record, Table};
 use crate::{
-    sanitize_message, Capabilities, Diagnostic, EventPayload, HealthState, HealthStatus,
-    HealthView, IdIssuer, OutputRequest, OutputStream, RegistryError, ResetReason, RuntimeId,
-    RuntimeSource, RuntimeView, SourceConfig, SourceEvent, SourceHealth, SourceKey, SourceWorker,
-    SpawnRequest, StreamItem, Subscription, WorkerId, WorkerState, WorkerView,
+    sanitize_message, Capabilities, Diagnostic, EventPayload, FailReason, HealthState,
+    HealthStatus, HealthView, IdIssuer, OutputRequest, OutputStream, ProfileView, RegistryError,
+    ResetReason, RuntimeId, RuntimeSource, RuntimeView, SourceConfig, SourceEvent, SourceHealth,
+    SourceKey, SourceWorker, SpawnRequest, StreamItem, Subscription, WorkerId, WorkerState,
+    WorkerView,
 };
 
 /// How long `spawn` and `remove` wait for the source's lifecycle stream to confirm the
@@ -74,23 +75,28 @@ impl RegistryConfig {
 pub struct WorkerFilter {
     /// Only this runtime's.
     pub runtime: Option<RuntimeId>,
-    /// Only in this state.
-    pub state: Option<WorkerState>,
+    /// Only in one of these states (empty: any state).
+    pub states: Vec<WorkerState>,
     /// Only those that carry every one of these labels.
     pub labels: Vec<(String, String)>,
     /// Only those whose health probe says this (workers without a probe never match).
     pub health: Option<HealthState>,
+    /// Only those with exactly this name.
+    pub name: Option<String>,
+    /// Only those whose name, or a label's key or value, holds this text, compared without
+    /// regard to ASCII case (other characters must match exactly). Empty matches all.
+    pub text: Option<String>,
 }
 
 impl WorkerFilter {
     /// Whether `view` passes every condition of the filter.
     ///
-    /// A listing seeks the index by `runtime` and `state` and then applies this to every
+    /// A listing seeks the index by `runtime` and `states` and then applies this to every
     /// worker it walks, so a new condition needs only a clause here (and, if it should not
     /// cost what it skips, a bucket of its own in the index).
     pub fn matches(&self, view: &WorkerView) -> bool {
         self.runtime.as_ref().is_none_or(|r| &view.runtime_id == r)
-            && self.state.is_none_or(|s| view.state == s)
+            && (self.states.is_empty() || self.states.contains(&view.state))
             && self
                 .health
                 .is_none_or(|h| view.health.is_some_and(|w| w.status == h))
@@ -98,7 +104,25 @@ impl WorkerFilter {
                 .labels
                 .iter()
                 .all(|(k, val)| view.labels.get(k) == Some(val))
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| view.name.as_ref() == Some(n))
+            && self.text.as_deref().is_none_or(|t| {
+                let holds = |hay: &str| contains_ignoring_ascii_case(hay, t);
+                view.name.as_deref().is_some_and(holds)
+                    || view.labels.iter().any(|(k, v)| holds(k) || holds(v))
+            })
     }
+}
+
+/// Whether `hay` holds `needle`, ASCII letters compared without case.
+fn contains_ignoring_ascii_case(hay: &str, needle: &str) -> bool {
+    let (hay, needle) = (hay.as_bytes(), needle.as_bytes());
+    needle.is_empty()
+        || hay
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// One page of workers, shared with the registry's table: what [`Registry::list_shared`]
@@ -164,6 +188,9 @@ struct RuntimeRecord {
     health: HealthView,
     diagnostics: Vec<Diagnostic>,
     answered: bool,
+    /// The registry marked it `unavailable` once (its lifecycle stream failed): its first
+    /// attempt is over, so it no longer holds readiness back.
+    known_down: bool,
     /// Set while the runtime is being removed or replaced: its follower ends with the
     /// source's stream instead of reconnecting, and spawns are refused.
     retiring: bool,
@@ -236,6 +263,7 @@ impl Registry {
                     diagnostics: Vec::new(),
                     answered: false,
                     retiring: false,
+                    known_down: false,
                 },
             );
             // Publishes the first runtime.updated.
@@ -440,9 +468,16 @@ impl Registry {
             .ok_or_else(|| not_found_runtime(id))
     }
 
-    /// Whether every runtime has answered once (its first whole truth arrived).
+    /// Whether this registry serves: every runtime has answered once (its first whole truth
+    /// arrived) or is known to be unavailable (its lifecycle stream could not be had, at
+    /// least once). A runtime that is down does not keep the registry unready; its health
+    /// says it is down. Only a runtime whose first attempt is still under way does.
     pub fn is_ready(&self) -> bool {
-        self.inner.lock().runtimes.values().all(|r| r.answered)
+        self.inner
+            .lock()
+            .runtimes
+            .values()
+            .all(|r| r.answered || r.known_down)
     }
 
     /// Workers that have a health probe, counted by runtime and health, for every runtime
@@ -531,6 +566,22 @@ impl Registry {
         })
     }
 
+    /// The spawn profiles of `runtime` (see [`RuntimeSource::profiles`]), sorted by name,
+    /// their descriptions scrubbed like every source message.
+    pub async fn profiles(&self, runtime: &RuntimeId) -> Result<Vec<ProfileView>, RegistryError> {
+        let rt = self.inner.runtime(runtime)?;
+        let mut profiles = rt
+            .source
+            .profiles()
+            .await
+            .map_err(|e| self.inner.context(e, "profiles", runtime, None))?;
+        for p in &mut profiles {
+            p.description = p.description.as_deref().map(sanitize_message);
+        }
+        profiles.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(profiles)
+    }
+
     /// Starts a worker in `runtime` and returns it.
     pub async fn spawn(
         &self,
@@ -563,42 +614,67 @@ impl Registry {
             .map_err(|e| self.inner.context(e, "spawn", runtime, None))?;
         let id = self.inner.issuer.worker_id(runtime, &worker.key);
         // The projection changes only through the lifecycle stream (one writer, in order);
-        // wait for it to show the worker, so a `GET` right after sees it. A worker that is
-        // already gone again (say, failed and evicted at once) is answered as the source
-        // reported it.
+        // wait for it to show the worker at least as far as the source answered (a program
+        // that could not start is `failed` at once, not the `starting` reported before), so
+        // a `GET` right after agrees. A worker that is already gone again (say, failed and
+        // evicted at once) is answered as the source reported it.
         let view = WorkerView::from_source(id.clone(), runtime.clone(), &worker);
+        let reached = |have: &WorkerView| {
+            have.restarts > view.restarts
+                || match (have.state.progress(), view.state.progress()) {
+                    (Some(have), Some(want)) => have >= want,
+                    _ => true,
+                }
+        };
         let confirmed = self
             .inner
             .await_projection(|st| match st.workers.get(&id) {
-                Some(rec) => Some((*rec.view).clone()),
+                Some(rec) => reached(&rec.view).then(|| (*rec.view).clone()),
                 None => st.log.removed_since(since, &id).then(|| view.clone()),
             })
             .await;
         Ok(confirmed.unwrap_or(view))
     }
 
-    /// Asks a worker to stop (SIGTERM now, a hard kill after `grace`). A no-op on a
-    /// terminal worker.
-    pub async fn stop(&self, id: &WorkerId, grace: Option<Duration>) -> Result<(), RegistryError> {
+    /// Asks a worker to stop (SIGTERM now, a hard kill after `grace`) and returns it in the
+    /// state the stop moved it to: `stopping`, or terminal when it had ended (or ended
+    /// meanwhile). A no-op on a terminal worker, which is returned as it is.
+    ///
+    /// Like `spawn`, it waits (up to 5 s) for the source's lifecycle stream to show the
+    /// change; a worker whose change is not confirmed in time is returned as the projection
+    /// holds it then.
+    pub async fn stop(
+        &self,
+        id: &WorkerId,
+        grace: Option<Duration>,
+    ) -> Result<WorkerView, RegistryError> {
         let (runtime, key, rt) = self.inner.route(id)?;
         if !rt.caps.stop {
             return Err(unsupported(&runtime, "stop workers"));
         }
         // A terminal worker never changes: the second stop succeeds without asking the
         // source (which may be unreachable just then).
-        let terminal = self
-            .inner
-            .lock()
-            .workers
-            .get(id)
-            .is_some_and(|r| r.view.state.is_terminal());
-        if terminal {
-            return Ok(());
+        let before = self.worker(id)?;
+        if before.state.is_terminal() {
+            return Ok(before);
         }
         rt.source
             .stop(&key, grace)
             .await
-            .map_err(|e| self.inner.context(e, "stop", &runtime, Some(id)))
+            .map_err(|e| self.inner.context(e, "stop", &runtime, Some(id)))?;
+        let moved = |v: &WorkerView| v.state.progress().is_some_and(|p| p >= 2);
+        let confirmed = self
+            .inner
+            .await_projection(|st| match st.workers.get(id) {
+                Some(rec) => moved(&rec.view).then(|| (*rec.view).clone()),
+                // Removed right after it ended (a full `max_finished`): as it was last seen.
+                None => Some(before.clone()),
+            })
+            .await;
+        match confirmed {
+            Some(view) => Ok(view),
+            None => self.worker(id).or(Ok(before)),
+        }
     }
 
     /// Writes to a worker's stdin.
@@ -856,6 +932,7 @@ impl Inner {
         let id = self.issuer.worker_id(runtime, &worker.key);
         let view = WorkerView::from_source(id.clone(), runtime.clone(), worker);
         let mut furthest = view.state;
+        let old_state = st.workers.get(&id).map(|old| old.view.state);
         if let Some(old) = st.workers.get(&id) {
             let moves_on =
                 old.furthest
@@ -866,6 +943,9 @@ impl Inner {
             if view.state == WorkerState::Unknown && view.restarts == old.view.restarts {
                 furthest = old.furthest;
             }
+        }
+        if view.state == WorkerState::Failed && old_state != Some(WorkerState::Failed) {
+            log_failure(runtime, &view);
         }
         self.ids
             .insert(id.clone(), (runtime.clone(), worker.key.clone()));
@@ -1123,11 +1203,22 @@ async fn unavailable_for(
         id,
         SourceEvent::Health(SourceHealth::unavailable(message, Some(retry_at))),
     );
+    if let Some(rec) = strong.lock().runtimes.get_mut(id) {
+        rec.known_down = true;
+    }
     drop(strong);
     tokio::select! {
         _ = tokio::time::sleep(backoff) => true,
         _ = shutdown.changed() => false,
     }
+}
+
+/// The one log line of a worker's failure, under its public id (the only id an operator can
+/// look up): its reason and, where the source gave one, why in words.
+fn log_failure(runtime: &RuntimeId, view: &WorkerView) {
+    let reason = view.reason.map(FailReason::as_str).unwrap_or_default();
+    let message = view.message.as_deref().unwrap_or("");
+    tracing::info!(runtime = %runtime, worker = %view.id, %reason, %message, "worker failed");
 }
 
 fn page_token((nanos, id): &PageKey) -> String {

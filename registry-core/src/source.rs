@@ -8,15 +8,15 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::{
-    Capabilities, RegistryError, SourceConfig, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-    StreamKind,
+    Capabilities, ProfileView, RegistryError, SourceConfig, SourceHealth, SourceKey, SourceWorker,
+    SpawnRequest, StreamKind,
 };
 
 /// A change a source reports on its lifecycle stream.
-#[derive(Debug, Clone)]
-// Upserts are by far the most common event: boxing them would cost an allocation each, for
-// every source, to save bytes on the rarer variants in a bounded channel.
+// Most events are upserts, each moved once through a channel: boxing them would add an
+// allocation per event and a `Box` to every source's code, to save room in the rare others.
 #[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
 pub enum SourceEvent {
     /// A worker is new or changed. Sending the same worker twice is harmless.
     Upsert(SourceWorker),
@@ -164,6 +164,17 @@ pub trait RuntimeSource: Send + Sync + Debug + 'static {
         key: &SourceKey,
         request: OutputRequest,
     ) -> Result<OutputStream, RegistryError>;
+
+    /// The spawn profiles a request may name, and what a request may pass to each
+    /// ([`ProfileView`]): never a profile's environment, working directory, or command line
+    /// unless the config says to show it. Sorted by name. A source that runs another
+    /// registry's workers answers that registry's list for its runtime.
+    ///
+    /// The default answers no profiles: right for a kind that cannot spawn, or has no
+    /// profiles; a kind with profiles overrides it (the conformance suite does not check it).
+    async fn profiles(&self) -> Result<Vec<ProfileView>, RegistryError> {
+        Ok(Vec::new())
+    }
 
     /// Called once when the registry shuts down. A source that owns its workers (they run
     /// as its children) stops every live one as [`stop`](Self::stop) would, with `grace` or

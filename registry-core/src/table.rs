@@ -186,16 +186,16 @@ impl Table {
     }
 }
 
-/// Which states' buckets a filter can match: all of them unless it names one state.
+/// Which states' buckets a filter can match: all of them unless it names some states.
 fn indexed_states(filter: &WorkerFilter) -> [bool; 7] {
-    match filter.state {
-        Some(s) => {
-            let mut only = [false; 7];
-            only[state_index(s)] = true;
-            only
-        }
-        None => [true; 7],
+    if filter.states.is_empty() {
+        return [true; 7];
     }
+    let mut only = [false; 7];
+    for s in &filter.states {
+        only[state_index(*s)] = true;
+    }
+    only
 }
 
 /// Merges sorted bucket ranges into one sorted sequence. The buckets are few (seven per
@@ -258,6 +258,7 @@ mod tests {
             last_exit: None,
             retry_at: None,
             health: None,
+            message: None,
         };
         WorkerView::from_source(id(n), RuntimeId::new(RUNTIMES[runtime]).unwrap(), &worker)
     }
@@ -325,7 +326,7 @@ mod tests {
                             None => {
                                 let filter = WorkerFilter {
                                     runtime: r.map(|r| RuntimeId::new(RUNTIMES[r]).unwrap()),
-                                    state: s.map(|s| WorkerState::ALL[s]),
+                                    states: s.map(|s| WorkerState::ALL[s]).into_iter().collect(),
                                     labels: t.map(|t| ("team".to_string(), t.to_string())).into_iter().collect(),
                                     ..WorkerFilter::default()
                                 };

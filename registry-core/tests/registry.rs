@@ -69,6 +69,7 @@ impl Scripted {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
             health: None,
         }
     }
@@ -829,7 +830,7 @@ async fn list_filters_by_runtime_state_and_label_and_pages_without_repeats() {
         1
     );
     let exited = WorkerFilter {
-        state: Some(WorkerState::Exited),
+        states: vec![WorkerState::Exited],
         ..Default::default()
     };
     assert_eq!(

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use registry_core::limits::MAX_SHORT_TEXT;
 use registry_core::{
     HealthState, RegistryError, RuntimeId, SpawnRequest, WorkerFilter, WorkerId, WorkerState,
     WorkerView, MAX_PAGE,
@@ -64,6 +65,12 @@ pub async fn dispatch(
             let id = runtime_id(param(0))?;
             Ok(h::json(StatusCode::OK, &app.registry.runtime(&id)?))
         }
+        Endpoint::Profiles => {
+            no_query(&req)?;
+            let id = runtime_id(param(0))?;
+            let profiles = app.registry.profiles(&id).await?;
+            Ok(h::json(StatusCode::OK, &json!({ "profiles": profiles })))
+        }
         Endpoint::Spawn => spawn(app, param(0), req).await,
         Endpoint::ListWorkers => list_workers(app, &req),
         Endpoint::GetWorker => {
@@ -108,7 +115,7 @@ fn readyz(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
         Ok(h::json(StatusCode::OK, &json!({ "status": "ready" })))
     } else {
         Err(RegistryError::unavailable(
-            "not every runtime has answered yet",
+            "a runtime has not answered its first connection yet",
             Some(Duration::from_secs(1)),
         )
         .into())
@@ -279,14 +286,16 @@ async fn stop(
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
-    app.registry.stop(&id, grace).await?;
-    Ok(h::json(StatusCode::ACCEPTED, &app.registry.worker(&id)?))
+    let worker = app.registry.stop(&id, grace).await?;
+    Ok(h::json(StatusCode::ACCEPTED, &worker))
 }
 
 fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let pairs = query(
         req,
-        &["runtime", "state", "label", "limit", "page", "health"],
+        &[
+            "runtime", "state", "label", "name", "q", "limit", "page", "health",
+        ],
     )?;
     let mut filter = WorkerFilter::default();
     if let Some(r) = single(&pairs, "runtime")? {
@@ -294,12 +303,33 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
         app.registry.runtime(&id)?;
         filter.runtime = Some(id);
     }
-    if let Some(s) = single(&pairs, "state")? {
-        filter.state = Some(WorkerState::parse(s)?);
+    // One state, or several separated by commas (`running,starting`): any of them.
+    if let Some(list) = single(&pairs, "state")? {
+        for s in list.split(',') {
+            let state = WorkerState::parse(s.trim())?;
+            if !filter.states.contains(&state) {
+                filter.states.push(state);
+            }
+        }
     }
     if let Some(h) = single(&pairs, "health")? {
         filter.health = Some(HealthState::parse(h)?);
     }
+    for (field, value) in [
+        ("name", single(&pairs, "name")?),
+        ("q", single(&pairs, "q")?),
+    ] {
+        if value.is_some_and(|v| v.len() > MAX_SHORT_TEXT) {
+            return Err(RegistryError::InvalidRequest(format!(
+                "`{field}` is longer than {MAX_SHORT_TEXT} bytes"
+            ))
+            .into());
+        }
+    }
+    filter.name = single(&pairs, "name")?.map(str::to_string);
+    filter.text = single(&pairs, "q")?
+        .filter(|q| !q.is_empty())
+        .map(str::to_string);
     // Every label must match: `label=team=a&label=team=b` matches nothing.
     for (_, label) in pairs.iter().filter(|(k, _)| k == "label") {
         let (k, v) = label.split_once('=').ok_or_else(|| {

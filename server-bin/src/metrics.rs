@@ -17,9 +17,15 @@
 //! | `roster_runtime_health` | gauge | `runtime`, `status` |
 //! | `roster_runtime_diagnostics` | gauge | `runtime` |
 //! | `roster_worker_health` | gauge | `runtime`, `health` (`unknown`, `healthy`, `unhealthy`) |
+//! | `roster_build_info` | gauge (always 1) | `version` |
+//! | `process_cpu_seconds_total` | counter | |
+//! | `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`, `process_start_time_seconds` | gauge | |
+//!
+//! The `process_*` families are roster's own process, read from `/proc/self` at each render;
+//! a family that can't be read there is left out.
 //!
 //! Label values are only route templates, methods, status codes, runtime ids (public config
-//! names), worker states, worker health and health statuses: never a raw path, a worker id, a message or
+//! names), worker states, worker health, health statuses and the build's version: never a raw path, a worker id, a message or
 //! anything else a client or a source chose.
 //!
 //! Memory is bounded: every label comes from a fixed set. Routes are `&'static str`
@@ -35,6 +41,8 @@ use std::time::Duration;
 
 use http::Method;
 use registry_core::{HealthStatus, Registry, WorkerState};
+
+mod process;
 
 /// Upper bounds of the duration histogram's buckets: the `le` label as written, and the
 /// bound in nanoseconds (compared exactly, no float rounding). `+Inf` is implied.
@@ -221,7 +229,8 @@ impl Metrics {
     fn write_all(&self, out: &mut String, registry: &Registry) -> fmt::Result {
         self.write_http(out)?;
         self.write_streams(out)?;
-        write_registry(out, registry)
+        write_registry(out, registry)?;
+        process::write(out)
     }
 
     fn write_http(&self, out: &mut String) -> fmt::Result {
@@ -836,7 +845,7 @@ mod tests {
         assert!(!text.contains(worker.id.as_str()));
         assert!(!text.contains("secret-name") && !text.contains("sleep"));
         let allowed: BTreeSet<&str> = [
-            "method", "route", "status", "le", "stream", "runtime", "state", "health",
+            "method", "route", "status", "le", "stream", "runtime", "state", "health", "version",
         ]
         .into_iter()
         .collect();

@@ -12,9 +12,9 @@ use crate::auth::Scope;
 pub enum Endpoint {
     /// `GET /`: the web console.
     Console,
-    /// `GET /healthz`.
+    /// `GET` or `HEAD /healthz`.
     Healthz,
-    /// `GET /readyz`.
+    /// `GET` or `HEAD /readyz`.
     Readyz,
     /// `GET /metrics`.
     Metrics,
@@ -24,6 +24,8 @@ pub enum Endpoint {
     ListRuntimes,
     /// `GET /v1/runtimes/{runtime_id}`.
     GetRuntime,
+    /// `GET /v1/runtimes/{runtime_id}/profiles`.
+    Profiles,
     /// `POST /v1/runtimes/{runtime_id}/workers`.
     Spawn,
     /// `GET /v1/workers`.
@@ -89,11 +91,14 @@ const fn route(
 pub const ROUTES: &[Route] = &[
     route(Method::GET,    "/",                                       Endpoint::Console,      Access::Open),
     route(Method::GET,    "/healthz",                                Endpoint::Healthz,      Access::Open),
+    route(Method::HEAD,   "/healthz",                                Endpoint::Healthz,      Access::Open),
     route(Method::GET,    "/readyz",                                 Endpoint::Readyz,       Access::Open),
+    route(Method::HEAD,   "/readyz",                                 Endpoint::Readyz,       Access::Open),
     route(Method::GET,    "/metrics",                                Endpoint::Metrics,      READ),
     route(Method::GET,    "/v1/openapi.json",                        Endpoint::OpenApi,      Access::Open),
     route(Method::GET,    "/v1/runtimes",                            Endpoint::ListRuntimes, READ),
     route(Method::GET,    "/v1/runtimes/{runtime_id}",               Endpoint::GetRuntime,   READ),
+    route(Method::GET,    "/v1/runtimes/{runtime_id}/profiles",      Endpoint::Profiles,     READ),
     route(Method::POST,   "/v1/runtimes/{runtime_id}/workers",       Endpoint::Spawn,        OPERATE),
     route(Method::GET,    "/v1/workers",                             Endpoint::ListWorkers,  READ),
     route(Method::GET,    "/v1/workers/{worker_id}",                 Endpoint::GetWorker,    READ),

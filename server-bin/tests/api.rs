@@ -1247,7 +1247,7 @@ async fn wrong_method_is_405_with_allow() -> Result<()> {
         (Method::PUT, worker.as_str(), "GET, DELETE"),
         (Method::PATCH, worker.as_str(), "GET, DELETE"),
         (Method::POST, "/v1/runtimes", "GET"),
-        (Method::DELETE, "/healthz", "GET"),
+        (Method::DELETE, "/healthz", "GET, HEAD"),
         (Method::GET, "/v1/runtimes/local/workers", "POST"),
         (Method::DELETE, "/v1/workers", "GET"),
     ];

@@ -499,6 +499,11 @@ source = "embedded"
 allow_commands = true
 [runtimes.profiles.shell]
 command = ["/bin/sh", "-c"]
+description = "a shell script, as the one argument"
+show_command = true
+[runtimes.profiles.nightly]
+command = ["/bin/sh", "-c"]
+restart = "on-failure"
 
 [[runtimes]]
 name = "batch"
@@ -675,14 +680,32 @@ async fn the_console_drives_workers_through_the_browser() -> Result<()> {
         .await?;
     page.screenshot("overview").await?;
 
-    // The spawn form: the profile is suggested from what the runtime's workers used, and
-    // the same-origin POST with the browser's Origin is let through.
+    // The spawn form offers the profiles the runtime lists, and says what the chosen one
+    // does; a runtime whose list can't be had says why. The same-origin POST with the
+    // browser's Origin is let through.
     page.must(&click("#spawn-open")).await?;
+    page.must(&fill(&[("sp-runtime", "gpu-box")])).await?;
     page.wait(
-        "[...document.getElementById('sp-runtime').options].some((o) => o.value === 'local' && !o.disabled) \
-         && [...document.getElementById('sp-profiles').options].some((o) => o.value === 'shell')",
+        "document.getElementById('sp-profile-hint').textContent\
+         .startsWith('could not list the runtime\\'s profiles: ')",
     )
     .await?;
+    page.must(&fill(&[("sp-runtime", "local")])).await?;
+    page.wait(
+        "[...document.getElementById('sp-runtime').options].some((o) => o.value === 'local' && !o.disabled) \
+         && [...document.getElementById('sp-profile').options].map((o) => o.value).join(',') === 'nightly,shell,'",
+    )
+    .await?;
+    page.must(&fill(&[("sp-profile", "nightly")])).await?;
+    page.wait("document.getElementById('sp-profile-hint').textContent.includes('Restarts on failure, at most 10 times in 10 min.')")
+        .await?;
+    page.must(&fill(&[("sp-profile", "shell")])).await?;
+    page.wait(
+        "document.getElementById('sp-profile-hint').textContent\
+         .startsWith('a shell script, as the one argument. Arguments are appended to: /bin/sh -c.')",
+    )
+    .await?;
+    page.screenshot("spawn-form").await?;
     page.must(&fill(&[
         ("sp-runtime", "local"),
         ("sp-profile", "shell"),
@@ -822,6 +845,18 @@ async fn the_console_drives_workers_through_the_browser() -> Result<()> {
          && {} === 'exited exit 3'",
         cell(&migrate, "c-state")
     ))
+    .await?;
+    // A worker that could not start says why in its pane.
+    page.eval(&format!(
+        "(() => {{ location.hash = {}; return true; }})()",
+        js(&format!("#/workers/{typo}"))
+    ))
+    .await?;
+    page.wait(
+        "document.getElementById('p-title').textContent === 'typo' \
+         && document.getElementById('p-details').textContent\
+            .includes('program not found: No such file or directory (os error 2)')",
+    )
     .await?;
 
     // Retention dropped output: the pane says where ("gap"), then shows the tail (long
@@ -972,6 +1007,11 @@ async fn the_console_drives_workers_through_the_browser() -> Result<()> {
     // The new run serves the console's calls with the token: a worker started from the
     // form shows up, and a reload keeps the token (the same tab).
     page.must(&click("#spawn-open")).await?;
+    page.must(&fill(&[("sp-runtime", "local")])).await?;
+    page.wait(
+        "[...document.getElementById('sp-profile').options].some((o) => o.value === 'shell')",
+    )
+    .await?;
     page.must(&fill(&[
         ("sp-runtime", "local"),
         ("sp-profile", "shell"),

@@ -140,6 +140,7 @@ fn the_paths_are_the_api() {
     let want: BTreeSet<String> = [
         "GET /v1/runtimes",
         "GET /v1/runtimes/{runtime_id}",
+        "GET /v1/runtimes/{runtime_id}/profiles",
         "POST /v1/runtimes/{runtime_id}/workers",
         "GET /v1/workers",
         "GET /v1/workers/{worker_id}",
@@ -150,7 +151,9 @@ fn the_paths_are_the_api() {
         "GET /v1/events",
         "POST /v1/admin/reload",
         "GET /healthz",
+        "HEAD /healthz",
         "GET /readyz",
+        "HEAD /readyz",
         "GET /metrics",
         "GET /v1/openapi.json",
         "GET /",

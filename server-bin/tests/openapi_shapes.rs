@@ -842,6 +842,13 @@ impl<'d> Api<'d> {
             }
         }
         self.check_headers(&what, &name, response, &resp.headers);
+        if method == Method::HEAD {
+            // The answer a GET would have, without its body.
+            if !resp.body.is_empty() {
+                self.fail(&what, format!("a body in answer to HEAD: {}", resp.text()));
+            }
+            return;
+        }
         let Some(content) = response.get("content").and_then(Value::as_object) else {
             if !resp.body.is_empty() {
                 self.fail(
@@ -1281,6 +1288,10 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
         ensure!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    for probe in ["/healthz", "/readyz"] {
+        let head = api.call(&server, Method::HEAD, probe, &[], None).await?;
+        expect(&head, 200, "")?;
+    }
     expect(&api.get(&server, "/metrics").await?, 200, "")?;
     expect(&api.get(&server, "/").await?, 200, "")?;
 
@@ -1302,6 +1313,7 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
     let again: EmbeddedConfig = toml::from_str(
         "[profiles.again]\ncommand = [\"/bin/sh\", \"-c\"]\nrestart = \"always\"\n\
          restart_backoff = { base = \"60s\", cap = \"60s\" }\n\
+         description = \"a shell that starts again\"\nshow_command = true\n\
          [profiles.probed]\ncommand = [\"/bin/sh\", \"-c\"]\n\
          probe = { exec = [\"true\"], interval = \"50ms\" }\n",
     )?;
@@ -1313,6 +1325,12 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
             Arc::new(EmbeddedSource::new(again)?),
         )
         .await?;
+    // Profiles: one with every field set (`again`), one with the defaults (`local`'s shell).
+    for runtime in ["again", "local"] {
+        let path = format!("/v1/runtimes/{runtime}/profiles");
+        let profiles = api.get(&server, &path).await?;
+        expect(&profiles, 200, "")?;
+    }
     // One run ended with a code, one by a signal: `last_exit` holds each of its fields.
     for script in ["exit 3", "kill -9 $$"] {
         let body = json!({ "profile": "again", "args": [script] }).to_string();
@@ -1373,6 +1391,16 @@ async fn scenario(api: &mut Api<'_>) -> Result<()> {
         )
         .await?,
     )?;
+    // A program that can't be started: `failed` with a `message` that says why.
+    let missing = api
+        .post(
+            &server,
+            SPAWN,
+            r#"{"command":["/nonexistent/shape-program"]}"#,
+        )
+        .await?;
+    expect(&missing, 201, "")?;
+    ensure!(missing.json()?["message"].is_string(), "{}", missing.text());
     let pad = "p".repeat(90);
     let script = format!("for i in $(seq 1 12); do echo line-$i-{pad}; sleep 0.02; done");
     let body = json!({ "profile": "shell", "args": [script], "name": "gap" }).to_string();
@@ -1721,12 +1749,14 @@ async fn errors(api: &mut Api<'_>, server: &TestServer, b: &str) -> Result<()> {
                 None,
             )
             .await?;
-        expect(&twice, 400, "invalid_request").with_context(|| format!("{method} {path}"))?;
+        // A HEAD answer has the status and no body, so no code to compare.
+        let code = |c| if method == Method::HEAD { "" } else { c };
+        expect(&twice, 400, code("invalid_request")).with_context(|| format!("{method} {path}"))?;
         let foreign = format!("http://evil.example{path}");
         let resp = api
             .call(server, method.clone(), &foreign, &[], None)
             .await?;
-        expect(&resp, 403, "forbidden").with_context(|| format!("{method} {foreign}"))?;
+        expect(&resp, 403, code("forbidden")).with_context(|| format!("{method} {foreign}"))?;
     }
 
     // Tokens: 401 without one, 403 for a scope that does not allow it.

@@ -6,14 +6,16 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use registry_core::{
-    Capabilities, Diagnostic, HealthStatus, LastExit, OutputChunk, OutputEvent, OutputRequest,
-    OutputStream, RegistryError, RuntimeSource, SourceConfig, SourceEvent, SourceEvents,
-    SourceHealth, SourceKey, SourceWorker, SpawnRequest, WorkerHealth,
+    ArgsRule, Capabilities, Diagnostic, HealthStatus, LastExit, OutputChunk, OutputEvent,
+    OutputRequest, OutputStream, ProfileView, RegistryError, RestartView, RuntimeSource,
+    SourceConfig, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
+    WorkerHealth,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use worker_runtime::{
-    EventReader, LocalId, OutputItem, OutputReader, Runtime, RuntimeEvent, WorkerInfo,
+    EventReader, LocalId, OutputItem, OutputReader, Profile, Restart, Runtime, RuntimeEvent,
+    WorkerInfo,
 };
 
 use crate::error::registry_error;
@@ -129,6 +131,7 @@ impl Keys {
                 at: at(e.at),
             }),
             retry_at: info.retry_at.map(at),
+            message: info.message,
             health: info.health.map(|h| WorkerHealth {
                 status: h.status,
                 since: at(h.since),
@@ -217,6 +220,15 @@ impl RuntimeSource for EmbeddedSource {
         Ok(rx)
     }
 
+    async fn profiles(&self) -> Result<Vec<ProfileView>, RegistryError> {
+        let config = self.runtime.config();
+        Ok(config
+            .profiles
+            .iter()
+            .map(|(name, p)| profile_view(name, p, config.grace))
+            .collect())
+    }
+
     async fn shutdown(&self, grace: Option<Duration>) {
         self.runtime.shutdown(grace).await;
         self.closing.send_replace(true);
@@ -239,6 +251,36 @@ impl RuntimeSource for EmbeddedSource {
             .set_profiles(profiles)
             .map_err(registry_error)?;
         Ok(true)
+    }
+}
+
+/// What a client may know of a profile: never its `cwd` or `env`, its command only where the
+/// config says `show_command`.
+fn profile_view(name: &str, profile: &Profile, default_grace: Duration) -> ProfileView {
+    let policy = profile.restart_policy();
+    let restart = match policy.restart {
+        Restart::Never => None,
+        Restart::OnFailure => Some("on-failure"),
+        Restart::Always => Some("always"),
+    };
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    ProfileView {
+        name: name.to_string(),
+        description: profile.description.clone(),
+        accepts: ProfileView::EVERY_FIELD.map(String::from).to_vec(),
+        args: ArgsRule::Appended,
+        restart: restart.map(|policy_name| RestartView {
+            policy: policy_name.to_string(),
+            max_restarts: policy.max_restarts,
+            window_ms: millis(policy.window),
+        }),
+        grace_ms: Some(millis(
+            profile
+                .grace
+                .unwrap_or(default_grace)
+                .min(registry_core::limits::MAX_GRACE),
+        )),
+        command: profile.show_command.then(|| profile.command.clone()),
     }
 }
 

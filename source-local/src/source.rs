@@ -731,6 +731,7 @@ fn view(w: &Worker) -> SourceWorker {
         restarts: 0,
         last_exit: None,
         retry_at: None,
+        message: None,
         health: None,
     }
 }

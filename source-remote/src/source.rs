@@ -11,9 +11,9 @@ use bytes::Bytes;
 use http::Method;
 use registry_core::fanout::{Owed, Subscribers};
 use registry_core::{
-    Capabilities, FailReason, OutputRequest, OutputStream, RegistryError, RuntimeSource,
-    RuntimeView, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-    WorkerId, WorkerState, WorkerView,
+    Capabilities, FailReason, OutputRequest, OutputStream, ProfileView, RegistryError,
+    RuntimeSource, RuntimeView, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker,
+    SpawnRequest, WorkerId, WorkerState, WorkerView,
 };
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -640,6 +640,7 @@ fn from_view(view: &WorkerView) -> SourceWorker {
         restarts: view.restarts,
         last_exit: view.last_exit,
         retry_at: view.retry_at,
+        message: view.message.clone(),
         health: view.health,
     }
 }
@@ -970,6 +971,38 @@ impl RuntimeSource for RemoteSource {
         request: OutputRequest,
     ) -> Result<OutputStream, RegistryError> {
         crate::output::open(&self.shared, key, request).await
+    }
+
+    async fn profiles(&self) -> Result<Vec<ProfileView>, RegistryError> {
+        // The remote runtime's own list, as it answers it: its roster already left out what
+        // its config keeps private.
+        #[derive(Deserialize)]
+        struct Answer {
+            profiles: Vec<ProfileView>,
+        }
+        self.shared.require_up().await?;
+        let path = format!(
+            "/v1/runtimes/{}/profiles",
+            self.shared.settings().remote_runtime.as_str()
+        );
+        let answer = match self.shared.upstream.call(Method::GET, &path, None).await {
+            Ok(answer) => answer,
+            // A roster from before profile lists: it does not know the route.
+            Err(e)
+                if e.internal_detail()
+                    .is_some_and(|d| d.contains("route_not_found")) =>
+            {
+                return Err(RegistryError::Unsupported(
+                    "the remote roster is of a version that does not list profiles".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        serde_json::from_value::<Answer>(answer)
+            .map(|a| a.profiles)
+            .map_err(|e| {
+                RegistryError::internal(format!("the remote's profile list is not understood: {e}"))
+            })
     }
 
     async fn shutdown(&self, _grace: Option<Duration>) {

@@ -141,6 +141,8 @@ impl Default for RuntimeConfig {
 ///
 /// ```toml
 /// command = ["/bin/sh", "-c"]
+/// description = "a shell script, given as the one argument"
+/// show_command = true          # the profile list may show the command line
 /// cwd = "/srv/jobs"
 /// env = { RUST_LOG = "info" }
 /// output_retention = 65536
@@ -153,6 +155,15 @@ impl Default for RuntimeConfig {
 pub struct Profile {
     /// The argv prefix, e.g. `["/bin/sh", "-c"]`. Must not be empty.
     pub command: Vec<String>,
+    /// A sentence for the people who start workers from this profile ("runs a shell
+    /// script given as the one argument"): the runtime's profile list and the web console show
+    /// it.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Whether the runtime's profile list shows `command`. Default `false`: a command line
+    /// may name host paths, which clients never see unless the operator says so.
+    #[serde(default)]
+    pub show_command: bool,
     /// Working directory of the worker; the runtime's own when unset.
     #[serde(default)]
     pub cwd: Option<Redacted<PathBuf>>,

@@ -69,6 +69,7 @@ fn approx_size(event: &RuntimeEvent) -> u64 {
     let string = |s: &String| std::mem::size_of::<String>() + s.len();
     let strings = worker.name.iter().map(string).sum::<usize>()
         + worker.profile.iter().map(string).sum::<usize>()
+        + worker.message.iter().map(string).sum::<usize>()
         + worker
             .labels
             .iter()
@@ -238,6 +239,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
             health: None,
         }
     }

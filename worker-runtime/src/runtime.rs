@@ -520,6 +520,7 @@ impl Inner {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
             health: plan.probe.as_ref().map(|p| Health {
                 status: HealthState::Unknown,
                 since: SystemTime::now(),
@@ -573,10 +574,11 @@ impl Inner {
         (queue, rx)
     }
 
-    /// Records that the process could not be started.
-    fn spawn_failed(&self, id: LocalId, error: &io::Error) -> Result<WorkerInfo, RuntimeError> {
-        tracing::info!(worker = %id, error = %error, "worker could not be started");
+    /// Records that the process could not be started, and why (`message`, shown in the
+    /// worker's view; the registry logs it under the worker's public id).
+    fn spawn_failed(&self, id: LocalId, message: String) -> Result<WorkerInfo, RuntimeError> {
         let mut table = lock(&self.table);
+        table.note(id, message);
         let info = table.end(id, State::Failed, None, None, Some(FailReason::SpawnFailed));
         table.enforce_max_finished(self.config.max_finished);
         info.ok_or(RuntimeError::NotFound)
@@ -684,7 +686,10 @@ impl Inner {
                 }
             }
             Err(e) => {
-                tracing::warn!(worker = %id, error = %e, "cannot read a worker's exit status");
+                // In the view, where the registry logs it under the worker's public id.
+                if !record.info.state.is_terminal() {
+                    record.info.message = Some(format!("its exit status could not be read: {e}"));
+                }
                 (State::Failed, None, None, Some(FailReason::Lost))
             }
         };
@@ -724,6 +729,15 @@ impl Inner {
 }
 
 impl Table {
+    /// Sets the worker's `message` (a cause for people) unless it has ended or has one.
+    fn note(&mut self, id: LocalId, message: String) {
+        if let Some(record) = self.workers.get_mut(&id) {
+            if !record.info.state.is_terminal() && record.info.message.is_none() {
+                record.info.message = Some(message);
+            }
+        }
+    }
+
     /// Appends an `Upserted` event with the worker's current view.
     fn upsert(&self, id: LocalId) {
         if let Some(record) = self.workers.get(&id) {
@@ -917,10 +931,7 @@ mod tests {
     async fn finished_on_a_terminal_worker_changes_nothing() {
         let rt = runtime();
         let (id, _plan) = starting(&rt, sh("true"));
-        let failed = rt
-            .inner
-            .spawn_failed(id, &io::Error::other("test"))
-            .unwrap();
+        let failed = rt.inner.spawn_failed(id, "test".into()).unwrap();
         rt.inner
             .finished(id, Ok(ExitStatus::from_raw(libc::SIGKILL)));
         assert_eq!(rt.get(id).unwrap(), failed);

@@ -93,6 +93,11 @@ pub struct WorkerInfo {
     /// While the worker waits to be restarted (it is [`State::Starting`] then): when the next
     /// run is due.
     pub retry_at: Option<SystemTime>,
+    /// Why the worker failed, for the person who asked for it: "program not found: No such
+    /// file or directory (os error 2)" for [`FailReason::SpawnFailed`], why its status could
+    /// not be read for [`FailReason::Lost`]; also a note on an end that cut its output. Never
+    /// a host path (a profile's program or working directory), a pid or an environment value.
+    pub message: Option<String>,
     /// What the worker's health probe says; `None` when its profile has no probe.
     pub health: Option<Health>,
 }

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use registry_core::fanout::{Owed, Subscribers};
 use registry_core::output_log::OutputLog;
 use registry_core::{
-    Capabilities, FailReason, HealthStatus, OutputRequest, OutputStream, RegistryError,
-    RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker, SpawnRequest,
-    WorkerState,
+    ArgsRule, Capabilities, FailReason, HealthStatus, OutputRequest, OutputStream, ProfileView,
+    RegistryError, RuntimeSource, SourceEvent, SourceEvents, SourceHealth, SourceKey, SourceWorker,
+    SpawnRequest, WorkerState,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
@@ -217,6 +217,7 @@ impl Inner {
             restarts: 0,
             last_exit: None,
             retry_at: None,
+            message: None,
             health: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -676,6 +677,34 @@ impl RuntimeSource for TmuxSource {
             Arc::clone(&t.workers.get(&id).ok_or_else(not_found)?.log)
         };
         log.stream(request)
+    }
+
+    async fn profiles(&self) -> Result<Vec<ProfileView>, RegistryError> {
+        // The names, the grace and what a request passes: never the command, `cwd` or `env`
+        // (a tmux profile has no key that would show them).
+        let config = &self.inner.config;
+        Ok(config
+            .profiles
+            .iter()
+            .map(|(name, profile)| ProfileView {
+                name: name.clone(),
+                description: None,
+                accepts: ProfileView::EVERY_FIELD.map(String::from).to_vec(),
+                args: ArgsRule::Appended,
+                restart: None,
+                grace_ms: Some(
+                    u64::try_from(
+                        profile
+                            .grace
+                            .unwrap_or(config.grace)
+                            .min(MAX_GRACE)
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                ),
+                command: None,
+            })
+            .collect())
     }
 
     async fn shutdown(&self, grace: Option<Duration>) {

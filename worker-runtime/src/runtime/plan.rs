@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +39,32 @@ impl Plan {
     /// NUL byte in the working directory) is a spawn failure like a missing program.
     pub(super) fn exec(&self) -> std::io::Result<Exec> {
         Exec::new(&self.argv, &self.env, self.cwd.as_deref(), DEFAULT_PATH)
+    }
+
+    /// Why this plan's process could not be started, for the worker's view: what went wrong
+    /// in words, then the system's error ("program not found: No such file or directory (os
+    /// error 2)"). It names neither the program nor the working directory: either may be a
+    /// host path from a profile, and the request's own program is in the view already.
+    pub(super) fn failure_message(&self, error: &io::Error) -> String {
+        // The kernel says ENOENT both for a missing program and a missing working directory.
+        let cwd_missing = self.cwd.as_ref().is_some_and(|dir| !dir.is_dir());
+        let what = match error.raw_os_error() {
+            Some(libc::ENOENT) if cwd_missing => "working directory not found",
+            Some(libc::ENOENT) => "program not found",
+            Some(libc::EACCES) if cwd_missing => "working directory not usable",
+            Some(libc::EACCES) => {
+                "permission denied (the program is not executable, or a directory on the way \
+                 to it or the working directory is not searchable)"
+            }
+            Some(libc::ENOEXEC) => "not an executable program (no #! line, or a foreign binary)",
+            Some(libc::ENOTDIR) => {
+                "a part of the program's or working directory's path is not a directory"
+            }
+            Some(libc::E2BIG) => "the arguments and environment are too large for the system",
+            Some(libc::ETXTBSY) => "the program's file is being written to",
+            _ => "the program could not be started",
+        };
+        format!("{what}: {error}")
     }
 }
 

@@ -87,7 +87,10 @@ impl Inner {
     ) -> Result<WorkerInfo, RuntimeError> {
         let Some(pgid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
             // Only possible if the child was already reaped, which nothing does before us.
-            return self.spawn_failed(id, &io::Error::other("the child has no pid"));
+            return self.spawn_failed(
+                id,
+                "the program could not be started: it has no process id".into(),
+            );
         };
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -276,7 +279,8 @@ async fn restart_after(weak: Weak<Inner>, id: LocalId, delay: Duration) {
         match inner.plan(&record.spec) {
             Ok(plan) => plan,
             Err(e) => {
-                tracing::warn!(worker = %id, error = %e, "a worker cannot be restarted");
+                // In the view, where the registry logs it under the worker's public id.
+                table.note(id, format!("the worker cannot be restarted: {e}"));
                 table.end(id, State::Failed, None, None, Some(FailReason::SpawnFailed));
                 return;
             }
@@ -315,7 +319,7 @@ pub(super) async fn start_worker(
     let inner = weak.upgrade().ok_or_else(gone)?;
     match result {
         Ok(child) => inner.started(id, child),
-        Err(e) => inner.spawn_failed(id, &e),
+        Err(e) => inner.spawn_failed(id, plan.failure_message(&e)),
     }
 }
 
@@ -343,11 +347,21 @@ async fn supervise(
         None => child.wait().await,
     };
 
-    drain(id, captures, &activity).await;
+    let cut = drain(captures, &activity).await;
 
     tokio::spawn(forget_group(weak.clone(), pgid));
     match weak.upgrade() {
-        Some(inner) => inner.finished(id, status),
+        Some(inner) => {
+            if cut {
+                lock(&inner.table).note(
+                    id,
+                    "a process that left the worker's process group kept its output open; \
+                     output was read until it had been idle for 2 s"
+                        .into(),
+                );
+            }
+            inner.finished(id, status)
+        }
         // The runtime is gone and the record with it: no `End` for a worker nobody can see.
         None => log.close(),
     }
@@ -355,8 +369,8 @@ async fn supervise(
 
 /// Waits for the capture tasks to reach end of file. Only a process that left the worker's
 /// group can keep the pipes open now; once no output has come for [`DRAIN_IDLE_TIMEOUT`], the
-/// captures are cut off.
-async fn drain(id: LocalId, captures: Vec<JoinHandle<()>>, activity: &Notify) {
+/// captures are cut off, and the answer is `true`.
+async fn drain(captures: Vec<JoinHandle<()>>, activity: &Notify) -> bool {
     let aborts: Vec<_> = captures.iter().map(JoinHandle::abort_handle).collect();
     let all_done = async {
         for capture in captures {
@@ -366,15 +380,14 @@ async fn drain(id: LocalId, captures: Vec<JoinHandle<()>>, activity: &Notify) {
     tokio::pin!(all_done);
     loop {
         tokio::select! {
-            () = &mut all_done => return,
+            () = &mut all_done => return false,
             // A read happened: wait afresh.
             () = activity.notified() => {}
             () = tokio::time::sleep(DRAIN_IDLE_TIMEOUT) => {
-                tracing::debug!(worker = %id, "a process outside the worker's group holds its output open");
                 for abort in aborts {
                     abort.abort();
                 }
-                return;
+                return true;
             }
         }
     }
