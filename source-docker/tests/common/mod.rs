@@ -1,0 +1,99 @@
+//! What the tests of the docker source share: finding the engine (a clear failure under
+//! CI, a printed notice and a skip elsewhere), the test image, and a source on its own
+//! state directory.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bollard::Docker;
+use source_docker::{DockerConfig, DockerSource, Profile};
+
+/// The image the tests run (made by `scripts/docker-test-image`).
+pub const IMAGE: &str = "roster-test/busybox:1";
+
+/// How long any condition may take to come true.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The engine the tests use: `ROSTER_DOCKER_SOCKET`, else Docker's default socket.
+pub fn socket() -> String {
+    std::env::var("ROSTER_DOCKER_SOCKET").unwrap_or_else(|_| "/var/run/docker.sock".into())
+}
+
+/// A client of the test engine, for what a test does behind the source's back.
+pub fn client(socket: &str) -> Docker {
+    let version = bollard::ClientVersion {
+        major_version: 1,
+        minor_version: 41,
+    };
+    Docker::connect_with_unix(socket, 30, &version).expect("a client for the engine socket")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The engine, with the test image on it; `None` (after a printed notice) when there is
+/// no engine and `CI` is unset. Under `CI` a missing engine fails the test: CI must run
+/// these tests (`.ci/run` starts `dockerd` first).
+pub async fn engine() -> Option<String> {
+    let socket = socket();
+    let docker = client(&socket);
+    if let Err(e) = docker.ping().await {
+        let message = format!(
+            "no container engine answers on {socket} ({e}); start one with \
+             `scripts/start-dockerd` (Podman: set ROSTER_DOCKER_SOCKET)"
+        );
+        if std::env::var_os("CI").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("skipped: {message}");
+        return None;
+    }
+    if docker.inspect_image(IMAGE).await.is_err() {
+        let cli = if socket.contains("podman") {
+            "podman"
+        } else {
+            "docker"
+        };
+        let status = Command::new("bash")
+            .arg(repo_root().join("scripts/docker-test-image"))
+            .arg(cli)
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "scripts/docker-test-image failed");
+    }
+    Some(socket)
+}
+
+/// A runtime config with the profile `shell` (`/bin/sh -c` in the test image) and
+/// commands allowed.
+pub fn config(socket: &str) -> DockerConfig {
+    let shell = Profile {
+        image: IMAGE.into(),
+        command: vec!["/bin/sh".into(), "-c".into()],
+        network: "none".into(),
+        ..Default::default()
+    };
+    DockerConfig {
+        socket: socket.to_string().into(),
+        profiles: BTreeMap::from([("shell".to_string(), shell)]),
+        allow_images: vec!["roster-test/*".into()],
+        image: Some(IMAGE.into()),
+        allow_commands: true,
+        ..Default::default()
+    }
+}
+
+/// A source on `state`, once the engine has answered it.
+pub async fn source(config: DockerConfig, state: &Path) -> DockerSource {
+    let source = DockerSource::with_runtime("test", config, state).expect("the source builds");
+    assert!(
+        source.wait_ready(WAIT).await,
+        "the source did not reach the engine within {WAIT:?}"
+    );
+    source
+}
