@@ -75,7 +75,10 @@
 //! included), `cpus`, `pids_limit` and `user`. The source never pulls: an image that is not
 //! on the engine is `invalid_request`, and one that `allow_images` does not name is
 //! `forbidden` (the config is refused before that: every profile's image must be allowed).
-//! A container the engine cannot start (no such program…) is `failed` with `spawn_failed`.
+//! A container the engine cannot start (no such user in the image, …) is `failed` with
+//! `spawn_failed`; a program the init cannot run exits with 127, as in a shell. An engine
+//! that is not up (its socket missing, even at start) leaves the runtime `unavailable`
+//! until it answers; spawns meanwhile are `runtime_unavailable`.
 //!
 //! Labels: `roster.runtime` (the runtime's name), `roster.instance` (a random id made once
 //! and kept in the runtime's state directory, file `docker-instance`: it tells this

@@ -64,7 +64,10 @@ struct Inner {
     runtime: String,
     instance: String,
     config: DockerConfig,
-    docker: Docker,
+    /// The engine's socket path (internal authority).
+    socket: String,
+    /// The engine's client, made once the socket exists.
+    client: Mutex<Option<Docker>>,
     state: Mutex<State>,
 }
 
@@ -148,13 +151,12 @@ impl DockerSource {
         } else {
             socket
         };
-        let docker = Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, &API_VERSION)
-            .map_err(|e| RegistryError::from(DockerError::from_bollard("connect", e)))?;
         let inner = Arc::new(Inner {
             runtime: runtime.to_string(),
             instance,
+            socket: socket.to_string(),
+            client: Mutex::new(None),
             config,
-            docker,
             state: Mutex::new(State {
                 workers: BTreeMap::new(),
                 subs: Subscribers::new(EVENTS_CAPACITY),
@@ -221,6 +223,20 @@ fn now() -> OffsetDateTime {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The engine's client. bollard checks that the socket exists when a client is made,
+    /// so it is made on first use: an engine that is not up yet leaves the runtime
+    /// `unavailable` rather than refusing the config.
+    fn docker(&self) -> Result<Docker, DockerError> {
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(docker) = &*client {
+            return Ok(docker.clone());
+        }
+        let docker = Docker::connect_with_unix(&self.socket, REQUEST_TIMEOUT_SECS, &API_VERSION)
+            .map_err(|e| DockerError::from_bollard("connect", e))?;
+        *client = Some(docker.clone());
+        Ok(docker)
     }
 
     fn label_filter(&self) -> HashMap<String, Vec<String>> {
@@ -470,7 +486,7 @@ impl Inner {
             signal: signal.to_string(),
         };
         match self
-            .docker
+            .docker()?
             .kill_container(key.as_str(), Some(options))
             .await
         {
@@ -489,7 +505,7 @@ impl Inner {
 
     async fn inspect(&self, key: &SourceKey) -> Result<Facts, DockerError> {
         let c = self
-            .docker
+            .docker()?
             .inspect_container(key.as_str(), None)
             .await
             .map_err(|e| DockerError::from_bollard("inspect", e))?;
@@ -673,7 +689,7 @@ impl Inner {
             ..Default::default()
         };
         match self
-            .docker
+            .docker()?
             .remove_container(key.as_str(), Some(options))
             .await
         {
@@ -721,7 +737,7 @@ impl Inner {
             logs: false,
             detach_keys: None,
         };
-        self.docker
+        self.docker()?
             .attach_container(key.as_str(), Some(options))
             .await
             .map_err(|e| DockerError::from_bollard("attach", e))
@@ -755,9 +771,14 @@ async fn follow_engine(inner: Weak<Inner>) {
                 continue;
             }
         }
+        let Ok(docker) = strong.docker() else {
+            drop(strong);
+            tokio::time::sleep(backoff_with_jitter(backoff)).await;
+            continue;
+        };
         let mut filters = strong.label_filter();
         filters.insert("type".into(), vec!["container".into()]);
-        let mut events = Box::pin(strong.docker.events(Some(EventsOptions {
+        let mut events = Box::pin(docker.events(Some(EventsOptions {
             since: Some(since),
             until: None,
             filters: Some(filters),
@@ -866,7 +887,7 @@ fn on_event(inner: &Arc<Inner>, message: bollard::models::EventMessage) {
 async fn reconcile(inner: &Arc<Inner>) -> Result<(), DockerError> {
     let epoch = inner.lock().epoch;
     let list = inner
-        .docker
+        .docker()?
         .list_containers(Some(ListContainersOptions {
             all: true,
             filters: Some(inner.label_filter()),
@@ -960,8 +981,11 @@ async fn adopt(inner: &Arc<Inner>, key: SourceKey, facts: Facts) {
     let log = OutputLog::new(meta.retention);
     let (drained_tx, drained) = watch::channel(false);
     let running = facts.phase == Phase::Running;
+    let Ok(docker) = inner.docker() else {
+        return;
+    };
     // Output again from the engine's log, from the start.
-    let logs = inner.docker.logs(
+    let logs = docker.logs(
         key.as_str(),
         Some(LogsOptions {
             follow: running,
@@ -1095,7 +1119,7 @@ impl Inner {
         };
         let body = plan.create_body(&self.runtime, &self.instance, &meta);
         let created = self
-            .docker
+            .docker()?
             .create_container(None, body)
             .await
             .map_err(|e| DockerError::from_bollard("create", e))
@@ -1150,7 +1174,7 @@ impl Inner {
                 w.input = Some(tx);
             }
         }
-        if let Err(e) = self.docker.start_container(key.as_str(), None).await {
+        if let Err(e) = self.docker()?.start_container(key.as_str(), None).await {
             let e = DockerError::from_bollard("start", e);
             tracing::info!(error = %e, "a worker's container did not start");
             return Ok(self.fail_spawn(&key));

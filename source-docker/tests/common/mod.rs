@@ -97,3 +97,77 @@ pub async fn source(config: DockerConfig, state: &Path) -> DockerSource {
     );
     source
 }
+
+use registry_core::{
+    OutputEvent, OutputRequest, RuntimeSource, SourceKey, SourceWorker, SpawnRequest,
+};
+
+/// A spawn of `script` through the profile `shell`, named `name`.
+pub fn shell(script: &str, name: &str) -> SpawnRequest {
+    SpawnRequest {
+        profile: Some("shell".into()),
+        args: vec![script.into()],
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// Polls `get` until `check` holds, for [`WAIT`] at most.
+pub async fn wait_for(
+    source: &dyn RuntimeSource,
+    key: &SourceKey,
+    what: &str,
+    check: impl Fn(&SourceWorker) -> bool,
+) -> anyhow::Result<SourceWorker> {
+    let key = key.clone();
+    testkit::eventually_seen(what, WAIT, || {
+        let key = key.clone();
+        let check = &check;
+        async move {
+            let w = source.get(&key).await?;
+            Ok(if check(&w) {
+                Ok(w)
+            } else {
+                Err(format!("{w:?}"))
+            })
+        }
+    })
+    .await
+}
+
+/// All stdout and stderr text a worker's output stream gives until it closes (or, with
+/// `until`, until stdout holds that text).
+pub async fn read_output(
+    source: &dyn RuntimeSource,
+    key: &SourceKey,
+    until: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    let mut rx = source
+        .output(
+            key,
+            OutputRequest {
+                after: 0,
+                follow: true,
+            },
+        )
+        .await?;
+    let (mut out, mut err) = (String::new(), String::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if until.is_some_and(|u| out.contains(u)) {
+            return Ok((out, err));
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(OutputEvent::Chunk(c))) => {
+                let text = String::from_utf8_lossy(&c.data);
+                match c.stream {
+                    registry_core::StreamKind::Stdout => out.push_str(&text),
+                    registry_core::StreamKind::Stderr => err.push_str(&text),
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok((out, err)),
+            Err(_) => anyhow::bail!("output did not end in {WAIT:?}; stdout so far {out:?}"),
+        }
+    }
+}
