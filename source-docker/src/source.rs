@@ -591,7 +591,8 @@ impl Inner {
         w.view.exit_code = end.exit_code;
         w.view.reason = end.reason;
         w.view.ended_at = Some(facts.finished_at.unwrap_or_else(now));
-        if w.view.started_at.is_none() {
+        // The engine's times, so that start and end agree with each other.
+        if facts.started_at.is_some() {
             w.view.started_at = facts.started_at;
         }
         w.view.last_seen_at = None;

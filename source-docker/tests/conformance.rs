@@ -15,7 +15,7 @@ async fn conformance_concrete_type_and_as_dyn_runtime_source() -> anyhow::Result
     let Some(socket) = common::engine().await else {
         return Ok(());
     };
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let config = source_docker::DockerConfig {
         output_retention: RETENTION,
         ..common::config(&socket)

@@ -19,7 +19,7 @@ async fn a_container_killed_from_outside_is_failed_killed() -> anyhow::Result<()
     let Some(socket) = common::engine().await else {
         return Ok(());
     };
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let source = common::source(common::config(&socket), state.path()).await;
     let w = source.spawn(shell("echo up; sleep 600", "victim")).await?;
     read_output(&source, &w.key, Some("up\n")).await?;
@@ -55,7 +55,7 @@ async fn an_oom_kill_is_failed_killed_with_exit_code_137() -> anyhow::Result<()>
             ..Default::default()
         },
     );
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let source = common::source(config, state.path()).await;
     let w = source
         .spawn(SpawnRequest {
@@ -92,7 +92,7 @@ async fn exit_codes_stderr_and_programs_that_cannot_run_map_as_documented() -> a
             ..Default::default()
         },
     );
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let source = common::source(config, state.path()).await;
     let w = source
         .spawn(shell("echo out; echo err >&2; exit 3", "codes"))
@@ -151,7 +151,7 @@ async fn an_image_missing_from_the_engine_is_invalid_request_and_nothing_is_left
             ..Default::default()
         },
     );
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let source = common::source(config, state.path()).await;
     let err = source
         .spawn(SpawnRequest {
@@ -195,7 +195,7 @@ async fn containers_carry_roster_labels_the_profile_limits_and_no_network() -> a
             ..Default::default()
         },
     );
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let source = common::source(config, state.path()).await;
     let mut req = SpawnRequest {
         profile: Some("limited".into()),
@@ -238,7 +238,7 @@ async fn a_restarted_source_takes_its_containers_up_again_under_the_same_key() -
     let Some(socket) = common::engine().await else {
         return Ok(());
     };
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let first = common::source(common::config(&socket), state.path()).await;
     let mut req = shell("echo before; read line; echo got:$line", "survivor");
     req.labels.insert("team".into(), "b".into());
@@ -285,7 +285,10 @@ async fn another_state_directory_never_sees_the_containers() -> anyhow::Result<(
     let Some(socket) = common::engine().await else {
         return Ok(());
     };
-    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (a, b) = (
+        common::StateDir::new(&socket),
+        common::StateDir::new(&socket),
+    );
     let mine = common::source(common::config(&socket), a.path()).await;
     let other = common::source(common::config(&socket), b.path()).await;
     let w = mine.spawn(shell("sleep 600", "mine")).await?;
@@ -308,7 +311,7 @@ async fn nothing_internal_leaks_into_views_events_errors_or_debug() -> anyhow::R
     let Some(socket) = common::engine().await else {
         return Ok(());
     };
-    let state = tempfile::tempdir()?;
+    let state = common::StateDir::new(&socket);
     let source = common::source(common::config(&socket), state.path()).await;
     let mut events = source.events().await?;
     let w = source.spawn(shell("echo hi; exit 1", "leak")).await?;

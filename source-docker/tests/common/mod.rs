@@ -171,3 +171,49 @@ pub async fn read_output(
         }
     }
 }
+
+/// A runtime's state directory for one test. Dropping it removes every container made
+/// with its instance label (also after a failure), through the `docker` CLI.
+pub struct StateDir {
+    dir: tempfile::TempDir,
+    socket: String,
+}
+
+impl StateDir {
+    pub fn new(socket: &str) -> StateDir {
+        StateDir {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            socket: socket.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let Ok(instance) = std::fs::read_to_string(self.dir.path().join("docker-instance")) else {
+            return;
+        };
+        let host = format!("unix://{}", self.socket.trim_start_matches("unix://"));
+        let filter = format!("label=roster.instance={}", instance.trim());
+        let Ok(out) = Command::new("docker")
+            .args(["-H", &host, "ps", "-aq", "--filter", &filter])
+            .output()
+        else {
+            return;
+        };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["-H", &host, "rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
