@@ -44,7 +44,7 @@ pub use config::Config;
 pub use error::ERRORS;
 pub use server::{serve, serve_with, ServeOptions};
 
-/// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.
+/// The source kinds that ship with `roster`: `embedded`, `remote`, `local` and `docker`.
 pub fn default_factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
     factories
@@ -56,6 +56,9 @@ pub fn default_factories() -> SourceFactories {
     factories
         .add::<source_local::LocalSource>()
         .expect("a fresh set of kinds has no local yet");
+    factories
+        .add::<source_docker::DockerSource>()
+        .expect("a fresh set of kinds has no docker yet");
     factories
 }
 
