@@ -142,6 +142,15 @@
 //!
 //! **Swarm** (`mode = "swarm"`) is not built yet; such a config is refused with a message.
 //!
+//! **Podman.** The source asks for nothing Docker-only (API 1.41, `init`, labels, attach,
+//! events, logs), but its tests have not run against Podman yet. On the test machine
+//! (Podman 4.3.1 from Debian, `runc` as the runtime, `catatonit` for `init`) every
+//! container failed to start with "error setting rlimits for ready process: error setting
+//! rlimit type 6 (`RLIMIT_NPROC`): operation not permitted", also with `default_ulimits`
+//! for `nofile` and `nproc` in `containers.conf` and with `--ulimit host`: the machine's
+//! own container refuses the rlimits Podman sets, where dockerd's `--default-ulimit`
+//! avoids them.
+//!
 //! # Bounds
 //!
 //! - Output: per worker, the log keeps at least `output_retention` bytes and at most one
