@@ -50,7 +50,7 @@ pub use error::ERRORS;
 pub use reload::{ReloadConfig, ReloadOutcome};
 pub use server::{serve, serve_with, ServeOptions};
 
-/// The source kinds that ship with `roster`: `embedded`, `remote` and `local`.
+/// The source kinds that ship with `roster`: `embedded`, `remote`, `local` and `docker`.
 pub fn default_factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
     factories
@@ -62,6 +62,9 @@ pub fn default_factories() -> SourceFactories {
     factories
         .add::<source_local::LocalSource>()
         .expect("a fresh set of kinds has no local yet");
+    factories
+        .add::<source_docker::DockerSource>()
+        .expect("a fresh set of kinds has no docker yet");
     factories
 }
 

@@ -2,10 +2,11 @@
 //! runtime's `kind` (SPEC §8): one client scenario — spawn, read output, send input, stop,
 //! list — against a runtime `r` configured as `embedded`, then as `remote` (following an
 //! embedded runtime of another registry), then as `tmux` (this package's kind, added to the
-//! default kinds as `roster-tmux` adds it). With worker ids and times normalized, every
+//! default kinds as `roster-tmux` adds it), then as `docker` (a default kind, against the real
+//! engine). With worker ids and times normalized, every
 //! answer and every event must be equal, except `kind`.
 //!
-//! Needs the `tmux` program (CI installs it).
+//! Needs the `tmux` program and a Docker Engine with the test image (CI has both).
 
 #[path = "../../../server-bin/tests/common/mod.rs"]
 mod common;
@@ -299,10 +300,57 @@ async fn client_scenario(server: &TestServer) -> Result<(Vec<Step>, Vec<String>)
     Ok((steps, kinds))
 }
 
+/// Whether a Docker Engine answers on its default socket (with the test image, made by
+/// `scripts/docker-test-image`). Under CI it must: a missing engine fails the test.
+fn docker_answers() -> bool {
+    let ok = std::process::Command::new("docker")
+        .args(["image", "inspect", "roster-test/busybox:1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no Docker Engine with the test image answers; .ci/run starts one \
+             (scripts/start-dockerd, scripts/docker-test-image)"
+        );
+        eprintln!("skipped the docker kind: no engine with the test image answers");
+    }
+    ok
+}
+
+/// The instance label of runtime `r` of `server` (kept in its state directory).
+fn docker_instance(server: &TestServer) -> Result<String> {
+    let path = server.dir.path().join("state/runtimes/r/docker-instance");
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+/// The ids of the containers with that instance label.
+fn docker_containers(instance: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter"])
+        .arg(format!("label=roster.instance={instance}"))
+        .output()
+        .expect("docker runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn remove_containers(ids: &[String]) {
+    if !ids.is_empty() {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f"])
+            .args(ids)
+            .output();
+    }
+}
+
 const PROFILE: &str = "[runtimes.profiles.shell]\ncommand = [\"/bin/sh\", \"-c\"]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_cannot_tell_embedded_remote_and_tmux_runtimes_apart_but_by_kind() -> Result<()> {
+async fn a_client_cannot_tell_embedded_remote_tmux_and_docker_runtimes_apart_but_by_kind(
+) -> Result<()> {
     let mut runs: Vec<(&str, Vec<Step>, Vec<String>)> = Vec::new();
 
     let embedded = server_for(&format!(
@@ -340,6 +388,29 @@ async fn a_client_cannot_tell_embedded_remote_and_tmux_runtimes_apart_but_by_kin
     tmux.seen().assert_free_of(std::slice::from_ref(&socket))?;
     tmux.stop().await?;
     runs.push(("tmux", steps, kinds));
+
+    // `docker` (a default kind): each worker a container of the test image. Under CI the
+    // engine must answer (`.ci/run` starts it); elsewhere the kind is left out with a notice.
+    if docker_answers() {
+        let docker = server_for(
+            "[[runtimes]]\nname = \"r\"\nsource = \"docker\"\n\
+             [runtimes.profiles.shell]\nimage = \"roster-test/busybox:1\"\n\
+             command = [\"/bin/sh\", \"-c\"]\n",
+        )
+        .await?;
+        let (steps, kinds) = client_scenario(&docker).await?;
+        let instance = docker_instance(&docker)?;
+        let containers = docker_containers(&instance);
+        assert!(!containers.is_empty(), "the docker runtime made containers");
+        // Nothing a client got names a container or the engine's socket.
+        let mut needles = containers.clone();
+        needles.extend(containers.iter().map(|c| c[..12].to_string()));
+        needles.push("docker.sock".into());
+        docker.seen().assert_free_of(&needles)?;
+        docker.stop().await?;
+        remove_containers(&containers);
+        runs.push(("docker", steps, kinds));
+    }
 
     let (_, base, base_kinds) = &runs[0];
     assert!(!base_kinds.is_empty());

@@ -1,0 +1,33 @@
+//! The registry core's conformance suite, run on the docker source against the real engine,
+//! as its concrete type and as `Arc<dyn RuntimeSource>`.
+
+mod common;
+
+use std::time::Duration;
+
+use registry_core::conformance::{run_concrete_and_dyn, Expected, SpawnHarness};
+
+/// Small, so that the gap test writes little.
+const RETENTION: u64 = 4096;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_concrete_type_and_as_dyn_runtime_source() -> anyhow::Result<()> {
+    let Some(socket) = common::engine().await else {
+        return Ok(());
+    };
+    let state = common::StateDir::new(&socket);
+    let config = source_docker::DockerConfig {
+        output_retention: RETENTION,
+        ..common::config(&socket)
+    };
+    let source = common::source(config, state.path()).await;
+    let harness = SpawnHarness::with_profile("shell")
+        .with_output_retention(RETENTION)
+        .with_events_to_overflow(source.events_to_overflow())
+        // Generous: a loaded machine makes containers slowly, and the overflow test makes
+        // one per event the stream can hold.
+        .with_test_timeout(Duration::from_secs(180));
+    let expected = Expected::not_applicable(&["unsupported_operations_return_unsupported"]);
+    run_concrete_and_dyn(source, &harness, &expected).await?;
+    Ok(())
+}
