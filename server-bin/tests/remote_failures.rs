@@ -4,8 +4,10 @@
 //! one warning per change, not one per retry.
 //!
 //! Every remote here is on loopback: a closed port, a listener that never answers, one that
-//! answers with a TLS alert, and real upstream rosters that refuse. The DNS case uses the
-//! reserved name `nonexistent.invalid`, which never resolves.
+//! answers with a TLS alert, and real upstream rosters that refuse. The DNS case uses a name
+//! in the reserved `.invalid` domain whose first label is 64 bytes, one more than DNS allows:
+//! the resolver refuses it before asking any server, so the test sends nothing off the
+//! machine.
 
 mod common;
 
@@ -209,13 +211,14 @@ async fn a_closed_port_reads_refused() -> Result<()> {
 
 #[tokio::test]
 async fn an_unresolvable_name_reads_dns_failure() -> Result<()> {
-    let down = downstream("far-dns", "http://nonexistent.invalid:7411", "").await?;
+    let label = "n".repeat(64);
+    let down = downstream("far-dns", &format!("http://{label}.invalid:7411"), "").await?;
     assert_down_because(
         &down,
         "far-dns",
         "could not be resolved (DNS failure)",
-        "nonexistent.invalid:7411",
-        &["nonexistent".to_string(), ":7411".to_string()],
+        &format!("{label}.invalid:7411"),
+        &[label.clone(), ":7411".to_string()],
     )
     .await?;
     down.stop().await?;

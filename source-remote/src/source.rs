@@ -42,6 +42,10 @@ const MAX_LOST: usize = 4096;
 /// How often lost workers past `retain_lost` are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a spawn waits for the remote's event stream to bring the new worker as far as
+/// the spawn answer before it stores the answer itself.
+const SPAWN_CATCH_UP: Duration = Duration::from_secs(2);
+
 /// A runtime of another roster process, followed over its HTTP API.
 ///
 /// Workers are keyed by the remote's worker ids, which never leave this process: the
@@ -296,6 +300,7 @@ impl Shared {
         if let Some(view) = st.view(&key) {
             self.emit(st, SourceEvent::Upsert(view));
         }
+        self.bump();
     }
 
     /// As [`learn`](Self::learn), for a view the remote sent (only this runtime's).
@@ -887,7 +892,24 @@ impl RuntimeSource for RemoteSource {
         let view: WorkerView = serde_json::from_value(answer).map_err(|e| {
             RegistryError::internal(format!("the remote's spawn answer is not a worker: {e}"))
         })?;
-        Ok(self.shared.learn(from_view(&view)))
+        // The answer may already be ahead of the remote's event stream (`running` while the
+        // `starting` upsert is still on its way): storing it first would make the follower
+        // drop the earlier states as stale, and this runtime's clients would miss them. So
+        // the events get a moment to bring the worker as far as the answer; only if they
+        // don't is the answer stored.
+        let worker = from_view(&view);
+        let key = worker.key.as_str().to_string();
+        let caught_up = |st: &State| {
+            st.table
+                .get(&key)
+                .is_some_and(|old| !later_report(&old.worker, &worker))
+        };
+        if self.shared.wait_for(SPAWN_CATCH_UP, caught_up).await {
+            if let Some(seen) = self.shared.lock().view(&key) {
+                return Ok(seen);
+            }
+        }
+        Ok(self.shared.learn(worker))
     }
 
     async fn stop(&self, key: &SourceKey, grace: Option<Duration>) -> Result<(), RegistryError> {
