@@ -85,8 +85,8 @@ fn usize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error>
 
 impl RuntimeConfig {
     /// What serde cannot check, with the key path at fault (`profiles.shell.command`) beside
-    /// the message: `event_retention` of 0, a profile with an empty command, a
-    /// `max_restarts` over [`MAX_RESTARTS_LIMIT`](crate::MAX_RESTARTS_LIMIT).
+    /// the message: `event_retention` of 0, a profile that fails [`profiles_problem`], a
+    /// `max_probes` outside 1..=1024.
     /// [`Runtime::new`](crate::Runtime::new) refuses such a config.
     pub fn problem(&self) -> Result<(), (String, String)> {
         if self.event_retention == 0 {
@@ -95,17 +95,7 @@ impl RuntimeConfig {
                 "event_retention must be at least 1".into(),
             ));
         }
-        for (name, profile) in &self.profiles {
-            if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
-                return Err((
-                    format!("profiles.{name}.command"),
-                    format!("profile {name:?} has an empty command"),
-                ));
-            }
-            if let Err(e) = profile.probe_plan() {
-                return Err((format!("profiles.{name}"), format!("profile {name:?}: {e}")));
-            }
-        }
+        profiles_problem(&self.profiles)?;
         if !(1..=1024).contains(&self.max_probes) {
             return Err((
                 "max_probes".into(),
@@ -114,6 +104,27 @@ impl RuntimeConfig {
         }
         Ok(())
     }
+}
+
+/// The checks every profile passes, when the runtime starts and when its profiles are
+/// replaced: a command that is not empty, restart and probe keys within bounds (a
+/// `max_restarts` over [`MAX_RESTARTS_LIMIT`](crate::MAX_RESTARTS_LIMIT), say). The key path
+/// at fault comes beside the message.
+pub(crate) fn profiles_problem(
+    profiles: &BTreeMap<String, Profile>,
+) -> Result<(), (String, String)> {
+    for (name, profile) in profiles {
+        if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
+            return Err((
+                format!("profiles.{name}.command"),
+                format!("profile {name:?} has an empty command"),
+            ));
+        }
+        if let Err(e) = profile.probe_plan() {
+            return Err((format!("profiles.{name}"), format!("profile {name:?}: {e}")));
+        }
+    }
+    Ok(())
 }
 
 impl Default for RuntimeConfig {

@@ -144,19 +144,8 @@ pub type Profiles = BTreeMap<String, Profile>;
 
 /// The checks every profile passes, at the start and when profiles are replaced.
 fn check_profiles(profiles: &Profiles) -> Result<(), RuntimeError> {
-    for (name, profile) in profiles {
-        if !matches!(profile.command.first(), Some(p) if !p.is_empty()) {
-            return Err(RuntimeError::InvalidRequest(format!(
-                "profile {name:?} has an empty command"
-            )));
-        }
-        if let Err(e) = profile.probe_plan() {
-            return Err(RuntimeError::InvalidRequest(format!(
-                "profile {name:?}: {e}"
-            )));
-        }
-    }
-    Ok(())
+    crate::config::profiles_problem(profiles)
+        .map_err(|(_, message)| RuntimeError::InvalidRequest(message))
 }
 
 impl Inner {
