@@ -982,9 +982,12 @@ async fn shutdown_ends_streams_with_final_events_and_leaves_no_process() -> Resu
     let marker = unique_marker();
     let id = server.spawn_shell(&format!("sleep 30; : {marker}")).await?;
     server.wait_worker(&id, |w| w["state"] == "running").await?;
-    let procs = processes_with(&marker);
-    ensure!(!procs.is_empty(), "the worker's process is visible");
-    let group = procs[0].1;
+    // `running` comes once the process exists; its command line shows in /proc a moment
+    // later, when the kernel has finished setting up the exec'd program.
+    let group = common::eventually("the worker's process to be visible", WAIT, || async {
+        Ok(processes_with(&marker).first().map(|(_, group)| *group))
+    })
+    .await?;
 
     let mut events = server.sse("/v1/events", &[]).await?;
     assert_eq!(events.next_event().await?.event, "snapshot");
