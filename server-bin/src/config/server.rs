@@ -30,6 +30,35 @@ const DEFAULT_EVENT_RETENTION: usize = 10_000;
 const DEFAULT_EVENT_RETENTION_BYTES: u64 = 64 << 20;
 /// Default queue length of one stream subscriber.
 const DEFAULT_SUBSCRIBER_QUEUE: usize = 1024;
+/// Default number of connections served at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default number of connections from one peer (one IPv4 address, one IPv6 /64).
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
+/// Default number of connections that have not yet sent a valid token (with tokens).
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
+/// Default time from the first byte of a request's head to its end.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a keep-alive connection may sit idle between requests.
+pub const DEFAULT_KEEP_ALIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on a request's head (request line and headers): 64 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
+/// Default cap on a request's header lines.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default number of event streams open at once, below `max_connections` so that streams
+/// alone never take every connection slot.
+pub const DEFAULT_MAX_STREAMS: usize = 768;
+/// Default number of event streams open at once with one token.
+pub const DEFAULT_MAX_STREAMS_PER_TOKEN: usize = 256;
+/// The largest `max_header_bytes`.
+pub const MAX_HEADER_BYTES_LIMIT: u64 = 128 << 10;
+/// The smallest `max_header_bytes`: a request line and a few headers.
+const MIN_HEADER_BYTES: u64 = 1 << 10;
+/// The largest `max_headers`.
+pub const MAX_HEADERS_LIMIT: usize = 1000;
+/// The largest connection and stream counts.
+const MAX_COUNT: usize = 1 << 20;
+/// The shortest timeout of a connection.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 /// The shortest `sse_ping`.
 const MIN_SSE_PING: Duration = Duration::from_millis(1);
 /// The longest `sse_ping` and `shutdown_grace`.
@@ -74,6 +103,31 @@ pub struct ServerSection {
     pub event_retention_bytes: u64,
     /// Events that may wait for one stream subscriber. Default 1024.
     pub subscriber_queue: usize,
+    /// Connections served at once; one more is answered `429` and closed. Default 1024.
+    pub max_connections: usize,
+    /// Connections served at once from one peer (one IPv4 address, or one IPv6 /64
+    /// prefix); one more is answered `429` and closed. Default 256.
+    pub max_connections_per_peer: usize,
+    /// With tokens configured: connections that have not yet sent a request with a valid
+    /// token. One more closes the oldest of them. Default 512.
+    pub max_unauthenticated_connections: usize,
+    /// How long a request's head (request line and headers) may take to arrive once its
+    /// first byte has (humantime). Slower: the connection is closed. Default 10 s.
+    #[serde(deserialize_with = "de::duration")]
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request. Default 60 s.
+    #[serde(deserialize_with = "de::duration")]
+    pub keep_alive_idle_timeout: Duration,
+    /// Largest request head in bytes (integer or `"64KiB"`); more is `431`. Default 64 KiB,
+    /// at most 128 KiB.
+    #[serde(deserialize_with = "de::byte_size")]
+    pub max_header_bytes: u64,
+    /// Most header lines in a request; more is `431`. Default 100, at most 1000.
+    pub max_headers: usize,
+    /// Event streams open at once; one more is `429`. Default 768.
+    pub max_streams: usize,
+    /// Event streams open at once with one token; one more is `429`. Default 256.
+    pub max_streams_per_token: usize,
 }
 
 impl Default for ServerSection {
@@ -90,6 +144,15 @@ impl Default for ServerSection {
             event_retention: DEFAULT_EVENT_RETENTION,
             event_retention_bytes: DEFAULT_EVENT_RETENTION_BYTES,
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            keep_alive_idle_timeout: DEFAULT_KEEP_ALIVE_IDLE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_streams_per_token: DEFAULT_MAX_STREAMS_PER_TOKEN,
         }
     }
 }
@@ -144,6 +207,47 @@ impl ServerSection {
             errors.push(at(
                 "subscriber_queue",
                 format!("`server.subscriber_queue` must be at most {MAX_SUBSCRIBER_QUEUE}"),
+            ));
+        }
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            (
+                "max_unauthenticated_connections",
+                self.max_unauthenticated_connections,
+            ),
+            ("max_streams", self.max_streams),
+            ("max_streams_per_token", self.max_streams_per_token),
+        ] {
+            if value == 0 {
+                errors.push(zero(key, "1"));
+            } else if value > MAX_COUNT {
+                errors.push(at(
+                    key,
+                    format!("`server.{key}` must be at most {MAX_COUNT}"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("keep_alive_idle_timeout", self.keep_alive_idle_timeout),
+        ] {
+            if value < MIN_TIMEOUT {
+                errors.push(zero(key, "1ms"));
+            } else if value > MAX_INTERVAL {
+                errors.push(at(key, format!("`server.{key}` must be at most 1h")));
+            }
+        }
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES_LIMIT).contains(&self.max_header_bytes) {
+            errors.push(at(
+                "max_header_bytes",
+                "`server.max_header_bytes` must be from 1KiB to 128KiB".into(),
+            ));
+        }
+        if !(1..=MAX_HEADERS_LIMIT).contains(&self.max_headers) {
+            errors.push(at(
+                "max_headers",
+                format!("`server.max_headers` must be from 1 to {MAX_HEADERS_LIMIT}"),
             ));
         }
         if let Err(e) = TokenSection::check_all(&self.tokens, index) {

@@ -71,6 +71,15 @@ fn assert_server_defaults(server: &ServerSection) {
     assert_eq!(server.event_retention, 10_000);
     assert_eq!(server.event_retention_bytes, 64 << 20);
     assert_eq!(server.subscriber_queue, 1024);
+    assert_eq!(server.max_connections, 1024);
+    assert_eq!(server.max_connections_per_peer, 256);
+    assert_eq!(server.max_unauthenticated_connections, 512);
+    assert_eq!(server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(server.keep_alive_idle_timeout, Duration::from_secs(60));
+    assert_eq!(server.max_header_bytes, 64 << 10);
+    assert_eq!(server.max_headers, 100);
+    assert_eq!(server.max_streams, 768);
+    assert_eq!(server.max_streams_per_token, 256);
 }
 
 fn assert_default_runtime(runtimes: &[RuntimeSection]) {
@@ -564,6 +573,48 @@ fn zero_limits_are_refused_at_their_line() {
     }
     let config = Config::parse("[server]\nshutdown_grace = \"0s\"\n").unwrap();
     assert_eq!(config.server.shutdown_grace, Duration::ZERO);
+}
+
+#[test]
+fn connection_limits_are_read_and_checked_at_their_line() {
+    let config = Config::parse(
+        "[server]\nmax_connections = 10\nmax_connections_per_peer = 2\n\
+         max_unauthenticated_connections = 3\nheader_read_timeout = \"2s\"\n\
+         keep_alive_idle_timeout = \"500ms\"\nmax_header_bytes = \"8KiB\"\n\
+         max_headers = 20\nmax_streams = 5\nmax_streams_per_token = 4\n",
+    )
+    .unwrap();
+    let s = &config.server;
+    assert_eq!(
+        (
+            s.max_connections,
+            s.max_connections_per_peer,
+            s.max_unauthenticated_connections
+        ),
+        (10, 2, 3)
+    );
+    assert_eq!(s.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(s.keep_alive_idle_timeout, Duration::from_millis(500));
+    assert_eq!((s.max_header_bytes, s.max_headers), (8 << 10, 20));
+    assert_eq!((s.max_streams, s.max_streams_per_token), (5, 4));
+    for (key, value, says) in [
+        ("max_connections", "0", "at least 1"),
+        ("max_connections_per_peer", "0", "at least 1"),
+        ("max_unauthenticated_connections", "0", "at least 1"),
+        ("max_streams", "0", "at least 1"),
+        ("max_streams_per_token", "2000000", "at most"),
+        ("header_read_timeout", "\"0s\"", "at least 1ms"),
+        ("keep_alive_idle_timeout", "\"2h\"", "at most 1h"),
+        ("max_header_bytes", "100", "from 1KiB to 128KiB"),
+        ("max_header_bytes", "\"1MiB\"", "from 1KiB to 128KiB"),
+        ("max_headers", "0", "from 1 to 1000"),
+        ("max_headers", "1001", "from 1 to 1000"),
+    ] {
+        let err = parse_err(&format!("[server]\n\n{key} = {value}\n"));
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.message.contains(&format!("`server.{key}`")), "{err}");
+        assert!(err.message.contains(says), "{key} = {value}: {err}");
+    }
 }
 
 #[test]
