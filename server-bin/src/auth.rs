@@ -210,6 +210,22 @@ impl Tokens {
     }
 }
 
+/// A request names one server and carries one credential: a second `Host` or
+/// `Authorization` line is `400 invalid_request` (RFC 9110 §11.6.2 gives `Authorization`
+/// one value, RFC 9112 §3.2 `Host`), so that no check reads one line while another part
+/// of the chain reads the other.
+pub fn check_single_credentials(headers: &HeaderMap) -> Result<(), ApiError> {
+    for (name, what) in [(HOST, "Host"), (AUTHORIZATION, "Authorization")] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(RegistryError::InvalidRequest(format!(
+                "the request has more than one {what} header; send exactly one"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// The names and origins a request may come with.
 #[derive(Debug, Clone, Default)]
 pub struct Allowed {

@@ -28,6 +28,10 @@ pub const ERRORS: &[(&str, StatusCode)] = &[
     ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
     ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE),
     ("capacity_exceeded", StatusCode::TOO_MANY_REQUESTS),
+    (
+        "headers_too_large",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    ),
     ("internal", StatusCode::INTERNAL_SERVER_ERROR),
     ("unsupported", StatusCode::NOT_IMPLEMENTED),
     ("runtime_unavailable", StatusCode::SERVICE_UNAVAILABLE),
@@ -58,6 +62,9 @@ pub enum ApiError {
     },
     /// The body is not declared JSON (`unsupported_media_type`).
     UnsupportedMediaType(String),
+    /// The request's head has more header lines or bytes than the server takes
+    /// (`headers_too_large`, `431`).
+    HeadersTooLarge(String),
 }
 
 impl fmt::Display for ApiError {
@@ -73,7 +80,8 @@ impl fmt::Display for ApiError {
             | ApiError::Unauthorized(m)
             | ApiError::OriginNotAllowed(m)
             | ApiError::RouteNotFound(m)
-            | ApiError::UnsupportedMediaType(m) => f.write_str(m),
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::HeadersTooLarge(m) => f.write_str(m),
         }
     }
 }
@@ -95,6 +103,7 @@ impl ApiError {
             ApiError::RouteNotFound(_) => "route_not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
         }
     }
 
@@ -140,27 +149,10 @@ impl ApiError {
     /// `WWW-Authenticate` on `401` and `Allow` on `405`. An internal error's detail is not
     /// here: the caller logs it with the request's id.
     pub fn to_response(&self) -> Response<Body> {
-        let body = ErrorBody {
-            error: ErrorFields {
-                code: self.code(),
-                message: self.public_message(),
-                retryable: self.is_retryable(),
-            },
-        };
-        let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
-        let mut resp = with_type(self.status(), "application/json", bytes);
+        let mut resp = with_type(self.status(), "application/json", self.body_bytes());
         let headers = resp.headers_mut();
-        let retry_after = match self {
-            ApiError::Registry(RegistryError::RuntimeUnavailable { retry_after, .. }) => {
-                Some(retry_after.unwrap_or(Duration::from_secs(1)))
-            }
-            ApiError::Registry(RegistryError::CapacityExceeded(_)) => Some(Duration::from_secs(1)),
-            _ => None,
-        };
-        if let Some(after) = retry_after {
-            // Whole seconds, rounded up, at least one.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        if let Some(secs) = self.retry_after_secs() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         match self {
             ApiError::Unauthorized(_) => {
@@ -174,6 +166,52 @@ impl ApiError {
             _ => {}
         }
         resp
+    }
+
+    /// The JSON error body, `{"error": {code, message, retryable}}`.
+    fn body_bytes(&self) -> Vec<u8> {
+        let body = ErrorBody {
+            error: ErrorFields {
+                code: self.code(),
+                message: self.public_message(),
+                retryable: self.is_retryable(),
+            },
+        };
+        serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// `Retry-After` in whole seconds (rounded up, at least one), on `503` and `429`.
+    fn retry_after_secs(&self) -> Option<u64> {
+        let after = match self {
+            ApiError::Registry(RegistryError::RuntimeUnavailable { retry_after, .. }) => {
+                retry_after.unwrap_or(Duration::from_secs(1))
+            }
+            ApiError::Registry(RegistryError::CapacityExceeded(_)) => Duration::from_secs(1),
+            _ => return None,
+        };
+        Some((after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1))
+    }
+
+    /// The whole HTTP/1.1 answer as bytes, with `Connection: close`: what the listener
+    /// writes on a connection it refuses before any request was read from it (hyper does
+    /// not serve that connection). Nothing of it depends on the request.
+    pub fn to_closing_bytes(&self) -> Vec<u8> {
+        let body = self.body_bytes();
+        let status = self.status();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some(secs) = self.retry_after_secs() {
+            out.push_str(&format!("retry-after: {secs}\r\n"));
+        }
+        out.push_str("\r\n");
+        let mut out = out.into_bytes();
+        out.extend_from_slice(&body);
+        out
     }
 }
 
@@ -223,6 +261,7 @@ mod tests {
             core(RegistryError::PayloadTooLarge(m())),
             ApiError::UnsupportedMediaType(m()),
             core(RegistryError::CapacityExceeded(m())),
+            ApiError::HeadersTooLarge(m()),
             core(RegistryError::internal("x")),
             core(RegistryError::Unsupported(m())),
             core(RegistryError::unavailable("", None)),
@@ -240,7 +279,8 @@ mod tests {
     #[test]
     fn every_error_code_has_its_contract_status() {
         let statuses = [
-            400, 400, 401, 403, 403, 404, 404, 404, 405, 409, 413, 415, 429, 500, 501, 503, 504,
+            400, 400, 401, 403, 403, 404, 404, 404, 405, 409, 413, 415, 429, 431, 500, 501, 503,
+            504,
         ];
         let cases = every_error();
         assert_eq!(cases.len(), ERRORS.len());
@@ -271,6 +311,27 @@ mod tests {
         assert_eq!(r.headers()[RETRY_AFTER], "2");
         let r = ApiError::from(RegistryError::unavailable("down", None)).to_response();
         assert_eq!(r.headers()[RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn a_closing_answer_is_a_whole_http_response_with_its_length() {
+        let e = ApiError::from(RegistryError::CapacityExceeded("too many".into()));
+        let bytes = e.to_closing_bytes();
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(head.contains("\r\nretry-after: 1"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "capacity_exceeded");
+        assert_eq!(v["error"]["retryable"], true);
     }
 
     #[test]

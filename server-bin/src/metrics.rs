@@ -36,6 +36,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -71,11 +72,69 @@ const HEALTH: [(HealthStatus, &str); 3] = [
     (HealthStatus::Unavailable, "unavailable"),
 ];
 
+/// A limit of the `[server]` table that refuses or closes a connection or a request; its
+/// label on `roster_limit_refusals_total` is the key's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `max_connections`: a connection refused.
+    Connections,
+    /// `max_connections_per_peer`: a connection refused.
+    ConnectionsPerPeer,
+    /// `max_unauthenticated_connections`: the oldest unauthenticated connection closed.
+    UnauthenticatedConnections,
+    /// `header_read_timeout`: a connection whose request head came too slowly closed.
+    HeaderReadTimeout,
+    /// `keep_alive_idle_timeout`: an idle keep-alive connection closed.
+    KeepAliveIdleTimeout,
+    /// `max_headers`: a request refused with `431`.
+    Headers,
+    /// `max_header_bytes`: a request refused with `431`.
+    HeaderBytes,
+    /// `max_streams`: a stream refused with `429`.
+    Streams,
+    /// `max_streams_per_token`: a stream refused with `429`.
+    StreamsPerToken,
+}
+
+impl Limit {
+    /// Every limit, in the order of the counters.
+    pub const ALL: [Limit; 9] = [
+        Limit::Connections,
+        Limit::ConnectionsPerPeer,
+        Limit::UnauthenticatedConnections,
+        Limit::HeaderReadTimeout,
+        Limit::KeepAliveIdleTimeout,
+        Limit::Headers,
+        Limit::HeaderBytes,
+        Limit::Streams,
+        Limit::StreamsPerToken,
+    ];
+
+    /// The `[server]` key of the limit: the label value and the name in log lines.
+    pub fn key(self) -> &'static str {
+        match self {
+            Limit::Connections => "max_connections",
+            Limit::ConnectionsPerPeer => "max_connections_per_peer",
+            Limit::UnauthenticatedConnections => "max_unauthenticated_connections",
+            Limit::HeaderReadTimeout => "header_read_timeout",
+            Limit::KeepAliveIdleTimeout => "keep_alive_idle_timeout",
+            Limit::Headers => "max_headers",
+            Limit::HeaderBytes => "max_header_bytes",
+            Limit::Streams => "max_streams",
+            Limit::StreamsPerToken => "max_streams_per_token",
+        }
+    }
+}
+
 /// The server's own metrics. Cheap on the request path: one short lock per finished
-/// request, none while it runs.
+/// request, none while it runs; connections and refusals are atomic counters.
 pub struct Metrics {
     http: Mutex<HttpStats>,
     streams: Mutex<BTreeMap<&'static str, u64>>,
+    /// Refusals by limit, in the order of [`Limit::ALL`].
+    refusals: [AtomicU64; Limit::ALL.len()],
+    /// Connections being served now.
+    connections: AtomicU64,
 }
 
 /// Request counters and duration histograms, behind one lock.
@@ -115,6 +174,8 @@ impl Default for Metrics {
         Metrics {
             http: Mutex::new(HttpStats::default()),
             streams: Mutex::new(STREAMS.iter().map(|&s| (s, 0)).collect()),
+            refusals: Default::default(),
+            connections: AtomicU64::new(0),
         }
     }
 }
@@ -130,6 +191,7 @@ impl fmt::Debug for Metrics {
             .field("request_series", &series)
             .field("routes", &routes)
             .field("sse_clients", &streams)
+            .field("connections", &self.connections.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -217,6 +279,24 @@ impl Metrics {
         }
     }
 
+    /// A connection or request refused or closed at `limit`.
+    pub fn refused(&self, limit: Limit) {
+        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
+        self.refusals[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many connections or requests `limit` refused or closed so far.
+    pub fn refusals(&self, limit: Limit) -> u64 {
+        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
+        self.refusals[i].load(Ordering::Relaxed)
+    }
+
+    /// A connection is served from now on; the returned guard ends it.
+    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(Arc::clone(self))
+    }
+
     /// The whole exposition text (`text/plain; version=0.0.4`): the server's own families,
     /// then what `registry` reports now.
     pub fn render(&self, registry: &Registry) -> String {
@@ -229,6 +309,7 @@ impl Metrics {
     fn write_all(&self, out: &mut String, registry: &Registry) -> fmt::Result {
         self.write_http(out)?;
         self.write_streams(out)?;
+        self.write_limits(out)?;
         write_registry(out, registry)?;
         process::write(out)
     }
@@ -378,6 +459,40 @@ fn write_registry(out: &mut String, registry: &Registry) -> fmt::Result {
         }
     }
     Ok(())
+}
+
+impl Metrics {
+    fn write_limits(&self, out: &mut String) -> fmt::Result {
+        let name = "roster_connections";
+        header(out, name, "gauge", "Connections being served.")?;
+        writeln!(out, "{name} {}", self.connections.load(Ordering::Relaxed))?;
+        let name = "roster_limit_refusals_total";
+        header(
+            out,
+            name,
+            "counter",
+            "Connections and requests refused or closed at a limit, by the [server] key of the limit.",
+        )?;
+        for (limit, n) in Limit::ALL.iter().zip(&self.refusals) {
+            writeln!(
+                out,
+                "{name}{{limit=\"{}\"}} {}",
+                limit.key(),
+                n.load(Ordering::Relaxed)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One connection being served; dropping it takes it off the `roster_connections` gauge.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Metrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One connected SSE client; dropping it takes the client off the `roster_sse_clients`
@@ -725,6 +840,30 @@ mod tests {
     }
 
     #[test]
+    fn refusals_are_counted_by_the_key_of_their_limit() {
+        let m = Arc::new(Metrics::new());
+        m.refused(Limit::ConnectionsPerPeer);
+        m.refused(Limit::ConnectionsPerPeer);
+        m.refused(Limit::Streams);
+        let conn = m.connection_opened();
+        let mut out = String::new();
+        m.write_limits(&mut out).unwrap();
+        let samples = parse_exposition(&out).unwrap();
+        let refusals =
+            |key: &str| value(&samples, "roster_limit_refusals_total", &[("limit", key)]);
+        assert_eq!(refusals("max_connections_per_peer"), 2.0);
+        assert_eq!(refusals("max_streams"), 1.0);
+        assert_eq!(refusals("max_connections"), 0.0);
+        assert_eq!(value(&samples, "roster_connections", &[]), 1.0);
+        drop(conn);
+        let mut out = String::new();
+        m.write_limits(&mut out).unwrap();
+        let samples = parse_exposition(&out).unwrap();
+        assert_eq!(value(&samples, "roster_connections", &[]), 0.0);
+        assert_eq!(m.refusals(Limit::ConnectionsPerPeer), 2);
+    }
+
+    #[test]
     fn the_sse_gauge_follows_guards() {
         let m = Arc::new(Metrics::new());
         let gauge = |m: &Metrics, stream: &str| {
@@ -846,6 +985,7 @@ mod tests {
         assert!(!text.contains("secret-name") && !text.contains("sleep"));
         let allowed: BTreeSet<&str> = [
             "method", "route", "status", "le", "stream", "runtime", "state", "health", "version",
+            "limit",
         ]
         .into_iter()
         .collect();

@@ -1,11 +1,16 @@
 //! The listener loop, the per-request pipeline (host, route, token, origin, handler, error,
 //! request id, metrics, log line) and graceful shutdown.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
@@ -16,16 +21,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use registry_core::{Registry, RegistryError};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::api;
 use crate::auth::{Allowed, AllowedHost, AllowedOrigin, Tokens};
 use crate::config::{LoadedToken, ServerSection};
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::reload::{ReloadConfig, Reloader};
-use crate::routes::{resolve, Resolution, UNMATCHED};
+use crate::routes::{resolve, Endpoint, Resolution, UNMATCHED};
 use crate::wire::Body;
 
 /// How the server behaves, apart from the registry it serves.
@@ -43,8 +49,27 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// The interval of `: ping` comments on event streams (default 15 s).
     pub sse_ping: Duration,
-    /// Connections served at once; more wait to be accepted (default 1024).
+    /// Connections served at once; one more is answered `429` and closed (default 1024).
     pub max_connections: usize,
+    /// Connections served at once from one peer: one IPv4 address, or one IPv6 /64
+    /// (default 256).
+    pub max_connections_per_peer: usize,
+    /// With tokens: connections that have not yet sent a request with a valid token; one
+    /// more closes the oldest of them (default 512).
+    pub max_unauthenticated_connections: usize,
+    /// How long a request head may take from its first byte, and a new connection to send
+    /// its first head (default 10 s).
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request (default 60 s).
+    pub keep_alive_idle_timeout: Duration,
+    /// Largest request head in bytes, request line included (default 64 KiB): `431`.
+    pub max_header_bytes: usize,
+    /// Most header lines in a request (default 100): `431`.
+    pub max_headers: usize,
+    /// Event streams open at once (default 768): `429`.
+    pub max_streams: usize,
+    /// Event streams open at once with one token (default 256): `429`.
+    pub max_streams_per_token: usize,
     /// How long a request body may take to arrive (default 30 s); slower is `400`.
     pub body_timeout: Duration,
     /// How long a stream may wait for its client to take the next frame (default 60 s)
@@ -71,7 +96,15 @@ impl ServeOptions {
             max_body: server.max_body,
             shutdown_grace: server.shutdown_grace,
             sse_ping: server.sse_ping,
-            max_connections: 1024,
+            max_connections: server.max_connections,
+            max_connections_per_peer: server.max_connections_per_peer,
+            max_unauthenticated_connections: server.max_unauthenticated_connections,
+            header_read_timeout: server.header_read_timeout,
+            keep_alive_idle_timeout: server.keep_alive_idle_timeout,
+            max_header_bytes: usize::try_from(server.max_header_bytes).unwrap_or(usize::MAX),
+            max_headers: server.max_headers,
+            max_streams: server.max_streams,
+            max_streams_per_token: server.max_streams_per_token,
             body_timeout: Duration::from_secs(30),
             stream_stall_timeout: Duration::from_secs(60),
             reload: None,
@@ -95,6 +128,10 @@ pub struct App {
     stopping: AtomicBool,
     request_prefix: String,
     request_seq: AtomicU64,
+    /// The event streams open now (`max_streams`, `max_streams_per_token`).
+    streams: Mutex<StreamTable>,
+    /// The log lines of limits reached, at most one per limit every 10 s.
+    throttle: Throttle,
 }
 
 /// The token set and the allowed hosts and origins, which a reload replaces together.
@@ -148,6 +185,475 @@ impl ConnAbort {
     }
 }
 
+/// How often a limit's log line may be written: a flood of refusals makes one line per
+/// limit per interval, with the count since the last one.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One rate-limited warning per limit.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// Per limit (in [`Limit::ALL`] order): when its line was last written, and how many
+    /// hits came since.
+    last: Mutex<[(Option<Instant>, u64); Limit::ALL.len()]>,
+}
+
+impl Throttle {
+    /// Counts a hit of `limit` on `/metrics` and writes its log line if none was written
+    /// in the last [`LOG_EVERY`]. The line names the limit and its value, never a peer.
+    fn hit(&self, metrics: &Metrics, limit: Limit, value: impl fmt::Display) {
+        metrics.refused(limit);
+        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, count) = &mut last[i];
+        *count += 1;
+        let now = Instant::now();
+        if at.is_some_and(|at| now.duration_since(at) < LOG_EVERY) {
+            return;
+        }
+        let hits = std::mem::take(count);
+        *at = Some(now);
+        drop(last);
+        tracing::warn!(
+            limit = limit.key(),
+            value = %value,
+            hits,
+            "a connection limit was reached; further hits are logged at most every 10 s \
+             (roster_limit_refusals_total counts them all)"
+        );
+    }
+}
+
+/// The peer a connection counts against: its IPv4 address, or its IPv6 /64 (one host
+/// commonly holds a whole /64).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mask = !0u128 << 64;
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
+
+/// The connections being served: how many, how many per peer, and those that have not yet
+/// sent a valid token (oldest first). Bounded by `max_connections`.
+#[derive(Debug, Default)]
+struct ConnTable {
+    open: usize,
+    per_peer: HashMap<IpAddr, usize>,
+    /// Connection number → its eviction signal, for connections without a valid token yet.
+    unauthenticated: BTreeMap<u64, Arc<Notify>>,
+    next: u64,
+}
+
+/// What the accept loop decided about a new connection.
+enum Admission {
+    /// Served; `evicted` is the oldest unauthenticated connection, to be closed for it.
+    Admitted(Arc<Conn>, Option<Arc<Notify>>),
+    /// Refused at this limit.
+    Refused(Limit),
+}
+
+/// The connection limits, shared by the accept loop and every connection.
+#[derive(Debug)]
+struct Connections {
+    table: Mutex<ConnTable>,
+    max: usize,
+    per_peer: usize,
+    unauthenticated: usize,
+}
+
+impl Connections {
+    fn new(options: &ServeOptions) -> Arc<Connections> {
+        Arc::new(Connections {
+            table: Mutex::default(),
+            max: options.max_connections.max(1),
+            per_peer: options.max_connections_per_peer.max(1),
+            unauthenticated: options.max_unauthenticated_connections.max(1),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a slot for a connection from `peer`, or says which limit refuses it. With
+    /// `track_token` (tokens are configured) the connection counts as unauthenticated
+    /// until [`Conn::authenticated`]; past that limit the oldest such connection is
+    /// evicted, so a flood of connections that never send a token can't keep a client
+    /// that does from being served.
+    fn admit(self: &Arc<Self>, peer: IpAddr, track_token: bool) -> Admission {
+        let key = peer_key(peer);
+        let mut t = self.lock();
+        if t.open >= self.max {
+            return Admission::Refused(Limit::Connections);
+        }
+        let from_peer = t.per_peer.get(&key).copied().unwrap_or(0);
+        if from_peer >= self.per_peer {
+            return Admission::Refused(Limit::ConnectionsPerPeer);
+        }
+        t.open += 1;
+        t.per_peer.insert(key, from_peer + 1);
+        t.next += 1;
+        let id = t.next;
+        let evict = Arc::new(Notify::new());
+        let mut evicted = None;
+        if track_token {
+            t.unauthenticated.insert(id, evict.clone());
+            if t.unauthenticated.len() > self.unauthenticated {
+                evicted = t.unauthenticated.pop_first().map(|(_, signal)| signal);
+            }
+        }
+        drop(t);
+        let conn = Arc::new(Conn {
+            id,
+            key,
+            table: self.clone(),
+            authenticated: AtomicBool::new(!track_token),
+            evict,
+            activity: Activity::new(),
+        });
+        Admission::Admitted(conn, evicted)
+    }
+}
+
+/// One connection being served: its slot (given back on drop), whether it has sent a valid
+/// token, and what it is doing (for the header and idle timeouts).
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    key: IpAddr,
+    table: Arc<Connections>,
+    authenticated: AtomicBool,
+    /// Notified when a newer connection evicts this one.
+    evict: Arc<Notify>,
+    activity: Arc<Activity>,
+}
+
+impl Conn {
+    /// The connection sent a request with a valid token: it no longer counts against
+    /// `max_unauthenticated_connections`.
+    fn authenticated(&self) {
+        if !self.authenticated.swap(true, Ordering::AcqRel) {
+            self.table.lock().unauthenticated.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let mut t = self.table.lock();
+        t.open = t.open.saturating_sub(1);
+        if let Some(n) = t.per_peer.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.per_peer.remove(&self.key);
+            }
+        }
+        t.unauthenticated.remove(&self.id);
+    }
+}
+
+/// "No time": `Activity::head_since` when no request head is on its way.
+const NO_HEAD: u64 = u64::MAX;
+
+/// What a connection is doing, for the timeouts hyper does not keep the way the server
+/// wants (hyper's `header_read_timeout` also runs while a keep-alive connection is idle,
+/// and hyper has no idle timeout): requests in flight, since when it has been idle, and
+/// since when the head of its next request has been arriving. Times are milliseconds
+/// since the connection was accepted.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    /// Requests whose answer has not been sent in full.
+    busy: AtomicU64,
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived (a new connection starts
+    /// with one on its way: it must send its first request in time too).
+    head_since: AtomicU64,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            busy: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Bytes came in: while idle, they start the next request's head.
+    fn read_some(&self) {
+        if self.busy.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Acquire) == NO_HEAD
+        {
+            self.head_since.store(self.now(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// A request arrived whole; its answer is being made until the guard drops.
+    fn request(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// Waits until the connection has been idle for `idle`, or a head has been arriving
+    /// for `header`; returns which limit that is.
+    async fn expired(&self, header: Duration, idle: Duration) -> Limit {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
+        let (header, idle) = (ms(header), ms(idle));
+        loop {
+            let changed = self.changed.notified();
+            if self.busy.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let head = self.head_since.load(Ordering::Acquire);
+            let (deadline, limit) = if head == NO_HEAD {
+                let since = self.idle_since.load(Ordering::Acquire);
+                (since.saturating_add(idle), Limit::KeepAliveIdleTimeout)
+            } else {
+                (head.saturating_add(header), Limit::HeaderReadTimeout)
+            };
+            let now = self.now();
+            if now >= deadline {
+                if self.busy.load(Ordering::Acquire) == 0 {
+                    return limit;
+                }
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
+                () = changed => {}
+            }
+        }
+    }
+}
+
+/// One request in flight; when its answer has been sent (hyper drops the body), the
+/// connection is idle again.
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.head_since.store(NO_HEAD, Ordering::Release);
+        a.idle_since.store(a.now(), Ordering::Release);
+        if a.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.changed.notify_one();
+        }
+    }
+}
+
+/// A connection's socket, telling its [`Activity`] when bytes come in.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read_some();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The event streams open now, overall and per token name.
+#[derive(Debug, Default)]
+struct StreamTable {
+    open: usize,
+    per_token: HashMap<String, usize>,
+}
+
+/// A slot of `max_streams` (and of `max_streams_per_token`, with a token), held by the
+/// stream's response body: it is given back when the stream ends.
+#[derive(Debug)]
+struct StreamSlot {
+    app: Arc<App>,
+    token: Option<String>,
+}
+
+impl App {
+    fn streams(&self) -> std::sync::MutexGuard<'_, StreamTable> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream slot for a client with `token` (its name), or `429 capacity_exceeded`.
+    fn open_stream(self: &Arc<Self>, token: Option<&str>) -> Result<StreamSlot, ApiError> {
+        let o = &self.options;
+        let mut t = self.streams();
+        let refused = |limit: Limit, what: &str, max: usize| {
+            self.throttle.hit(&self.metrics, limit, max);
+            ApiError::from(RegistryError::CapacityExceeded(format!(
+                "{what} (at most {max}, the server's `{}`); close one or retry later",
+                limit.key()
+            )))
+        };
+        if t.open >= o.max_streams {
+            drop(t);
+            return Err(refused(
+                Limit::Streams,
+                "too many event streams are open on this server",
+                o.max_streams,
+            ));
+        }
+        if let Some(name) = token {
+            let n = t.per_token.get(name).copied().unwrap_or(0);
+            if n >= o.max_streams_per_token {
+                drop(t);
+                return Err(refused(
+                    Limit::StreamsPerToken,
+                    "this token has too many event streams open",
+                    o.max_streams_per_token,
+                ));
+            }
+            t.per_token.insert(name.to_string(), n + 1);
+        }
+        t.open += 1;
+        Ok(StreamSlot {
+            app: self.clone(),
+            token: token.map(str::to_string),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut t = self.app.streams();
+        t.open = t.open.saturating_sub(1);
+        if let Some(name) = &self.token {
+            if let Some(n) = t.per_token.get_mut(name) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    t.per_token.remove(name);
+                }
+            }
+        }
+    }
+}
+
+/// A response body with what must live as long as it is being sent: the request's
+/// [`Busy`] mark, and a stream's slot.
+struct Tracked {
+    body: Body,
+    _busy: Busy,
+    _slot: Option<StreamSlot>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How many refused connections may be lingering at once (answer sent, waiting briefly
+/// for the client's request so that closing doesn't reset the answer away); past it a
+/// refused connection is closed at once.
+const MAX_LINGERING: usize = 64;
+/// How long a refused connection lingers at most.
+const LINGER: Duration = Duration::from_millis(250);
+
+/// Answers a connection no slot is left for with `429 capacity_exceeded` (`Retry-After`,
+/// `Connection: close`), without waiting for it: what the client already sent is read
+/// and dropped, the answer written if the socket takes it at once, then the connection is
+/// closed. A refused client is told at once instead of waiting in the kernel's queue.
+fn refuse(stream: TcpStream, limit: Limit, lingering: &Arc<Semaphore>) {
+    let message = match limit {
+        Limit::ConnectionsPerPeer => {
+            "too many connections from this address are open; close some or retry later"
+        }
+        _ => "the server has too many connections open; retry later",
+    };
+    let answer = ApiError::from(RegistryError::CapacityExceeded(message.into())).to_closing_bytes();
+    let mut sink = [0u8; 4096];
+    for _ in 0..4 {
+        match stream.try_read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    if stream.try_write(&answer).is_err() {
+        return;
+    }
+    let Ok(permit) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    });
+}
+
 /// A client's `x-request-id` is kept when it is short and plain; otherwise the server makes one.
 fn client_request_id(req: &Request<Incoming>) -> Option<String> {
     let v = req.headers().get("x-request-id")?.to_str().ok()?;
@@ -160,11 +666,13 @@ fn client_request_id(req: &Request<Incoming>) -> Option<String> {
 
 async fn handle(
     app: Arc<App>,
+    conn: Arc<Conn>,
     abort: ConnAbort,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Tracked>, Infallible> {
     let started = Instant::now();
+    let busy = conn.activity.request();
     req.extensions_mut().insert(abort);
     let request_id = client_request_id(&req).unwrap_or_else(|| app.next_request_id());
     let method = req.method().clone();
@@ -175,7 +683,8 @@ async fn handle(
         route,
         token,
         result,
-    } = pipeline(&app, req).await;
+        slot,
+    } = pipeline(&app, &conn, req).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(error) => {
@@ -204,7 +713,13 @@ async fn handle(
             "request"
         );
     }
-    Ok(resp)
+    // A stream's slot is held for as long as its body is sent; a refused one gives it back.
+    let slot = slot.filter(|_| resp.status() == http::StatusCode::OK);
+    Ok(resp.map(|body| Tracked {
+        body,
+        _busy: busy,
+        _slot: slot,
+    }))
 }
 
 /// A duration in milliseconds with two decimals (`0.03`, not `0.030555000000000002`).
@@ -218,6 +733,8 @@ struct Outcome {
     route: &'static str,
     token: Option<String>,
     result: Result<Response<Body>, ApiError>,
+    /// The slot of an event stream.
+    slot: Option<StreamSlot>,
 }
 
 impl Outcome {
@@ -226,16 +743,47 @@ impl Outcome {
             route,
             token: None,
             result: Err(error),
+            slot: None,
         }
     }
 }
 
-/// Host → route → token → origin → handler.
-async fn pipeline(app: &Arc<App>, req: Request<Incoming>) -> Outcome {
+/// `431 headers_too_large` when the request's head is past `max_headers` lines or
+/// `max_header_bytes` bytes. The size counts the request line and every header line as
+/// written on the wire (`name: value` and CRLF). (hyper itself refuses a head past twice
+/// these limits, with a `431` without a body, and closes the connection.)
+fn check_head(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let o = &app.options;
+    let over = |limit: Limit, what: String, max: usize| {
+        app.throttle.hit(&app.metrics, limit, max);
+        Err(ApiError::HeadersTooLarge(format!(
+            "{what}; this server takes at most {max} (`{}`)",
+            limit.key()
+        )))
+    };
+    let lines = req.headers().len();
+    if lines > o.max_headers {
+        let what = format!("the request has {lines} header lines");
+        return over(Limit::Headers, what, o.max_headers);
+    }
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let mut bytes = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    for (name, value) in req.headers() {
+        bytes += name.as_str().len() + 2 + value.len() + 2;
+    }
+    if bytes > o.max_header_bytes {
+        let what = format!("the request's head is {bytes} bytes");
+        return over(Limit::HeaderBytes, what, o.max_header_bytes);
+    }
+    Ok(())
+}
+
+/// Head size → Host → route → token → origin → stream slot → handler.
+async fn pipeline(app: &Arc<App>, conn: &Conn, req: Request<Incoming>) -> Outcome {
     let gate = app.gate();
-    if let Err(e) = gate
-        .allowed
-        .check_host(req.headers())
+    if let Err(e) = check_head(app, &req)
+        .and_then(|()| crate::auth::check_single_credentials(req.headers()))
+        .and_then(|()| gate.allowed.check_host(req.headers()))
         .and_then(|()| gate.allowed.check_target(req.uri()))
     {
         return Outcome::early(UNMATCHED, e);
@@ -264,10 +812,24 @@ async fn pipeline(app: &Arc<App>, req: Request<Incoming>) -> Outcome {
         Ok(token) => token.map(str::to_string),
         Err(e) => return Outcome::early(template, e),
     };
+    if token.is_some() {
+        conn.authenticated();
+    }
+    let slot = if matches!(route.endpoint, Endpoint::Output | Endpoint::Events) {
+        Some(app.open_stream(token.as_deref()))
+    } else {
+        None
+    };
+    let (slot, refused) = match slot {
+        Some(Ok(slot)) => (Some(slot), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
     let answer = |result| Outcome {
         route: template,
         token,
         result,
+        slot,
     };
     if let Err(e) = gate.allowed.check_origin(req.method(), req.headers()) {
         return answer(Err(e));
@@ -278,6 +840,9 @@ async fn pipeline(app: &Arc<App>, req: Request<Incoming>) -> Outcome {
             None,
         )
         .into()));
+    }
+    if let Some(e) = refused {
+        return answer(Err(e));
     }
     answer(api::dispatch(app, route.endpoint, &params, req).await)
 }
@@ -358,6 +923,8 @@ pub async fn serve_with(
         stopping: AtomicBool::new(false),
         request_prefix: prefix.iter().map(|b| format!("{b:02x}")).collect(),
         request_seq: AtomicU64::new(1),
+        streams: Mutex::default(),
+        throttle: Throttle::default(),
         options,
     });
     let sighup = app
@@ -367,16 +934,18 @@ pub async fn serve_with(
         .then(|| reload_on_sighup(app.clone()))
         .transpose()?;
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(app.options.max_connections.max(1)));
+    let connections = Connections::new(&app.options);
+    let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
     let mut http = http1::Builder::new();
+    // hyper's own header timeout also runs while a keep-alive connection is idle, so both
+    // timeouts are kept by `Activity` instead. hyper refuses heads past twice the limits
+    // (a `431` without a body); `check_head` answers those in between with a JSON `431`.
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(None)
+        .max_headers(app.options.max_headers.saturating_mul(2))
+        .max_header_size(app.options.max_header_bytes.saturating_mul(2));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit?,
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -389,15 +958,57 @@ pub async fn serve_with(
             },
             () = &mut shutdown => break,
         };
+        let track_token = app.gate().tokens.enabled();
+        let conn = match connections.admit(peer.ip(), track_token) {
+            Admission::Admitted(conn, evicted) => {
+                if let Some(evicted) = evicted {
+                    evicted.notify_one();
+                    app.throttle.hit(
+                        &app.metrics,
+                        Limit::UnauthenticatedConnections,
+                        connections.unauthenticated,
+                    );
+                }
+                conn
+            }
+            Admission::Refused(limit) => {
+                let value = match limit {
+                    Limit::ConnectionsPerPeer => connections.per_peer,
+                    _ => connections.max,
+                };
+                app.throttle.hit(&app.metrics, limit, value);
+                refuse(stream, limit, &lingering);
+                continue;
+            }
+        };
         let app = app.clone();
         let abort = Arc::new(Notify::new());
         let conn_abort = ConnAbort(abort.clone());
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| handle(app.clone(), conn_abort.clone(), peer, req)),
+        let io = Watched {
+            inner: stream,
+            activity: conn.activity.clone(),
+        };
+        let service_conn = conn.clone();
+        let service_app = app.clone();
+        let served = http.serve_connection(
+            TokioIo::new(io),
+            service_fn(move |req| {
+                handle(
+                    service_app.clone(),
+                    service_conn.clone(),
+                    conn_abort.clone(),
+                    peer,
+                    req,
+                )
+            }),
         );
-        let watched = graceful.watch(conn);
+        let watched = graceful.watch(served);
+        let (header_timeout, idle_timeout) = (
+            app.options.header_read_timeout,
+            app.options.keep_alive_idle_timeout,
+        );
         tokio::spawn(async move {
+            let _open = app.metrics.connection_opened();
             tokio::select! {
                 result = watched => {
                     if let Err(e) = result {
@@ -407,8 +1018,24 @@ pub async fn serve_with(
                 () = abort.notified() => {
                     tracing::info!("closed the connection of a stream client that stopped reading");
                 }
+                () = conn.evict.notified() => {
+                    tracing::debug!("closed an unauthenticated connection for a newer one");
+                }
+                limit = conn.activity.expired(header_timeout, idle_timeout) => {
+                    match limit {
+                        Limit::HeaderReadTimeout => app.throttle.hit(
+                            &app.metrics,
+                            limit,
+                            humantime::format_duration(header_timeout),
+                        ),
+                        _ => {
+                            app.metrics.refused(limit);
+                            tracing::debug!("closed an idle keep-alive connection");
+                        }
+                    }
+                }
             }
-            drop(permit);
+            drop(conn);
         });
     }
     drop(listener);

@@ -24,7 +24,7 @@ mod sse;
 pub use eventually::{eventually, eventually_seen, eventually_sync, POLL, WAIT};
 pub use fake::Fake;
 pub use server::{
-    config, header_bytes, request_to, send_request_to, send_to, shell_source, unique, Seen,
-    TestResponse, TestServer,
+    config, connect_from, header_bytes, request_to, send_request_on, send_request_to, send_to,
+    shell_source, unique, Seen, TestResponse, TestServer,
 };
 pub use sse::{parse_events, SseClient, SseDecoder, SseEvent};

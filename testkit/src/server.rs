@@ -285,7 +285,33 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await?;
+    send_request_on(TcpStream::connect(addr).await?, req).await
+}
+
+/// A connection to `addr` from the local address `local` (another loopback address, say
+/// `127.0.0.2`, to stand for another client machine), on a port the kernel picks.
+pub async fn connect_from(
+    local: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+) -> Result<TcpStream> {
+    let socket = match local {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(std::net::SocketAddr::new(local, 0))?;
+    Ok(socket.connect(addr).await?)
+}
+
+/// Sends `req` on `stream` (one request on a fresh connection); returns the response with
+/// its body unread.
+pub async fn send_request_on<B>(
+    stream: TcpStream,
+    req: Request<B>,
+) -> Result<hyper::Response<Incoming>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(async move {
