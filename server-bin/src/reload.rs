@@ -215,28 +215,31 @@ async fn prepare(
 
     let (s, r) = (&new.server, &running.server);
     let mut needs_restart = Vec::new();
-    let restart_keys: [(&'static str, bool); 8] = [
-        ("server.listen", s.listen != r.listen),
-        ("server.state_dir", s.state_dir != r.state_dir),
-        ("server.max_body", s.max_body != r.max_body),
-        (
-            "server.shutdown_grace",
-            s.shutdown_grace != r.shutdown_grace,
-        ),
-        ("server.sse_ping", s.sse_ping != r.sse_ping),
-        (
-            "server.event_retention",
-            s.event_retention != r.event_retention,
-        ),
-        (
-            "server.event_retention_bytes",
-            s.event_retention_bytes != r.event_retention_bytes,
-        ),
-        (
-            "server.subscriber_queue",
-            s.subscriber_queue != r.subscriber_queue,
-        ),
-    ];
+    // Every `[server]` key that a running server reads once, at start.
+    macro_rules! differing {
+        ($($key:ident),* $(,)?) => {
+            [$((concat!("server.", stringify!($key)), s.$key != r.$key)),*]
+        };
+    }
+    let restart_keys = differing!(
+        listen,
+        state_dir,
+        max_body,
+        shutdown_grace,
+        sse_ping,
+        event_retention,
+        event_retention_bytes,
+        subscriber_queue,
+        max_connections,
+        max_connections_per_peer,
+        max_unauthenticated_connections,
+        header_read_timeout,
+        keep_alive_idle_timeout,
+        max_header_bytes,
+        max_headers,
+        max_streams,
+        max_streams_per_token,
+    );
     for (key, differs) in restart_keys {
         if differs {
             needs_restart.push(key);

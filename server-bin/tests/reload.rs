@@ -358,7 +358,7 @@ async fn a_reload_puts_new_tokens_in_force_and_reports_what_needs_a_restart() ->
     let new = "new-secret-9876543210";
     std::fs::write(dir.path().join("ops.token"), old)?;
     let text = token_config(dir.path(), "");
-    let changed = token_config(dir.path(), "max_body = \"2MiB\"\n");
+    let changed = token_config(dir.path(), "max_body = \"2MiB\"\nmax_streams = 10\n");
     let (server, path) = start(dir, &text).await?;
     let call = |method: Method, path: &'static str, token: &str| {
         let (server, bearer) = (&server, format!("Bearer {token}"));
@@ -381,14 +381,20 @@ async fn a_reload_puts_new_tokens_in_force_and_reports_what_needs_a_restart() ->
     assert_eq!(resp.status, 200, "{}", resp.text());
     let outcome = resp.json()?;
     assert_eq!(strings(&outcome["applied"]), ["server.tokens"]);
-    assert_eq!(strings(&outcome["needs_restart"]), ["server.max_body"]);
+    assert_eq!(
+        strings(&outcome["needs_restart"]),
+        ["server.max_body", "server.max_streams"]
+    );
     assert_eq!(strings(&outcome["unchanged"]), ["steady"]);
 
     assert_eq!(get(old).await?.status, 401);
     assert_eq!(get(new).await?.status, 200);
     // Still not restarted: reported again.
     let again = reload(new).await?.json()?;
-    assert_eq!(strings(&again["needs_restart"]), ["server.max_body"]);
+    assert_eq!(
+        strings(&again["needs_restart"]),
+        ["server.max_body", "server.max_streams"]
+    );
     assert!(strings(&again["applied"]).is_empty(), "{again}");
     server.stop().await?;
     Ok(())
