@@ -457,23 +457,28 @@ impl Runtime {
         Ok(record.output.retained_bytes())
     }
 
-    /// Refuses new spawns, stops every live worker (with `grace`, or each worker's own), and
-    /// waits until all of them are terminal.
-    pub async fn shutdown(&self, grace: Option<Duration>) {
+    /// Refuses new spawns, stops every live worker with its own grace (the profile's, or the
+    /// runtime's default) cut to `max_grace` when one is given, and waits until all of them
+    /// are terminal. So a host that must be down within its own shutdown grace passes it here,
+    /// and a worker with a shorter grace is still SIGKILLed after its own.
+    pub async fn shutdown(&self, max_grace: Option<Duration>) {
         // Subscribe first: a worker that ends after the check below still wakes us.
         let mut changed = self.inner.events.subscribe();
-        let live: Vec<LocalId> = {
+        let live: Vec<(LocalId, Duration)> = {
             let mut table = lock(&self.inner.table);
             table.closed = true;
             table
                 .workers
                 .values()
                 .filter(|r| !r.info.state.is_terminal())
-                .map(|r| r.info.id)
+                .map(|r| {
+                    let own = r.grace;
+                    (r.info.id, max_grace.map_or(own, |cap| own.min(cap)))
+                })
                 .collect()
         };
-        for id in live {
-            let _ = self.inner.stop(id, grace);
+        for (id, grace) in live {
+            let _ = self.inner.stop(id, Some(grace));
         }
         loop {
             changed.borrow_and_update();

@@ -171,7 +171,7 @@
 //! After `shutdown` the streams end.
 //!
 //! **Shutdown.** `shutdown(grace)` refuses new spawns, stops every live worker as `stop`
-//! would and returns once all are terminal. Dropping the source without it kills the live
+//! would, each with its own grace cut to `grace`, and returns once all are terminal. Dropping the source without it kills the live
 //! sessions (SIGKILL to their groups, then `kill-session`), blocking briefly.
 //!
 //! **Ownership, and what an earlier run left.** Session names are generated and never
