@@ -58,9 +58,15 @@
 //!   SIGKILLed;
 //! - processes the leader started are not covered by that, so each runtime runs a small
 //!   watchdog process (`/bin/sh`) that knows the live process groups and SIGKILLs them when the
-//!   runtime's process goes away, however it went ([`Runtime::health`] reports it if it is
-//!   gone). A worker turns `running` only once the watchdog's pipe holds its group (or after
-//!   5 s, with a warning, if the watchdog takes nothing).
+//!   runtime's process goes away, however it went. A worker turns `running` only once the
+//!   watchdog's pipe holds its group (or after 5 s, with a warning, if the watchdog takes
+//!   nothing).
+//! - a watchdog that dies (or stops reading and is given up on) is replaced: the runtime
+//!   knows every live group, starts a new watchdog after a backoff (1 s, doubling up to 30 s,
+//!   back to 1 s once one has lived a minute) and tells it every group again. Until the new
+//!   one holds them all, [`Runtime::health`] reports [`Problem::WatchdogGone`], spawns are
+//!   refused with [`RuntimeError::Unavailable`] (with a retry hint) rather than started
+//!   unguarded, and a restart policy's next run waits.
 //!
 //! The one limit: supervision acts on the worker's process group (stop, the kill when the
 //! leader exits, and the watchdog all signal the group), so a process that deliberately leaves

@@ -34,7 +34,7 @@ use crate::types::{
     WorkerInfo,
 };
 use crate::util::lock;
-use crate::watchdog::Watchdog;
+use crate::watchdog::Watchdogs;
 use plan::Plan;
 pub(crate) use plan::DEFAULT_PATH;
 use probing::ProbeRun;
@@ -71,7 +71,8 @@ struct Inner {
     /// never touch the table lock.
     events: Arc<EventLog>,
     spawner: Spawner,
-    watchdog: Arc<Watchdog>,
+    /// The watchdog process, kept running.
+    watchdog: Arc<Watchdogs>,
     /// Permits for health probes running at once (`max_probes`).
     probes: Arc<Semaphore>,
 }
@@ -174,10 +175,10 @@ impl Runtime {
                 "the worker runtime must be created inside a tokio runtime".into(),
             )
         })?;
-        let watchdog = Arc::new(Watchdog::start().map_err(|e| {
+        let watchdog = Watchdogs::start(&handle).map_err(|e| {
             tracing::error!(error = %e, "cannot start the worker watchdog process");
             RuntimeError::Internal("cannot start the worker watchdog".into())
-        })?);
+        })?;
         let spawner = Spawner::start(handle.clone(), Arc::clone(&watchdog)).map_err(|e| {
             tracing::error!(error = %e, "cannot start the worker spawner thread");
             watchdog.close();
@@ -248,7 +249,9 @@ impl Runtime {
     }
 
     /// What is wrong with the runtime's own machinery (its watchdog process, its spawner
-    /// thread); empty while all is well.
+    /// thread); empty while all is well. A watchdog that died is started again (after a
+    /// backoff of 1 s, doubling up to 30 s), and the problem is gone once the new one holds
+    /// every live worker's group.
     pub fn health(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         if !self.inner.watchdog.is_alive() {
@@ -260,7 +263,14 @@ impl Runtime {
         problems
     }
 
-    /// The pid of the runtime's watchdog process. For tests only.
+    /// A receiver that sees a new value whenever [`health`](Self::health) may have changed
+    /// because the watchdog died or is back. (The spawner threads die only with a panic,
+    /// which is not announced; poll `health` for those.)
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watchdog.changes()
+    }
+
+    /// The pid of the runtime's watchdog process (0 while there is none). For tests only.
     #[doc(hidden)]
     pub fn watchdog_pid(&self) -> u32 {
         self.inner.watchdog.pid()
@@ -274,7 +284,9 @@ impl Runtime {
     /// where commands are not allowed → [`RuntimeError::Forbidden`]; `max_workers` live
     /// workers already → [`RuntimeError::CapacityExceeded`]; the same `request_id` with a
     /// different spec → [`RuntimeError::Conflict`] (with the same spec, the earlier worker is
-    /// returned). After [`Runtime::shutdown`] → [`RuntimeError::Conflict`].
+    /// returned). After [`Runtime::shutdown`] → [`RuntimeError::Conflict`]. While the
+    /// watchdog is gone and not yet replaced → [`RuntimeError::Unavailable`]: a worker started
+    /// then would leave its children behind if the runtime's process were killed.
     ///
     /// A program that cannot be executed (not found, bad working directory) is not an error:
     /// the call returns the worker in [`State::Failed`] with [`FailReason::SpawnFailed`].
@@ -304,6 +316,14 @@ impl Runtime {
                         ))
                     };
                 }
+            }
+            if !self.inner.watchdog.is_alive() {
+                return Err(RuntimeError::Unavailable {
+                    message: "the runtime's watchdog is being restarted; no worker is started \
+                              until it is back"
+                        .into(),
+                    retry_after: self.inner.watchdog.retry_after(),
+                });
             }
             if table.live >= self.inner.config.max_workers {
                 return Err(RuntimeError::CapacityExceeded(format!(
@@ -919,6 +939,32 @@ mod tests {
         let plan = rt.inner.plan(&spec).unwrap();
         let mut table = lock(&rt.inner.table);
         (rt.inner.create_record(&mut table, spec, &plan), plan)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn spawns_are_refused_as_unavailable_until_a_new_watchdog_runs() {
+        let rt = runtime();
+        *lock(&rt.inner.watchdog.starter) = || Err(io::Error::other("not in this test"));
+        let pid = i32::try_from(rt.watchdog_pid()).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is the runtime's watchdog.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let deadline = Instant::now() + DEADLINE;
+        while rt.health().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rt.health(), vec![Problem::WatchdogGone]);
+        match rt.spawn(sh("true")).await {
+            Err(RuntimeError::Unavailable { retry_after, .. }) => {
+                assert!(retry_after >= Duration::from_secs(1));
+            }
+            other => panic!("a spawn without a watchdog: {other:?}"),
+        }
+        assert!(rt.list().is_empty(), "a refused spawn leaves no record");
+        *lock(&rt.inner.watchdog.starter) = crate::watchdog::Watchdog::start;
+        assert!(rt.inner.watchdog.wait_ready(Some(DEADLINE * 2)).await);
+        assert_eq!(rt.health(), vec![]);
+        let w = rt.spawn(sh("true")).await.unwrap();
+        assert_ne!(w.state, State::Failed);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -553,7 +553,8 @@ async fn the_event_ring_is_bounded_by_bytes_too() -> Result<()> {
 async fn health_reports_a_watchdog_that_is_gone() -> Result<()> {
     let rt = runtime();
     assert_eq!(rt.health(), vec![]);
-    let pid = i32::try_from(rt.watchdog_pid())?;
+    let first = rt.watchdog_pid();
+    let pid = i32::try_from(first)?;
     // SAFETY: kill has no memory-safety preconditions; the pid is the runtime's watchdog.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     eventually("the watchdog to be reported gone", || {
@@ -562,7 +563,11 @@ async fn health_reports_a_watchdog_that_is_gone() -> Result<()> {
     .await?;
     let message = Problem::WatchdogGone.to_string();
     assert!(!message.contains(&pid.to_string()) && !message.contains('/'));
-    // Workers still run.
+    // A new watchdog is started, and then all is well again.
+    eventually("a new watchdog", || {
+        (rt.health().is_empty() && rt.watchdog_pid() != first).then_some(())
+    })
+    .await?;
     let w = rt.spawn(sh("exit 0")).await?;
     assert_eq!(terminal(&rt, w.id).await?.state, State::Exited);
     Ok(())

@@ -25,6 +25,7 @@ use crate::types::{
     FailReason, HealthState, LastExit, LocalId, RuntimeError, State, Stream, WorkerInfo,
 };
 use crate::util::lock;
+use crate::watchdog::Watchdogs;
 
 /// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
 /// a process that left the group (and so escaped the kill) can hold them open; the worker then
@@ -185,11 +186,22 @@ const WATCHED_WITHIN: Duration = Duration::from_secs(5);
 /// Waits until the watchdog's pipe holds a new worker's group, so that a worker reported
 /// running has its children protected against this process being SIGKILLed (otherwise a
 /// client could see `running` and kill the host before the line was written). Gives up after
-/// [`WATCHED_WITHIN`]; the line stays queued and is written when the writer can.
-async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>) {
-    match tokio::time::timeout(WATCHED_WITHIN, watched).await {
-        // Written, or the watchdog was given up on (that is reported by `health`).
-        Ok(_) => {}
+/// [`WATCHED_WITHIN`]; the line stays queued and is written when the writer can. When the
+/// watchdog died before it took the line, the new one is told every live group, this one
+/// included: then this waits (within the same bound) until that one is ready.
+async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>, watchdog: &Watchdogs) {
+    let deadline = tokio::time::Instant::now() + WATCHED_WITHIN;
+    match tokio::time::timeout_at(deadline, watched).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !watchdog.wait_ready(Some(left)).await {
+                tracing::warn!(
+                    "the worker watchdog died before it took a new worker, and no new one \
+                     holds it yet; the worker runs, its children unprotected until one does"
+                );
+            }
+        }
         Err(_) => tracing::warn!(
             "the worker watchdog has not taken a new worker within {WATCHED_WITHIN:?}; the \
              worker runs, its children unprotected until it does"
@@ -265,6 +277,13 @@ impl Inner {
 /// (it aborts this task or, once the timer has fired, finds it taken).
 async fn restart_after(weak: Weak<Inner>, id: LocalId, delay: Duration) {
     tokio::time::sleep(delay).await;
+    // No run starts without a watchdog: wait for the new one (a stop meanwhile aborts this).
+    let watchdog = match weak.upgrade() {
+        Some(inner) => Arc::clone(&inner.watchdog),
+        None => return,
+    };
+    watchdog.wait_ready(None).await;
+    drop(watchdog);
     let Some(inner) = weak.upgrade() else {
         return;
     };
@@ -297,9 +316,10 @@ pub(super) async fn start_worker(
     plan: Plan,
 ) -> Result<WorkerInfo, RuntimeError> {
     let gone = || RuntimeError::Internal("the runtime was shut down".into());
-    let submitted = {
+    let (submitted, watchdog) = {
         let inner = weak.upgrade().ok_or_else(gone)?;
-        plan.exec().and_then(|exec| inner.spawner.submit(exec))
+        let submitted = plan.exec().and_then(|exec| inner.spawner.submit(exec));
+        (submitted, Arc::clone(&inner.watchdog))
     };
     let result = match submitted {
         Ok(reply) => reply
@@ -309,7 +329,7 @@ pub(super) async fn start_worker(
     };
     let result = match result {
         Ok(spawned) => {
-            wait_until_watched(spawned.watched).await;
+            wait_until_watched(spawned.watched, &watchdog).await;
             Ok(spawned.child)
         }
         Err(e) => Err(e),
