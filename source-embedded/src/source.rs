@@ -289,11 +289,22 @@ fn profile_view(name: &str, profile: &Profile, default_grace: Duration) -> Profi
 /// How often a lifecycle stream re-checks the runtime's health and reports a change.
 const HEALTH_CHECK: Duration = Duration::from_secs(1);
 
-/// `ready`, or `degraded` with a message and a diagnostic per problem of the runtime.
+/// `ready`, or `degraded` with a message and a diagnostic per problem of the runtime. A
+/// runtime whose workers are not contained in cgroups (turned off, or the host offers no
+/// writable cgroup v2) says so in a `not_contained` diagnostic, whatever its status: it
+/// works as documented, with the one gap that processes leaving a worker's process group
+/// outlive it.
 fn health_of(runtime: &Runtime) -> SourceHealth {
+    let gap = runtime.containment().gap().map(|message| Diagnostic {
+        code: "not_contained".into(),
+        message,
+    });
     let problems = runtime.health();
     if problems.is_empty() {
-        return SourceHealth::ready();
+        return SourceHealth {
+            diagnostics: gap.into_iter().collect(),
+            ..SourceHealth::ready()
+        };
     }
     let message = problems
         .iter()
@@ -309,6 +320,7 @@ fn health_of(runtime: &Runtime) -> SourceHealth {
                 code: p.code().into(),
                 message: p.message().into(),
             })
+            .chain(gap)
             .collect(),
         ..SourceHealth::ready()
     }

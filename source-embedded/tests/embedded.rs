@@ -44,6 +44,35 @@ async fn capabilities_are_all_and_health_is_ready_while_all_is_well() {
 }
 
 #[tokio::test]
+async fn a_runtime_without_containment_says_so_in_its_health() -> anyhow::Result<()> {
+    let off = EmbeddedSource::new(EmbeddedConfig {
+        contain: false,
+        ..Default::default()
+    })?;
+    let health = off.health().await;
+    assert_eq!(health.status, HealthStatus::Ready);
+    let gap = health
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "not_contained")
+        .context("a not_contained diagnostic")?;
+    assert!(gap.message.contains("setsid"), "{}", gap.message);
+    assert!(!gap.message.contains('/'), "{}", gap.message);
+    // Where the host offers cgroup v2, a runtime with the default config contains its
+    // workers and has nothing to say; where it doesn't, it says so in the same way.
+    let default = source(4).health().await;
+    let contained = !default
+        .diagnostics
+        .iter()
+        .any(|d| d.code == "not_contained");
+    assert_eq!(default.status, HealthStatus::Ready);
+    if contained {
+        assert!(default.diagnostics.is_empty(), "{default:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn health_is_degraded_once_the_watchdog_is_gone() -> anyhow::Result<()> {
     let source = source(4);
     let pid = source.watchdog_pid();

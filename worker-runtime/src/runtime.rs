@@ -75,6 +75,9 @@ struct Inner {
     watchdog: Arc<Watchdogs>,
     /// Permits for health probes running at once (`max_probes`).
     probes: Arc<Semaphore>,
+    /// The runtime's cgroup, where workers are contained.
+    cgroups: Option<crate::sys::CgroupTree>,
+    containment: crate::types::Containment,
 }
 
 /// Everything about workers, under one lock. Events are appended only while this lock is held,
@@ -175,7 +178,24 @@ impl Runtime {
                 "the worker runtime must be created inside a tokio runtime".into(),
             )
         })?;
-        let watchdog = Watchdogs::start(&handle).map_err(|e| {
+
+        let instance_id = new_instance_id();
+        let (cgroups, containment) = if config.contain {
+            match crate::sys::CgroupTree::new(config.cgroup_root.as_deref(), &instance_id) {
+                Ok(tree) => (Some(tree), crate::types::Containment::Cgroup),
+                Err(why) => {
+                    tracing::info!(
+                        "workers are not contained in cgroups ({why}); processes that leave a \
+                         worker's process group are not stopped with it"
+                    );
+                    (None, crate::types::Containment::Unavailable(why))
+                }
+            }
+        } else {
+            (None, crate::types::Containment::Off)
+        };
+        let watchdog = Watchdogs::start(&handle, cgroups.as_ref().map(|t| t.dir().to_path_buf()))
+            .map_err(|e| {
             tracing::error!(error = %e, "cannot start the worker watchdog process");
             RuntimeError::Internal("cannot start the worker watchdog".into())
         })?;
@@ -189,7 +209,9 @@ impl Runtime {
             config.event_retention_bytes,
         ));
         let inner = Arc::new(Inner {
-            instance_id: new_instance_id(),
+            cgroups,
+            containment,
+            instance_id,
             handle,
             table: Mutex::new(Table {
                 workers: BTreeMap::new(),
@@ -261,6 +283,12 @@ impl Runtime {
             problems.push(Problem::SpawnerGone);
         }
         problems
+    }
+
+    /// Whether workers are contained in cgroups of their own, and why not when they are not.
+    /// Decided when the runtime starts.
+    pub fn containment(&self) -> &crate::types::Containment {
+        &self.inner.containment
     }
 
     /// A receiver that sees a new value whenever [`health`](Self::health) may have changed
@@ -944,7 +972,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn spawns_are_refused_as_unavailable_until_a_new_watchdog_runs() {
         let rt = runtime();
-        *lock(&rt.inner.watchdog.starter) = || Err(io::Error::other("not in this test"));
+        *lock(&rt.inner.watchdog.starter) = |_| Err(io::Error::other("not in this test"));
         let pid = i32::try_from(rt.watchdog_pid()).unwrap();
         // SAFETY: kill has no memory-safety preconditions; the pid is the runtime's watchdog.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);

@@ -164,6 +164,35 @@ pub enum RuntimeError {
     },
 }
 
+/// Whether a runtime's workers are contained in cgroups of their own
+/// ([`Runtime::containment`](crate::Runtime::containment)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Containment {
+    /// Each run of a worker is in a cgroup (v2) of its own: stop and the end of the worker
+    /// kill every process in it, also those that left the worker's process group.
+    Cgroup,
+    /// Turned off in the config (`contain = false`): supervision acts on the process group.
+    Off,
+    /// Asked for, but this host does not offer it (why, for people, without a path):
+    /// supervision acts on the process group.
+    Unavailable(String),
+}
+
+impl Containment {
+    /// A sentence for an operator when workers are not contained; `None` when they are.
+    pub fn gap(&self) -> Option<String> {
+        let why = match self {
+            Containment::Cgroup => return None,
+            Containment::Off => "containment is turned off in the config".to_string(),
+            Containment::Unavailable(why) => why.clone(),
+        };
+        Some(format!(
+            "processes that leave a worker's process group (setsid) are not stopped with it: {why}"
+        ))
+    }
+}
+
 /// A problem of a runtime's own machinery, as [`Runtime::health`](crate::Runtime::health)
 /// reports it. Its message names no path or pid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -21,6 +22,8 @@ use crate::util::lock;
 /// stays protected. Its stdin is a pipe whose only writer is the
 /// runtime's process, so end of file means that process is gone — however it ended, SIGKILL
 /// included, since the kernel closes the pipe. Then it SIGKILLs every group left in the set.
+/// Where workers are contained, its one argument is the runtime's cgroup: then it also
+/// kills everything in it (`cgroup.kill`) and removes the cgroups once they are empty.
 /// It ignores SIGHUP and SIGINT so that a terminal's hang-up or Ctrl-C, which may take the host
 /// down, does not take the watchdog down first.
 const SCRIPT: &str = r#"
@@ -49,6 +52,16 @@ done
 for id in $groups; do
   kill -s KILL -- "-$id" 2>/dev/null
 done
+if [ -n "$1" ]; then
+  echo 1 > "$1/cgroup.kill"
+  i=0
+  while [ $i -lt 50 ]; do
+    for d in "$1"/w-*; do rmdir "$d" 2>/dev/null; done
+    rmdir "$1" 2>/dev/null && break
+    sleep 0.1
+    i=$((i+1))
+  done
+fi 2>/dev/null
 "#;
 
 /// Messages that may wait for the writer thread. Each worker sends two in its life (`add`
@@ -88,11 +101,13 @@ impl Watchdog {
     /// Starts `/bin/sh -c <script>` in its own process group, stdin a pipe from us, stdout and
     /// stderr to /dev/null, with a minimal environment, and the thread that writes to it. The
     /// watchdog is deliberately not given `PR_SET_PDEATHSIG`: it must outlive us.
-    pub(crate) fn start() -> std::io::Result<Watchdog> {
+    pub(crate) fn start(cgroup: Option<&Path>) -> std::io::Result<Watchdog> {
         let mut command = Command::new("/bin/sh");
+        command.arg("-c").arg(SCRIPT).arg("roster-watchdog");
+        if let Some(cgroup) = cgroup {
+            command.arg(cgroup);
+        }
         command
-            .arg("-c")
-            .arg(SCRIPT)
             .env_clear()
             .env("PATH", crate::runtime::DEFAULT_PATH)
             .stdin(Stdio::piped())
@@ -211,6 +226,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// How long a new watchdog may take to have every live group in its pipe.
 const REGISTERED_WITHIN: Duration = Duration::from_secs(5);
 
+/// How a watchdog is started, given the runtime's cgroup.
+pub(crate) type Starter = fn(Option<&Path>) -> std::io::Result<Watchdog>;
+
 /// The runtime's watchdog, kept running.
 ///
 /// It holds the multiset of live process groups (`add` and `del` go through it to the
@@ -228,7 +246,9 @@ pub(crate) struct Watchdogs {
     changes: watch::Sender<u64>,
     closed: AtomicBool,
     /// Starts a watchdog: [`Watchdog::start`], but a test may make it fail.
-    pub(crate) starter: Mutex<fn() -> std::io::Result<Watchdog>>,
+    pub(crate) starter: Mutex<Starter>,
+    /// The runtime's cgroup, for each watchdog.
+    cgroup: Option<PathBuf>,
 }
 
 struct Slot {
@@ -249,8 +269,11 @@ impl std::fmt::Debug for Watchdogs {
 
 impl Watchdogs {
     /// Starts the first watchdog and the task that keeps one running (on `handle`).
-    pub(crate) fn start(handle: &tokio::runtime::Handle) -> std::io::Result<Arc<Watchdogs>> {
-        let first = Watchdog::start()?;
+    pub(crate) fn start(
+        handle: &tokio::runtime::Handle,
+        cgroup: Option<PathBuf>,
+    ) -> std::io::Result<Arc<Watchdogs>> {
+        let first = Watchdog::start(cgroup.as_deref())?;
         let (changes, _) = watch::channel(0);
         let watchdogs = Arc::new(Watchdogs {
             slot: Mutex::new(Slot {
@@ -262,6 +285,7 @@ impl Watchdogs {
             changes,
             closed: AtomicBool::new(false),
             starter: Mutex::new(Watchdog::start),
+            cgroup,
         });
         handle.spawn(keep(Arc::downgrade(&watchdogs)));
         Ok(watchdogs)
@@ -372,7 +396,8 @@ impl Watchdogs {
     /// old one (dead) is closed. Waits until the new pipe holds every group.
     async fn replace(&self) -> std::io::Result<()> {
         let starter = *lock(&self.starter);
-        let started = tokio::task::spawn_blocking(starter)
+        let cgroup = self.cgroup.clone();
+        let started = tokio::task::spawn_blocking(move || starter(cgroup.as_deref()))
             .await
             .map_err(|_| std::io::Error::other("the watchdog's start was interrupted"))??;
         let new = Arc::new(started);
@@ -522,7 +547,7 @@ mod tests {
 
     #[test]
     fn a_watchdog_that_stops_reading_never_blocks_a_sender_and_is_given_up() {
-        let watchdog = Arc::new(Watchdog::start().unwrap());
+        let watchdog = Arc::new(Watchdog::start(None).unwrap());
         assert!(watchdog.is_alive());
         let pid = i32::try_from(watchdog.pid()).unwrap();
         // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child's.
@@ -551,7 +576,7 @@ mod tests {
         watchdog.close();
     }
 
-    fn no_watchdog() -> std::io::Result<Watchdog> {
+    fn no_watchdog(_: Option<&Path>) -> std::io::Result<Watchdog> {
         Err(std::io::Error::other("no watchdog in this test"))
     }
 
@@ -574,7 +599,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_dead_watchdog_is_replaced_by_one_that_knows_every_live_group() {
-        let watchdogs = Watchdogs::start(&tokio::runtime::Handle::current()).unwrap();
+        let watchdogs = Watchdogs::start(&tokio::runtime::Handle::current(), None).unwrap();
         let mut group = Command::new("sleep");
         group.arg("300");
         std::os::unix::process::CommandExt::process_group(&mut group, 0);
@@ -616,7 +641,7 @@ mod tests {
 
     #[test]
     fn a_killed_watchdog_is_reported_gone() {
-        let watchdog = Watchdog::start().unwrap();
+        let watchdog = Watchdog::start(None).unwrap();
         assert!(watchdog.is_alive());
         let pid = i32::try_from(watchdog.pid()).unwrap();
         // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child's.

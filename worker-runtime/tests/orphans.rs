@@ -10,7 +10,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::*;
-use worker_runtime::{State, Stream};
+use worker_runtime::{Containment, Runtime, RuntimeConfig, State, Stream};
+
+/// Runs `script`, which prints pids and then reads a line, until its pids are printed;
+/// closes its stdin, so that the leader exits, and waits for the worker to end `exited` 0.
+/// The processes of those pids.
+async fn run_until_leader_exits(rt: &Runtime, script: &str) -> Result<Vec<Proc>> {
+    let w = rt.spawn(sh(script)).await?;
+    let out = wait_for_output(rt, w.id, "\n").await?;
+    let procs = pids(&out)?;
+    rt.close_input(w.id)?;
+    let info = terminal(rt, w.id).await?;
+    assert_eq!((info.state, info.exit_code), (State::Exited, Some(0)));
+    Ok(procs)
+}
 
 /// Prints the leader's pid and a background child's pid, then waits for the child.
 const LEADER_AND_CHILD: &str = "echo $$; sleep 100 & echo $!; wait";
@@ -33,14 +46,8 @@ async fn a_background_child_dies_when_its_leader_exits() -> Result<()> {
     let rt = runtime();
     // The leader exits at once, leaving `sleep` behind in its process group. The sleep's
     // output goes to /dev/null so the pipes close with the leader.
-    let w = rt
-        .spawn(sh("sleep 100 >/dev/null 2>&1 & echo $!; read x || true"))
-        .await?;
-    let out = wait_for_output(&rt, w.id, "\n").await?;
-    let procs = pids(&out)?;
-    rt.close_input(w.id)?;
-    let info = terminal(&rt, w.id).await?;
-    assert_eq!((info.state, info.exit_code), (State::Exited, Some(0)));
+    let procs =
+        run_until_leader_exits(&rt, "sleep 100 >/dev/null 2>&1 & echo $!; read x || true").await?;
     all_gone(&procs).await
 }
 
@@ -49,12 +56,7 @@ async fn a_background_child_holding_the_pipes_dies_when_its_leader_exits() -> Re
     let rt = runtime();
     // Here the background child shares the output pipes: the worker can only end (its output
     // drained) because the child is killed.
-    let w = rt.spawn(sh("sleep 100 & echo $!; read x || true")).await?;
-    let out = wait_for_output(&rt, w.id, "\n").await?;
-    let procs = pids(&out)?;
-    rt.close_input(w.id)?;
-    let info = terminal(&rt, w.id).await?;
-    assert_eq!((info.state, info.exit_code), (State::Exited, Some(0)));
+    let procs = run_until_leader_exits(&rt, "sleep 100 & echo $!; read x || true").await?;
     all_gone(&procs).await
 }
 
@@ -136,11 +138,37 @@ async fn with_the_watchdog_gone_sigkill_of_the_host_still_kills_every_leader() -
     let mut procs = pids(&host.marker(PIDS_MARKER)?)?;
     let watchdog = procs.remove(0);
     assert_eq!(procs.len(), LEADERS, "every leader's pid");
+    let cgroups: Vec<_> = procs.iter().filter_map(|p| cgroup_dir(p.pid)).collect();
     // SAFETY: kill(2) of the host's watchdog, a process this test saw alive; no memory is
     // touched.
     assert_eq!(unsafe { libc::kill(watchdog.pid, libc::SIGKILL) }, 0);
     host.kill()?;
-    all_gone(&procs).await
+    let gone = all_gone(&procs).await;
+    // Nobody is left to remove the host's cgroups (its watchdog was killed on purpose).
+    let parents: std::collections::BTreeSet<_> =
+        cgroups.iter().filter_map(|c| c.parent()).collect();
+    let _ = eventually("the host's cgroups to be removed", || {
+        cgroups.iter().for_each(|c| drop(std::fs::remove_dir(c)));
+        parents.iter().for_each(|c| drop(std::fs::remove_dir(c)));
+        parents.iter().all(|c| !c.exists()).then_some(())
+    })
+    .await;
+    gone
+}
+
+/// The directory of a process's cgroup (v2), where the host contains its workers.
+fn cgroup_dir(pid: i32) -> Option<std::path::PathBuf> {
+    let path = cgroup_of(pid)?;
+    if !path.contains("/roster-") {
+        return None;
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mountinfo.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        (rest.split_whitespace().next()? == "cgroup2")
+            .then(|| fields.split_whitespace().nth(4).map(str::to_string))?
+    })?;
+    Some(std::path::Path::new(&mount).join(path.trim_start_matches('/')))
 }
 
 const LEADERS: usize = 12;
@@ -365,9 +393,86 @@ async fn run_as_host() -> Result<()> {
     print_pids_and_wait(&all).await
 }
 
+/// Prints the pid of a process that left the worker's process group (and session), which
+/// then sleeps with its output elsewhere.
+const ESCAPES: &str = "setsid sh -c 'echo $$; exec sleep 300 >/dev/null 2>&1' &";
+
+/// The cgroup (v2) path of a process, from `/proc/<pid>/cgroup`.
+fn cgroup_of(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// Whether this host contains workers in cgroups; where it cannot, the runtime must say so.
+fn contained(rt: &worker_runtime::Runtime) -> bool {
+    match rt.containment() {
+        Containment::Cgroup => true,
+        other => {
+            let gap = other.gap().expect("an uncontained runtime says so");
+            assert!(gap.contains("setsid") && !gap.contains('/'), "{gap}");
+            eprintln!("this host offers no writable cgroup v2: {gap}");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_left_the_group_is_gone_after_stop() -> Result<()> {
+    let rt = runtime();
+    if !contained(&rt) {
+        return Ok(());
+    }
+    let w = rt
+        .spawn(sh(&format!("{ESCAPES} while :; do sleep 0.1; done")))
+        .await?;
+    let out = wait_for_output(&rt, w.id, "\n").await?;
+    let escaped = pids(&out)?;
+    let cgroup = cgroup_of(escaped[0].pid).context("the escaped process's cgroup")?;
+    assert!(
+        cgroup.contains(&format!("roster-{}/w-", rt.instance_id())),
+        "{cgroup}"
+    );
+    rt.stop(w.id, None)?;
+    let info = terminal(&rt, w.id).await?;
+    assert_eq!(info.state, State::Stopped);
+    all_gone(&escaped).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_left_the_group_is_gone_after_its_leader_exits() -> Result<()> {
+    let rt = runtime();
+    if !contained(&rt) {
+        return Ok(());
+    }
+    let escaped = run_until_leader_exits(&rt, &format!("{ESCAPES} read x || true")).await?;
+    all_gone(&escaped).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_containment_off_a_process_that_left_the_group_outlives_its_worker() -> Result<()> {
+    let rt = Runtime::new(RuntimeConfig {
+        contain: false,
+        ..config()
+    })?;
+    assert_eq!(rt.containment(), &Containment::Off);
+    assert!(rt.containment().gap().is_some());
+    let escaped = run_until_leader_exits(&rt, &format!("{ESCAPES} read x || true")).await?;
+    let survived = !escaped[0].is_gone();
+    // SAFETY: kill(2) of the process the worker started; no memory is touched.
+    unsafe { libc::kill(escaped[0].pid, libc::SIGKILL) };
+    assert!(survived, "the process group alone cannot reach it");
+    all_gone(&escaped).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn output_that_keeps_flowing_from_outside_the_group_is_not_cut() -> Result<()> {
-    let rt = runtime();
+    // Without containment: with it, the process that left the group dies with the leader.
+    let rt = Runtime::new(RuntimeConfig {
+        contain: false,
+        ..config()
+    })?;
     // A process that left the group (setsid) keeps writing to the worker's stdout for about
     // 4 s, twice as long as the idle drain timeout, but never idle for long. The leader exits
     // as soon as that process is out of its group (field 5 of stat is the group id). The
