@@ -21,6 +21,7 @@ use worker_runtime::RuntimeConfig;
 /// event_retention = 4096       # the runtime's event ring, in events
 /// event_retention_bytes = "16MiB"  # … and in bytes (approximate)
 /// max_pending_input = "1MiB"   # stdin bytes that may wait for one worker
+/// contain = true               # each worker in a cgroup (v2) of its own, where writable
 /// [runtimes.profiles.shell]
 /// command = ["/bin/sh", "-c"]
 /// ```

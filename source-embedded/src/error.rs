@@ -14,6 +14,10 @@ pub(crate) fn registry_error(error: RuntimeError) -> RegistryError {
         RuntimeError::InvalidRequest(m) => RegistryError::InvalidRequest(m),
         RuntimeError::Forbidden(m) => RegistryError::Forbidden(m),
         RuntimeError::Internal(m) => RegistryError::internal(m),
+        RuntimeError::Unavailable {
+            message,
+            retry_after,
+        } => RegistryError::unavailable(message, Some(retry_after)),
     }
 }
 
@@ -31,6 +35,13 @@ mod tests {
             (RuntimeError::InvalidRequest(m()), "invalid_request"),
             (RuntimeError::Forbidden(m()), "forbidden"),
             (RuntimeError::Internal(m()), "internal"),
+            (
+                RuntimeError::Unavailable {
+                    message: m(),
+                    retry_after: std::time::Duration::from_secs(1),
+                },
+                "runtime_unavailable",
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(registry_error(error.clone()).code(), code, "for {error:?}");

@@ -34,7 +34,9 @@ const OUTPUT_BUFFER: usize = 64;
 /// [`instance_id`](Runtime::instance_id): a key never names a worker of another runtime
 /// value, also across restarts. The source can do everything ([`Capabilities::ALL`]). It is
 /// `ready` while the runtime's own machinery works, and `degraded` (with a message and a
-/// diagnostic per problem) once its watchdog process or its spawner thread is gone.
+/// diagnostic per problem) once its watchdog process or its spawner thread is gone. A
+/// watchdog that died is started again by the runtime (spawns meanwhile are
+/// `runtime_unavailable`, with a retry hint), and the runtime is `ready` again once it runs.
 ///
 /// Create it inside a tokio runtime. Its streams are fed by tasks of their own, which end
 /// when their reader is dropped, when the source is shut down, or when it is dropped.
@@ -287,11 +289,22 @@ fn profile_view(name: &str, profile: &Profile, default_grace: Duration) -> Profi
 /// How often a lifecycle stream re-checks the runtime's health and reports a change.
 const HEALTH_CHECK: Duration = Duration::from_secs(1);
 
-/// `ready`, or `degraded` with a message and a diagnostic per problem of the runtime.
+/// `ready`, or `degraded` with a message and a diagnostic per problem of the runtime. A
+/// runtime whose workers are not contained in cgroups (turned off, or the host offers no
+/// writable cgroup v2) says so in a `not_contained` diagnostic, whatever its status: it
+/// works as documented, with the one gap that processes leaving a worker's process group
+/// outlive it.
 fn health_of(runtime: &Runtime) -> SourceHealth {
+    let gap = runtime.containment().gap().map(|message| Diagnostic {
+        code: "not_contained".into(),
+        message,
+    });
     let problems = runtime.health();
     if problems.is_empty() {
-        return SourceHealth::ready();
+        return SourceHealth {
+            diagnostics: gap.into_iter().collect(),
+            ..SourceHealth::ready()
+        };
     }
     let message = problems
         .iter()
@@ -307,14 +320,16 @@ fn health_of(runtime: &Runtime) -> SourceHealth {
                 code: p.code().into(),
                 message: p.message().into(),
             })
+            .chain(gap)
             .collect(),
         ..SourceHealth::ready()
     }
 }
 
 /// Feeds one lifecycle stream from the runtime's event sequence, and reports the runtime's
-/// health when it changes (checked every [`HEALTH_CHECK`]: a watchdog or spawner that dies
-/// says nothing by itself).
+/// health when it changes: at once when the runtime announces it (its watchdog died or is
+/// back), and checked every [`HEALTH_CHECK`] besides (a spawner thread that dies says
+/// nothing by itself).
 ///
 /// The stream is bounded and this task is the only one that waits on it: while its reader
 /// is slow, the task waits in `send` and the runtime's ring moves on. When the task comes
@@ -329,6 +344,8 @@ async fn forward_events(
 ) {
     // The registry asks for the health when it opens the stream; report changes after it.
     let mut health = health_of(&runtime);
+    // The loss and the return of the watchdog are announced; the rest is polled.
+    let mut changes = runtime.health_changes();
     let mut check =
         tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,7 +353,13 @@ async fn forward_events(
         // The reader is a cursor over the runtime's ring: cancelling `next` loses nothing.
         let event = tokio::select! {
             event = reader.next() => translate(&runtime, &keys, &mut reader, event),
-            _ = check.tick() => {
+            _ = async {
+                tokio::select! {
+                    _ = check.tick() => {}
+                    // The sender lives as long as the runtime this task holds.
+                    Ok(()) = changes.changed() => {}
+                }
+            } => {
                 let now = health_of(&runtime);
                 if now == health {
                     continue;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use registry_core::{
-    Capabilities, HealthStatus, RuntimeSource, SourceEvent, SourceKey, SpawnRequest, WorkerState,
+    Capabilities, HealthStatus, RegistryError, RuntimeSource, SourceEvent, SourceKey, SpawnRequest,
+    WorkerState,
 };
 use source_embedded::{EmbeddedConfig, EmbeddedSource};
 use tokio::time::timeout;
@@ -43,6 +44,35 @@ async fn capabilities_are_all_and_health_is_ready_while_all_is_well() {
 }
 
 #[tokio::test]
+async fn a_runtime_without_containment_says_so_in_its_health() -> anyhow::Result<()> {
+    let off = EmbeddedSource::new(EmbeddedConfig {
+        contain: false,
+        ..Default::default()
+    })?;
+    let health = off.health().await;
+    assert_eq!(health.status, HealthStatus::Ready);
+    let gap = health
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "not_contained")
+        .context("a not_contained diagnostic")?;
+    assert!(gap.message.contains("setsid"), "{}", gap.message);
+    assert!(!gap.message.contains('/'), "{}", gap.message);
+    // Where the host offers cgroup v2, a runtime with the default config contains its
+    // workers and has nothing to say; where it doesn't, it says so in the same way.
+    let default = source(4).health().await;
+    let contained = !default
+        .diagnostics
+        .iter()
+        .any(|d| d.code == "not_contained");
+    assert_eq!(default.status, HealthStatus::Ready);
+    if contained {
+        assert!(default.diagnostics.is_empty(), "{default:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn health_is_degraded_once_the_watchdog_is_gone() -> anyhow::Result<()> {
     let source = source(4);
     let pid = source.watchdog_pid();
@@ -67,7 +97,22 @@ async fn health_is_degraded_once_the_watchdog_is_gone() -> anyhow::Result<()> {
     );
     let codes: Vec<&str> = health.diagnostics.iter().map(|d| d.code.as_str()).collect();
     assert_eq!(codes, ["watchdog_gone"]);
-    // It still runs workers.
+    // Until a new watchdog runs, a spawn is refused with a retry hint, not started unguarded.
+    match source.spawn(shell("exit 0")).await {
+        Err(RegistryError::RuntimeUnavailable { retry_after, .. }) => {
+            assert!(retry_after.is_some_and(|r| r >= Duration::from_secs(1)));
+        }
+        // The new watchdog came first (it comes a second after the loss).
+        Ok(worker) => assert!(!matches!(worker.state, WorkerState::Failed)),
+        Err(e) => return Err(e.into()),
+    }
+    // Then it is back, and the runtime is ready and runs workers.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while source.health().await.status != HealthStatus::Ready {
+        assert!(tokio::time::Instant::now() < deadline, "no new watchdog");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(source.watchdog_pid(), pid);
     let worker = source.spawn(shell("exit 0")).await?;
     assert!(!matches!(worker.state, WorkerState::Failed));
     Ok(())

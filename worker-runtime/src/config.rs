@@ -25,6 +25,8 @@ use serde::Deserialize;
 /// event_retention_bytes = "16MiB"  # … and in bytes (approximate)
 /// max_pending_input = "1MiB"   # stdin bytes that may wait for one worker
 /// max_probes = 16              # health probes that may run at once
+/// contain = true               # each worker in a cgroup of its own, where cgroup v2 allows
+/// # cgroup_root = "/sys/fs/cgroup/roster"   # default: the runtime's own cgroup
 /// [profiles.shell]
 /// command = ["/bin/sh", "-c"]
 /// ```
@@ -75,6 +77,16 @@ pub struct RuntimeConfig {
     /// Health probes of this runtime's workers that may run at once; a probe due while
     /// this many run waits for one to finish. Default 16, 1 to 1024.
     pub max_probes: usize,
+    /// Whether each worker runs in a cgroup (v2) of its own, so that stop and the end of a
+    /// worker also kill the processes that left its process group (`setsid`). Where cgroup v2
+    /// is not writable the runtime runs without and says so (see
+    /// [`Runtime::containment`](crate::Runtime::containment)). Default `true`; `false` turns
+    /// it off.
+    pub contain: bool,
+    /// The cgroup (v2) directory under which the runtime makes its own
+    /// (`roster-<instance>/w-<n>`). Default: the runtime's own cgroup, found from
+    /// `/proc/self/cgroup` on the cgroup2 mount of `/proc/self/mountinfo`.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// A size, as [`de::byte_size`], that fits this machine's `usize`.
@@ -141,6 +153,8 @@ impl Default for RuntimeConfig {
             event_retention_bytes: 16 * 1024 * 1024,
             max_pending_input: 1024 * 1024,
             max_probes: 16,
+            contain: true,
+            cgroup_root: None,
         }
     }
 }

@@ -58,15 +58,29 @@
 //!   SIGKILLed;
 //! - processes the leader started are not covered by that, so each runtime runs a small
 //!   watchdog process (`/bin/sh`) that knows the live process groups and SIGKILLs them when the
-//!   runtime's process goes away, however it went ([`Runtime::health`] reports it if it is
-//!   gone). A worker turns `running` only once the watchdog's pipe holds its group (or after
-//!   5 s, with a warning, if the watchdog takes nothing).
+//!   runtime's process goes away, however it went. A worker turns `running` only once the
+//!   watchdog's pipe holds its group (or after 5 s, with a warning, if the watchdog takes
+//!   nothing).
+//! - a watchdog that dies (or stops reading and is given up on) is replaced: the runtime
+//!   knows every live group, starts a new watchdog after a backoff (1 s, doubling up to 30 s,
+//!   back to 1 s once one has lived a minute) and tells it every group again. Until the new
+//!   one holds them all, [`Runtime::health`] reports [`Problem::WatchdogGone`], spawns are
+//!   refused with [`RuntimeError::Unavailable`] (with a retry hint) rather than started
+//!   unguarded, and a restart policy's next run waits.
 //!
-//! The one limit: supervision acts on the worker's process group (stop, the kill when the
-//! leader exits, and the watchdog all signal the group), so a process that deliberately leaves
-//! the group (`setsid`, `setpgid`) is outside it and is not killed. Containing those needs
-//! cgroups, which this crate does not use. If such a process holds the worker's output pipes,
-//! it delays the worker's end by the idle drain timeout: the worker ends once its output has
+//! **Processes that leave the group.** Stop, the kill when the leader exits and the
+//! watchdog all signal the worker's process group, so a process that deliberately leaves it
+//! (`setsid`, `setpgid`) is outside it. Where the host offers a writable cgroup v2 (found
+//! from `/proc/self/mountinfo` and `/proc/self/cgroup`, or
+//! [`RuntimeConfig::cgroup_root`]), each run of a worker is also in a cgroup of its own,
+//! `roster-<instance>/w-<n>` under the runtime's own cgroup; the child enters it before its
+//! `execve`, so nothing the worker starts is ever outside it. Every SIGKILL of a stop, the
+//! kill at the leader's exit, the runtime's drop and the watchdog then also write `1` to
+//! `cgroup.kill`, which kills those processes too, and the cgroup is removed once empty.
+//! Where there is no such cgroup v2 (or with `contain = false`), [`Runtime::containment`]
+//! says so (the `embedded` source shows it as a `not_contained` diagnostic of the runtime),
+//! and such a process outlives its worker. If it holds the worker's output pipes, it
+//! delays the worker's end by the idle drain timeout: the worker ends once its output has
 //! been idle for 2 s, and what the process writes after that is not captured.
 //!
 //! **Output.** stdout and stderr are read in chunks of up to 64 KiB, numbered by one `seq`
@@ -139,6 +153,6 @@ pub use probe::{OnUnhealthy, Probe};
 pub use restart::{Backoff, Restart, RestartPolicy, MAX_RESTARTS_LIMIT};
 pub use runtime::{Profiles, Runtime};
 pub use types::{
-    FailReason, Health, HealthState, LastExit, LocalId, ProbeKind, Problem, RuntimeError,
-    SpawnSpec, State, Stream, WorkerInfo,
+    Containment, FailReason, Health, HealthState, LastExit, LocalId, ProbeKind, Problem,
+    RuntimeError, SpawnSpec, State, Stream, WorkerInfo,
 };

@@ -34,7 +34,7 @@ use crate::types::{
     WorkerInfo,
 };
 use crate::util::lock;
-use crate::watchdog::Watchdog;
+use crate::watchdog::Watchdogs;
 use plan::Plan;
 pub(crate) use plan::DEFAULT_PATH;
 use probing::ProbeRun;
@@ -71,9 +71,13 @@ struct Inner {
     /// never touch the table lock.
     events: Arc<EventLog>,
     spawner: Spawner,
-    watchdog: Arc<Watchdog>,
+    /// The watchdog process, kept running.
+    watchdog: Arc<Watchdogs>,
     /// Permits for health probes running at once (`max_probes`).
     probes: Arc<Semaphore>,
+    /// The runtime's cgroup, where workers are contained.
+    cgroups: Option<crate::sys::CgroupTree>,
+    containment: crate::types::Containment,
 }
 
 /// Everything about workers, under one lock. Events are appended only while this lock is held,
@@ -174,10 +178,27 @@ impl Runtime {
                 "the worker runtime must be created inside a tokio runtime".into(),
             )
         })?;
-        let watchdog = Arc::new(Watchdog::start().map_err(|e| {
+
+        let instance_id = new_instance_id();
+        let (cgroups, containment) = if config.contain {
+            match crate::sys::CgroupTree::new(config.cgroup_root.as_deref(), &instance_id) {
+                Ok(tree) => (Some(tree), crate::types::Containment::Cgroup),
+                Err(why) => {
+                    tracing::info!(
+                        "workers are not contained in cgroups ({why}); processes that leave a \
+                         worker's process group are not stopped with it"
+                    );
+                    (None, crate::types::Containment::Unavailable(why))
+                }
+            }
+        } else {
+            (None, crate::types::Containment::Off)
+        };
+        let watchdog = Watchdogs::start(&handle, cgroups.as_ref().map(|t| t.dir().to_path_buf()))
+            .map_err(|e| {
             tracing::error!(error = %e, "cannot start the worker watchdog process");
             RuntimeError::Internal("cannot start the worker watchdog".into())
-        })?);
+        })?;
         let spawner = Spawner::start(handle.clone(), Arc::clone(&watchdog)).map_err(|e| {
             tracing::error!(error = %e, "cannot start the worker spawner thread");
             watchdog.close();
@@ -188,7 +209,9 @@ impl Runtime {
             config.event_retention_bytes,
         ));
         let inner = Arc::new(Inner {
-            instance_id: new_instance_id(),
+            cgroups,
+            containment,
+            instance_id,
             handle,
             table: Mutex::new(Table {
                 workers: BTreeMap::new(),
@@ -248,7 +271,9 @@ impl Runtime {
     }
 
     /// What is wrong with the runtime's own machinery (its watchdog process, its spawner
-    /// thread); empty while all is well.
+    /// thread); empty while all is well. A watchdog that died is started again (after a
+    /// backoff of 1 s, doubling up to 30 s), and the problem is gone once the new one holds
+    /// every live worker's group.
     pub fn health(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         if !self.inner.watchdog.is_alive() {
@@ -260,7 +285,20 @@ impl Runtime {
         problems
     }
 
-    /// The pid of the runtime's watchdog process. For tests only.
+    /// Whether workers are contained in cgroups of their own, and why not when they are not.
+    /// Decided when the runtime starts.
+    pub fn containment(&self) -> &crate::types::Containment {
+        &self.inner.containment
+    }
+
+    /// A receiver that sees a new value whenever [`health`](Self::health) may have changed
+    /// because the watchdog died or is back. (The spawner threads die only with a panic,
+    /// which is not announced; poll `health` for those.)
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watchdog.changes()
+    }
+
+    /// The pid of the runtime's watchdog process (0 while there is none). For tests only.
     #[doc(hidden)]
     pub fn watchdog_pid(&self) -> u32 {
         self.inner.watchdog.pid()
@@ -274,7 +312,9 @@ impl Runtime {
     /// where commands are not allowed → [`RuntimeError::Forbidden`]; `max_workers` live
     /// workers already → [`RuntimeError::CapacityExceeded`]; the same `request_id` with a
     /// different spec → [`RuntimeError::Conflict`] (with the same spec, the earlier worker is
-    /// returned). After [`Runtime::shutdown`] → [`RuntimeError::Conflict`].
+    /// returned). After [`Runtime::shutdown`] → [`RuntimeError::Conflict`]. While the
+    /// watchdog is gone and not yet replaced → [`RuntimeError::Unavailable`]: a worker started
+    /// then would leave its children behind if the runtime's process were killed.
     ///
     /// A program that cannot be executed (not found, bad working directory) is not an error:
     /// the call returns the worker in [`State::Failed`] with [`FailReason::SpawnFailed`].
@@ -304,6 +344,14 @@ impl Runtime {
                         ))
                     };
                 }
+            }
+            if !self.inner.watchdog.is_alive() {
+                return Err(RuntimeError::Unavailable {
+                    message: "the runtime's watchdog is being restarted; no worker is started \
+                              until it is back"
+                        .into(),
+                    retry_after: self.inner.watchdog.retry_after(),
+                });
             }
             if table.live >= self.inner.config.max_workers {
                 return Err(RuntimeError::CapacityExceeded(format!(
@@ -457,23 +505,28 @@ impl Runtime {
         Ok(record.output.retained_bytes())
     }
 
-    /// Refuses new spawns, stops every live worker (with `grace`, or each worker's own), and
-    /// waits until all of them are terminal.
-    pub async fn shutdown(&self, grace: Option<Duration>) {
+    /// Refuses new spawns, stops every live worker with its own grace (the profile's, or the
+    /// runtime's default) cut to `max_grace` when one is given, and waits until all of them
+    /// are terminal. So a host that must be down within its own shutdown grace passes it here,
+    /// and a worker with a shorter grace is still SIGKILLed after its own.
+    pub async fn shutdown(&self, max_grace: Option<Duration>) {
         // Subscribe first: a worker that ends after the check below still wakes us.
         let mut changed = self.inner.events.subscribe();
-        let live: Vec<LocalId> = {
+        let live: Vec<(LocalId, Duration)> = {
             let mut table = lock(&self.inner.table);
             table.closed = true;
             table
                 .workers
                 .values()
                 .filter(|r| !r.info.state.is_terminal())
-                .map(|r| r.info.id)
+                .map(|r| {
+                    let own = r.grace;
+                    (r.info.id, max_grace.map_or(own, |cap| own.min(cap)))
+                })
                 .collect()
         };
-        for id in live {
-            let _ = self.inner.stop(id, grace);
+        for (id, grace) in live {
+            let _ = self.inner.stop(id, Some(grace));
         }
         loop {
             changed.borrow_and_update();
@@ -914,6 +967,32 @@ mod tests {
         let plan = rt.inner.plan(&spec).unwrap();
         let mut table = lock(&rt.inner.table);
         (rt.inner.create_record(&mut table, spec, &plan), plan)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn spawns_are_refused_as_unavailable_until_a_new_watchdog_runs() {
+        let rt = runtime();
+        *lock(&rt.inner.watchdog.starter) = |_| Err(io::Error::other("not in this test"));
+        let pid = i32::try_from(rt.watchdog_pid()).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is the runtime's watchdog.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let deadline = Instant::now() + DEADLINE;
+        while rt.health().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rt.health(), vec![Problem::WatchdogGone]);
+        match rt.spawn(sh("true")).await {
+            Err(RuntimeError::Unavailable { retry_after, .. }) => {
+                assert!(retry_after >= Duration::from_secs(1));
+            }
+            other => panic!("a spawn without a watchdog: {other:?}"),
+        }
+        assert!(rt.list().is_empty(), "a refused spawn leaves no record");
+        *lock(&rt.inner.watchdog.starter) = crate::watchdog::Watchdog::start;
+        assert!(rt.inner.watchdog.wait_ready(Some(DEADLINE * 2)).await);
+        assert_eq!(rt.health(), vec![]);
+        let w = rt.spawn(sh("true")).await.unwrap();
+        assert_ne!(w.state, State::Failed);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::sys::{self, Exec};
 use crate::util::lock;
-use crate::watchdog::Watchdog;
+use crate::watchdog::Watchdogs;
 
 /// How many threads start workers. Each spends most of a spawn asleep while its child runs
 /// up to its `execve` (see [`sys::spawn`]), so a few of them keep the kernel busy on two
@@ -29,7 +29,7 @@ struct Job {
 #[derive(Debug)]
 pub(crate) struct Spawned {
     pub(crate) child: Child,
-    /// Resolves once the watchdog's pipe holds the worker's group (see [`Watchdog::add`]).
+    /// Resolves once the watchdog's pipe holds the worker's group (see [`Watchdogs::add`]).
     pub(crate) watched: oneshot::Receiver<()>,
 }
 
@@ -59,7 +59,7 @@ impl Spawner {
     ///
     /// Right after each spawn a thread tells `watchdog` about the new process group, so that
     /// the window in which a worker is unknown to the watchdog is as short as it can be.
-    pub(crate) fn start(handle: Handle, watchdog: Arc<Watchdog>) -> io::Result<Spawner> {
+    pub(crate) fn start(handle: Handle, watchdog: Arc<Watchdogs>) -> io::Result<Spawner> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let parent = sys::own_pid();

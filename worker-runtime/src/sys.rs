@@ -1,8 +1,10 @@
-//! The few system calls the runtime makes directly. Every `unsafe` block of the crate is here
-//! and in [`spawn`], which starts a worker's process.
+//! The few system calls the runtime makes directly. Every `unsafe` block of the crate is here,
+//! in [`spawn`], which starts a worker's process, and in [`cgroup`], which contains it.
 
+mod cgroup;
 mod spawn;
 
+pub(crate) use cgroup::{CgroupTree, WorkerCgroup};
 pub(crate) use spawn::{reap, set_nonblocking, spawn, Exec, CHILD_STACK};
 
 use std::io;

@@ -153,6 +153,44 @@ pub enum RuntimeError {
     /// Something went wrong inside the runtime.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The runtime cannot take the request now (its watchdog is being restarted); retrying
+    /// after `retry_after` may succeed.
+    #[error("unavailable: {message}")]
+    Unavailable {
+        /// Why, for people.
+        message: String,
+        /// When a retry may succeed.
+        retry_after: std::time::Duration,
+    },
+}
+
+/// Whether a runtime's workers are contained in cgroups of their own
+/// ([`Runtime::containment`](crate::Runtime::containment)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Containment {
+    /// Each run of a worker is in a cgroup (v2) of its own: stop and the end of the worker
+    /// kill every process in it, also those that left the worker's process group.
+    Cgroup,
+    /// Turned off in the config (`contain = false`): supervision acts on the process group.
+    Off,
+    /// Asked for, but this host does not offer it (why, for people, without a path):
+    /// supervision acts on the process group.
+    Unavailable(String),
+}
+
+impl Containment {
+    /// A sentence for an operator when workers are not contained; `None` when they are.
+    pub fn gap(&self) -> Option<String> {
+        let why = match self {
+            Containment::Cgroup => return None,
+            Containment::Off => "containment is turned off in the config".to_string(),
+            Containment::Unavailable(why) => why.clone(),
+        };
+        Some(format!(
+            "processes that leave a worker's process group (setsid) are not stopped with it: {why}"
+        ))
+    }
 }
 
 /// A problem of a runtime's own machinery, as [`Runtime::health`](crate::Runtime::health)
@@ -160,9 +198,10 @@ pub enum RuntimeError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Problem {
-    /// The watchdog process is gone (it died, or stopped reading and was given up on): the
-    /// children of workers are no longer killed when the runtime's process is killed. Workers
-    /// themselves still are.
+    /// The watchdog process is gone (it died, or stopped reading and was given up on) and
+    /// its replacement does not hold every live group yet: the children of workers would not
+    /// be killed if the runtime's process were killed now (workers themselves still would),
+    /// and spawns are refused meanwhile.
     WatchdogGone,
     /// The spawner thread is gone: no worker can be started.
     SpawnerGone,
@@ -181,8 +220,9 @@ impl Problem {
     pub fn message(self) -> &'static str {
         match self {
             Problem::WatchdogGone => {
-                "the worker watchdog is gone: workers' children are no longer killed if the \
-                 runtime's process is killed"
+                "the worker watchdog is gone and is being restarted: until it is back, no \
+                 worker is started and workers' children are not killed if the runtime's \
+                 process is killed"
             }
             Problem::SpawnerGone => "the worker spawner thread is gone: no worker can be started",
         }

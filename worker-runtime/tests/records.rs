@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use common::*;
 use worker_runtime::{
-    LocalId, Problem, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, SpawnSpec, State,
+    LocalId, Problem, Profile, Runtime, RuntimeConfig, RuntimeError, RuntimeEvent, SpawnSpec, State,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -331,6 +331,77 @@ async fn shutdown_stops_every_worker_and_refuses_new_ones() -> Result<()> {
     Ok(())
 }
 
+/// A worker that ignores SIGTERM: it can only end by SIGKILL, after its grace.
+const IGNORES_TERM: &str = "trap '' TERM; echo ready; while :; do sleep 0.1; done";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_gives_each_worker_its_own_grace_cut_to_the_hosts() -> Result<()> {
+    let profile = |grace: Duration| Profile {
+        command: vec!["/bin/sh".into(), "-c".into()],
+        grace: Some(grace),
+        ..Default::default()
+    };
+    let rt = Runtime::new(RuntimeConfig {
+        profiles: BTreeMap::from([
+            ("quick".to_string(), profile(Duration::from_millis(200))),
+            ("patient".to_string(), profile(Duration::from_secs(600))),
+        ]),
+        ..config()
+    })?;
+    let spawn = |profile: &str| SpawnSpec {
+        profile: Some(profile.into()),
+        args: vec![IGNORES_TERM.into()],
+        ..Default::default()
+    };
+    let quick = rt.spawn(spawn("quick")).await?;
+    let patient = rt.spawn(spawn("patient")).await?;
+    wait_for_output(&rt, quick.id, "ready").await?;
+    wait_for_output(&rt, patient.id, "ready").await?;
+    // The host's own bound is far longer than the quick worker's grace and far shorter than
+    // the patient one's.
+    let shutdown = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.shutdown(Some(Duration::from_secs(120))).await })
+    };
+    // Well within the host's 120 s: the quick worker was killed after its own 200 ms.
+    let ended = terminal(&rt, quick.id).await?;
+    assert_eq!(
+        (ended.state, ended.signal),
+        (State::Stopped, Some(libc::SIGKILL))
+    );
+    // The patient worker is still in its grace (120 s, its own 600 s cut to the host's).
+    let still = rt.get(patient.id)?;
+    assert_eq!(still.state, State::Stopping, "{still:?}");
+    assert!(!shutdown.is_finished());
+    // Bring its SIGKILL forward, so that the test need not wait for it.
+    rt.stop(patient.id, Some(Duration::ZERO))?;
+    within("shutdown", shutdown).await??;
+    let ended = rt.get(patient.id)?;
+    assert_eq!(
+        (ended.state, ended.signal),
+        (State::Stopped, Some(libc::SIGKILL))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_cuts_a_workers_grace_to_the_hosts() -> Result<()> {
+    let rt = Runtime::new(RuntimeConfig {
+        grace: Duration::from_secs(600),
+        ..config()
+    })?;
+    let w = rt.spawn(sh(IGNORES_TERM)).await?;
+    wait_for_output(&rt, w.id, "ready").await?;
+    // Without the cut the worker would run for its own 600 s.
+    within("shutdown", rt.shutdown(Some(Duration::from_millis(200)))).await?;
+    let ended = rt.get(w.id)?;
+    assert_eq!(
+        (ended.state, ended.signal),
+        (State::Stopped, Some(libc::SIGKILL))
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn instance_ids_differ_between_runtimes() -> Result<()> {
     let a = runtime();
@@ -482,7 +553,8 @@ async fn the_event_ring_is_bounded_by_bytes_too() -> Result<()> {
 async fn health_reports_a_watchdog_that_is_gone() -> Result<()> {
     let rt = runtime();
     assert_eq!(rt.health(), vec![]);
-    let pid = i32::try_from(rt.watchdog_pid())?;
+    let first = rt.watchdog_pid();
+    let pid = i32::try_from(first)?;
     // SAFETY: kill has no memory-safety preconditions; the pid is the runtime's watchdog.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     eventually("the watchdog to be reported gone", || {
@@ -491,7 +563,11 @@ async fn health_reports_a_watchdog_that_is_gone() -> Result<()> {
     .await?;
     let message = Problem::WatchdogGone.to_string();
     assert!(!message.contains(&pid.to_string()) && !message.contains('/'));
-    // Workers still run.
+    // A new watchdog is started, and then all is well again.
+    eventually("a new watchdog", || {
+        (rt.health().is_empty() && rt.watchdog_pid() != first).then_some(())
+    })
+    .await?;
     let w = rt.spawn(sh("exit 0")).await?;
     assert_eq!(terminal(&rt, w.id).await?.state, State::Exited);
     Ok(())

@@ -140,13 +140,20 @@
 //! status until its next SIGCHLD: the monitor then sends the server a SIGCHLD, which makes
 //! it reap (a spurious one costs it one `waitpid`).
 //!
-//! **Input.** Each `input` is queued (at most 1 MiB per worker wait,
-//! beyond which `input` is `capacity_exceeded`) and written in order by the worker's
-//! writer task, with one tmux client per piece: `load-buffer -b <buffer> -` from the
+//! **Input.** Input accepted (`Ok`, a `202` over the API) is delivered once the worker
+//! reads its stdin, also when it comes right after the spawn's answer on a loaded machine.
+//! Each `input` is queued (at most 1 MiB per worker waits, beyond which `input` is
+//! `capacity_exceeded`, which is retryable); nothing is written before the command runs in
+//! its pane (the gate is open), and what is written then waits in the pane's tty until the
+//! command reads it. The queue is written in order by the worker's writer task, with one
+//! tmux client per piece: `load-buffer -b <buffer> -` from the
 //! client's stdin, then `paste-buffer -d -r` into the pane. That takes any bytes, unchanged
 //! (`-r`: no LF → CR), of any length in one call, where `send-keys -l` takes only text and
 //! `send-keys -H` needs three bytes of command line per byte against tmux's limit of about
-//! 16 KiB per command. Input to a terminal worker is `conflict`. Input the worker does not
+//! 16 KiB per command. A client that could not be started or could not connect to the
+//! server (a loaded machine) did nothing, and is tried again for up to 10 s; any other
+//! failure ends the worker's input, since trying again could write a piece twice. Input
+//! to a terminal worker is `conflict`. Input the worker does not
 //! read waits in the tmux server, which bounds it by nothing but memory.
 //!
 //! **Stop.** SIGTERM to the pane's process group (the wrapper survives it with a handler of
@@ -171,7 +178,7 @@
 //! After `shutdown` the streams end.
 //!
 //! **Shutdown.** `shutdown(grace)` refuses new spawns, stops every live worker as `stop`
-//! would and returns once all are terminal. Dropping the source without it kills the live
+//! would, each with its own grace cut to `grace`, and returns once all are terminal. Dropping the source without it kills the live
 //! sessions (SIGKILL to their groups, then `kill-session`), blocking briefly.
 //!
 //! **Ownership, and what an earlier run left.** Session names are generated and never

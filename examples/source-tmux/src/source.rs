@@ -709,17 +709,18 @@ impl RuntimeSource for TmuxSource {
 
     async fn shutdown(&self, grace: Option<Duration>) {
         let mut ended = self.inner.ended.subscribe();
-        let live: Vec<u64> = {
+        // Each worker gets its own grace, cut to the host's bound.
+        let live: Vec<(u64, Duration)> = {
             let mut t = self.inner.lock();
             t.closed = true;
             t.workers
                 .iter()
                 .filter(|(_, r)| !r.info.state.is_terminal())
-                .map(|(id, _)| *id)
+                .map(|(id, r)| (*id, grace.map_or(r.grace, |cap| r.grace.min(cap))))
                 .collect()
         };
-        for id in live {
-            let _ = self.inner.stop_id(id, grace);
+        for (id, grace) in live {
+            let _ = self.inner.stop_id(id, Some(grace));
         }
         loop {
             ended.borrow_and_update();

@@ -806,14 +806,47 @@ async fn write_input(tmux: Tmux, session: String, mut rx: mpsc::UnboundedReceive
             "-t",
             &target,
         ]);
-        let result = tmux
-            .run_with_input("paste-buffer", commands, Some(&data))
-            .await;
+        // A client that never reached the server did nothing: that is tried again (a loaded
+        // machine may fail a fork or a connect for a moment), so input once accepted is not
+        // lost to it. Any other failure (the pane is gone, the client timed out after it may
+        // have written) is not retried, so that nothing is written twice.
+        let mut pause = INPUT_RETRY_FIRST;
+        let deadline = tokio::time::Instant::now() + INPUT_RETRY_FOR;
+        let result = loop {
+            let result = tmux
+                .run_with_input("paste-buffer", commands.clone(), Some(&data))
+                .await;
+            match result {
+                Err(error) if did_nothing(&error) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%error, "input could not be handed to tmux; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                result => break result,
+            }
+        };
         drop(permit);
         if let Err(error) = result {
             tracing::warn!(%error, "input could not be written to a worker; its further input is dropped");
             break;
         }
+    }
+}
+
+/// The first wait before a piece of input is handed to tmux again; it doubles up to 1 s.
+const INPUT_RETRY_FIRST: Duration = Duration::from_millis(20);
+/// How long a piece of input is tried before it is given up.
+const INPUT_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Whether a tmux client's failure means it did nothing: it could not be started, or could
+/// not connect to the server (which is there, or the error would say so).
+fn did_nothing(error: &TmuxError) -> bool {
+    match error {
+        TmuxError::Run { .. } => true,
+        TmuxError::Failed { stderr, .. } => {
+            stderr.contains("error connecting to") && !stderr.contains("No such file or directory")
+        }
+        _ => false,
     }
 }
 
@@ -920,5 +953,38 @@ pub(crate) async fn clean_leftovers(me: Weak<Inner>) {
             sessions = killed,
             "killed the sessions an earlier run left on the tmux server"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    use super::*;
+
+    #[test]
+    fn only_a_client_that_never_reached_the_server_is_tried_again() {
+        let failed = |stderr: &str| TmuxError::Failed {
+            what: "paste-buffer",
+            status: ExitStatus::from_raw(1 << 8),
+            stderr: stderr.into(),
+        };
+        let run = TmuxError::Run {
+            what: "paste-buffer",
+            error: io::Error::from_raw_os_error(libc::EAGAIN),
+        };
+        assert!(did_nothing(&run));
+        assert!(did_nothing(&failed(
+            "error connecting to /tmp/tmux-0/x (Resource temporarily unavailable)"
+        )));
+        // No server: the worker's session is gone with it.
+        assert!(!did_nothing(&failed(
+            "error connecting to /tmp/tmux-0/x (No such file or directory)"
+        )));
+        assert!(!did_nothing(&failed("can't find pane: %3")));
+        assert!(!did_nothing(&TmuxError::Timeout {
+            what: "paste-buffer"
+        }));
     }
 }

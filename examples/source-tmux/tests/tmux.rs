@@ -996,3 +996,76 @@ async fn no_session_socket_or_path_leaks_in_errors_events_or_debug() {
     assert!(texts.len() > 15);
     source.shutdown(None).await;
 }
+
+/// Input posted right after the spawn's answer reaches the command, also on a loaded machine
+/// where the command starts reading late: input accepted is delivered once the worker reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_right_after_spawn_is_delivered_under_load() {
+    const ROUNDS: usize = 40;
+    let server = Server::new();
+    let source = server.source();
+    // Load: busy threads on every core, for as long as the test runs (bounded by a flag).
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let busy = std::sync::Arc::clone(&busy);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                    n = n.wrapping_add(1);
+                    std::hint::black_box(n);
+                }
+            })
+        })
+        .collect();
+    let source = std::sync::Arc::new(source);
+    let rounds = (0..ROUNDS).map(|round| {
+        let source = std::sync::Arc::clone(&source);
+        async move {
+            // Half of the commands start reading only after a moment, as a slow program would.
+            let script = if round % 2 == 0 {
+                "read line; echo \"got:$line\""
+            } else {
+                "sleep 0.2; read line; echo \"got:$line\""
+            };
+            let worker = source.spawn(shell(script)).await.unwrap();
+            let line = format!("ping-{round}\n");
+            source
+                .input(&worker.key, Bytes::from(line.clone()))
+                .await
+                .unwrap();
+            let ended = wait_terminal(&source, &worker.key).await;
+            let (output, _) = read_output(&source, &worker.key).await;
+            let output = String::from_utf8_lossy(&output).into_owned();
+            (ended.exit_code != Some(0) || output != format!("got:{line}")).then_some((
+                round,
+                ended.state,
+                output,
+            ))
+        }
+    });
+    // A few at once, so that the machine is busy starting panes too.
+    let mut lost = Vec::new();
+    let rounds: Vec<_> = rounds.collect();
+    let mut rounds = rounds.into_iter();
+    loop {
+        let batch: Vec<_> = rounds.by_ref().take(8).collect();
+        if batch.is_empty() {
+            break;
+        }
+        let tasks: Vec<_> = batch.into_iter().map(tokio::spawn).collect();
+        for task in tasks {
+            lost.extend(task.await.unwrap());
+        }
+    }
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    for spinner in spinners {
+        spinner.join().unwrap();
+    }
+    assert!(
+        lost.is_empty(),
+        "input lost in {} of {ROUNDS}: {lost:?}",
+        lost.len()
+    );
+    source.shutdown(None).await;
+}

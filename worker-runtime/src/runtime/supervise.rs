@@ -20,11 +20,12 @@ use super::plan::Plan;
 use super::{Inner, Process, StdinItem, Table};
 use crate::output::capture;
 use crate::spawner::Child;
-use crate::sys;
+use crate::sys::{self, WorkerCgroup};
 use crate::types::{
     FailReason, HealthState, LastExit, LocalId, RuntimeError, State, Stream, WorkerInfo,
 };
 use crate::util::lock;
+use crate::watchdog::Watchdogs;
 
 /// How long a worker's pipes may stay open *and idle* after its process group was killed. Only
 /// a process that left the group (and so escaped the kill) can hold them open; the worker then
@@ -47,21 +48,30 @@ const FORGET_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) struct Group {
     pgid: i32,
     gone: Mutex<bool>,
+    /// The run's cgroup, where workers are contained: a SIGKILL goes to all of it too.
+    cgroup: Option<WorkerCgroup>,
 }
 
 impl Group {
-    pub(super) fn new(pgid: i32) -> Self {
+    pub(super) fn new(pgid: i32, cgroup: Option<WorkerCgroup>) -> Self {
         Group {
             pgid,
             gone: Mutex::new(false),
+            cgroup,
         }
     }
 
-    /// Sends `signal` to the group unless it is marked gone.
+    /// Sends `signal` to the group unless it is marked gone; a SIGKILL also kills every
+    /// process of the run's cgroup (those that left the group included).
     pub(super) fn signal(&self, signal: i32) {
         let gone = lock(&self.gone);
         if !*gone {
             let _ = sys::signal_group(self.pgid, signal);
+            if signal == libc::SIGKILL {
+                if let Some(cgroup) = &self.cgroup {
+                    cgroup.kill();
+                }
+            }
         }
     }
 
@@ -84,6 +94,7 @@ impl Inner {
         self: &Arc<Self>,
         id: LocalId,
         mut child: Child,
+        cgroup: Option<WorkerCgroup>,
     ) -> Result<WorkerInfo, RuntimeError> {
         let Some(pgid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
             // Only possible if the child was already reaped, which nothing does before us.
@@ -102,6 +113,10 @@ impl Inner {
             drop(table);
             // Not reaped yet (the wait below does that), so the id is still the worker's.
             let _ = sys::signal_group(pgid, libc::SIGKILL);
+            if let Some(cgroup) = cgroup {
+                cgroup.kill();
+                self.handle.spawn(remove_cgroup(cgroup));
+            }
             self.handle.spawn(async move {
                 let _ = child.wait().await;
             });
@@ -130,7 +145,7 @@ impl Inner {
             self.handle
                 .spawn(write_stdin(rx, pipe, Arc::clone(&record.stdin_broken)));
         }
-        let group = Arc::new(Group::new(pgid));
+        let group = Arc::new(Group::new(pgid, cgroup));
         record.process = Some(Process {
             group: Arc::clone(&group),
         });
@@ -185,11 +200,22 @@ const WATCHED_WITHIN: Duration = Duration::from_secs(5);
 /// Waits until the watchdog's pipe holds a new worker's group, so that a worker reported
 /// running has its children protected against this process being SIGKILLed (otherwise a
 /// client could see `running` and kill the host before the line was written). Gives up after
-/// [`WATCHED_WITHIN`]; the line stays queued and is written when the writer can.
-async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>) {
-    match tokio::time::timeout(WATCHED_WITHIN, watched).await {
-        // Written, or the watchdog was given up on (that is reported by `health`).
-        Ok(_) => {}
+/// [`WATCHED_WITHIN`]; the line stays queued and is written when the writer can. When the
+/// watchdog died before it took the line, the new one is told every live group, this one
+/// included: then this waits (within the same bound) until that one is ready.
+async fn wait_until_watched(watched: tokio::sync::oneshot::Receiver<()>, watchdog: &Watchdogs) {
+    let deadline = tokio::time::Instant::now() + WATCHED_WITHIN;
+    match tokio::time::timeout_at(deadline, watched).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !watchdog.wait_ready(Some(left)).await {
+                tracing::warn!(
+                    "the worker watchdog died before it took a new worker, and no new one \
+                     holds it yet; the worker runs, its children unprotected until one does"
+                );
+            }
+        }
         Err(_) => tracing::warn!(
             "the worker watchdog has not taken a new worker within {WATCHED_WITHIN:?}; the \
              worker runs, its children unprotected until it does"
@@ -265,6 +291,13 @@ impl Inner {
 /// (it aborts this task or, once the timer has fired, finds it taken).
 async fn restart_after(weak: Weak<Inner>, id: LocalId, delay: Duration) {
     tokio::time::sleep(delay).await;
+    // No run starts without a watchdog: wait for the new one (a stop meanwhile aborts this).
+    let watchdog = match weak.upgrade() {
+        Some(inner) => Arc::clone(&inner.watchdog),
+        None => return,
+    };
+    watchdog.wait_ready(None).await;
+    drop(watchdog);
     let Some(inner) = weak.upgrade() else {
         return;
     };
@@ -297,9 +330,25 @@ pub(super) async fn start_worker(
     plan: Plan,
 ) -> Result<WorkerInfo, RuntimeError> {
     let gone = || RuntimeError::Internal("the runtime was shut down".into());
-    let submitted = {
+    let (submitted, watchdog, cgroup) = {
         let inner = weak.upgrade().ok_or_else(gone)?;
-        plan.exec().and_then(|exec| inner.spawner.submit(exec))
+        // Where workers are contained, each run gets a new cgroup, which the child enters
+        // before its `execve`.
+        let cgroup = match inner.cgroups.as_ref().map(|tree| tree.create()).transpose() {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                return inner
+                    .spawn_failed(id, format!("the worker's cgroup could not be made: {e}"));
+            }
+        };
+        let submitted = plan.exec().and_then(|exec| {
+            let exec = match &cgroup {
+                Some(cgroup) => exec.in_cgroup(cgroup.procs_fd()),
+                None => exec,
+            };
+            inner.spawner.submit(exec)
+        });
+        (submitted, Arc::clone(&inner.watchdog), cgroup)
     };
     let result = match submitted {
         Ok(reply) => reply
@@ -309,7 +358,7 @@ pub(super) async fn start_worker(
     };
     let result = match result {
         Ok(spawned) => {
-            wait_until_watched(spawned.watched).await;
+            wait_until_watched(spawned.watched, &watchdog).await;
             Ok(spawned.child)
         }
         Err(e) => Err(e),
@@ -318,8 +367,13 @@ pub(super) async fn start_worker(
     // threads (PR_SET_PDEATHSIG); the reaper thread reaps it.
     let inner = weak.upgrade().ok_or_else(gone)?;
     match result {
-        Ok(child) => inner.started(id, child),
-        Err(e) => inner.spawn_failed(id, plan.failure_message(&e)),
+        Ok(child) => inner.started(id, child, cgroup),
+        Err(e) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.remove();
+            }
+            inner.spawn_failed(id, plan.failure_message(&e))
+        }
     }
 }
 
@@ -342,6 +396,10 @@ async fn supervise(
     // A worker is its process group: when the leader is gone, so is the rest. While the
     // leader is an unreaped zombie the group id cannot be reused, so this hits only the worker.
     let _ = sys::signal_group(pgid, libc::SIGKILL);
+    // Where workers are contained, its cgroup holds the rest, those outside the group too.
+    if let Some(cgroup) = &group.cgroup {
+        cgroup.kill();
+    }
     let status = match early_status {
         Some(status) => status,
         None => child.wait().await,
@@ -350,6 +408,7 @@ async fn supervise(
     let cut = drain(captures, &activity).await;
 
     tokio::spawn(forget_group(weak.clone(), pgid));
+    tokio::spawn(remove_group_cgroup(group));
     match weak.upgrade() {
         Some(inner) => {
             if cut {
@@ -428,6 +487,39 @@ async fn wait_unreaped(
             Some(child.wait().await)
         }
         Err(_) => Some(child.wait().await),
+    }
+}
+
+/// How long a killed cgroup may take to be empty before it is left behind (with a note in
+/// the log). Its processes are SIGKILLed: they go within milliseconds unless the machine
+/// is starved.
+const CGROUP_EMPTY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Removes a run's cgroup once it is empty (its group is gone and it was killed).
+async fn remove_group_cgroup(group: Arc<Group>) {
+    if let Some(cgroup) = &group.cgroup {
+        wait_removed(cgroup).await;
+    }
+}
+
+/// Removes a cgroup that no run uses.
+async fn remove_cgroup(cgroup: WorkerCgroup) {
+    wait_removed(&cgroup).await;
+}
+
+async fn wait_removed(cgroup: &WorkerCgroup) {
+    let deadline = Instant::now() + CGROUP_EMPTY_TIMEOUT;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if !cgroup.populated() && cgroup.remove() {
+            return;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!("a worker's cgroup is still not empty after it was killed; it stays");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -513,7 +605,7 @@ mod tests {
         }
         let mut child = command.spawn().unwrap();
         let pid = i32::try_from(child.id().unwrap()).unwrap();
-        let group = Group::new(pid);
+        let group = Group::new(pid, None);
         group.mark_gone();
         group.signal(libc::SIGUSR1);
         assert!(!shared_pending(pid, libc::SIGUSR1), "signalled once gone");
@@ -527,7 +619,7 @@ mod tests {
     async fn the_supervisor_marks_the_group_gone_also_when_the_runtime_is_gone() {
         let child = Child::start_here(&["/bin/sh", "-c", "exit 0"]).unwrap();
         let pid = i32::try_from(child.id().unwrap()).unwrap();
-        let group = Arc::new(Group::new(pid));
+        let group = Arc::new(Group::new(pid, None));
         let log = OutputLog::new(1024);
         let supervised = supervise(
             Weak::new(),

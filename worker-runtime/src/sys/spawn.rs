@@ -5,7 +5,8 @@
 //! made with `clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn` makes its children: it runs on
 //! a small stack of its own inside the runtime's memory, and the calling thread sleeps until
 //! the child has called `execve` or exited. Unlike `posix_spawn`, the child can do what a
-//! worker needs before the `execve`: its own process group, `PR_SET_PDEATHSIG`, the check
+//! worker needs before the `execve`: its cgroup (where workers are contained), its own
+//! process group, `PR_SET_PDEATHSIG`, the check
 //! that the runtime is still its parent, stdio, marking inherited descriptors close-on-exec
 //! and the working directory. The pidfd comes from the same call (`CLONE_PIDFD`), so it
 //! names the child from its first instant.
@@ -38,9 +39,19 @@ pub(crate) struct Exec {
     argv: Vec<CString>,
     envp: Vec<CString>,
     cwd: Option<CString>,
+    /// An open `cgroup.procs` of the cgroup the child moves itself into; -1 for none.
+    cgroup_procs: c_int,
 }
 
 impl Exec {
+    /// Has the child move itself into the cgroup whose `cgroup.procs` is open as `fd`
+    /// (close-on-exec; it must stay open until [`spawn`] returns) before anything else it
+    /// does, so that every process it starts is in that cgroup too.
+    pub(crate) fn in_cgroup(mut self, fd: c_int) -> Exec {
+        self.cgroup_procs = fd;
+        self
+    }
+
     /// Prepares `argv` (not empty) with exactly the environment `env` and, if given, the
     /// working directory `cwd`. A bare program name is looked up in `env`'s `PATH` (or
     /// `default_path` when it has none), as `execvp` does with the child's environment.
@@ -97,6 +108,7 @@ impl Exec {
             argv,
             envp,
             cwd,
+            cgroup_procs: -1,
         })
     }
 }
@@ -126,6 +138,8 @@ struct ChildArgs {
     stdio: [c_int; 3],
     /// The runtime's pid, read before the clone.
     parent: libc::pid_t,
+    /// See [`Exec::in_cgroup`]; -1 for none.
+    cgroup_procs: c_int,
     /// Written by the child when it fails before or at `execve`: the errno.
     error: AtomicI32,
 }
@@ -175,6 +189,7 @@ pub(crate) fn spawn(exec: &Exec, parent: i32, stack: &mut [u8]) -> io::Result<Ra
             stderr_w.as_raw_fd(),
         ],
         parent,
+        cgroup_procs: exec.cgroup_procs,
         error: AtomicI32::new(0),
     };
     // The stack grows down from its end, which must be 16-byte aligned.
@@ -282,6 +297,12 @@ unsafe fn run_child(args: &ChildArgs) -> ! {
                 default.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(signal, &default, std::ptr::null_mut());
             }
+        }
+        // Into the worker's cgroup first: whatever the child starts from here on is in it.
+        if args.cgroup_procs >= 0
+            && libc::write(args.cgroup_procs, c"0".as_ptr().cast::<c_void>(), 1) != 1
+        {
+            fail(errno());
         }
         if libc::setpgid(0, 0) != 0 {
             fail(errno());
