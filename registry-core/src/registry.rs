@@ -296,7 +296,7 @@ impl Registry {
 
     /// Takes a runtime out of the registry (a reload removed it from the config): its
     /// source is shut down as at [`shutdown`](Self::shutdown) — owned workers are stopped
-    /// within `grace` (or each worker's own), observed ones let go — and the states that
+    /// within each worker's own grace, cut to `grace`, observed ones let go — and the states that
     /// shutdown reports are published; then each of its workers leaves with
     /// `worker.removed`, and the runtime with `runtime.removed`.
     ///

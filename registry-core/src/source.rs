@@ -177,8 +177,8 @@ pub trait RuntimeSource: Send + Sync + Debug + 'static {
     }
 
     /// Called once when the registry shuts down. A source that owns its workers (they run
-    /// as its children) stops every live one as [`stop`](Self::stop) would, with `grace` or
-    /// each worker's own, and returns when all are terminal. A source that only observes
+    /// as its children) stops every live one as [`stop`](Self::stop) would, each with its own
+    /// grace cut to `grace` when one is given, and returns when all are terminal. A source that only observes
     /// workers someone else owns (another registry, an older launcher) lets go of its
     /// connections and leaves the workers running. Afterwards its streams end.
     async fn shutdown(&self, grace: Option<Duration>);

@@ -86,7 +86,7 @@ pub struct RuntimeConfig {
     /// The cgroup (v2) directory under which the runtime makes its own
     /// (`roster-<instance>/w-<n>`). Default: the runtime's own cgroup, found from
     /// `/proc/self/cgroup` on the cgroup2 mount of `/proc/self/mountinfo`.
-    pub cgroup_root: Option<PathBuf>,
+    pub cgroup_root: Option<Redacted<PathBuf>>,
 }
 
 /// A size, as [`de::byte_size`], that fits this machine's `usize`.

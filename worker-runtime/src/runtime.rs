@@ -181,7 +181,10 @@ impl Runtime {
 
         let instance_id = new_instance_id();
         let (cgroups, containment) = if config.contain {
-            match crate::sys::CgroupTree::new(config.cgroup_root.as_deref(), &instance_id) {
+            match crate::sys::CgroupTree::new(
+                config.cgroup_root.as_ref().map(|root| root.as_path()),
+                &instance_id,
+            ) {
                 Ok(tree) => (Some(tree), crate::types::Containment::Cgroup),
                 Err(why) => {
                     tracing::info!(
