@@ -51,13 +51,27 @@ pub struct Round {
 /// flight where the peer's API lets the client choose (supervisord, pm2; circus starts a
 /// watcher's processes itself). A peer that has not seen every exit after `cap` is cut
 /// off there: the round reports the exits it saw and the time it took for them.
+///
+/// A round that asked for programs and saw none of them end is an error (the row becomes
+/// "not measured: why"), never a rate of 0 that would make every ratio against it `inf`.
 pub async fn spawn_round(peer: &str, n: usize, dir: &Path, cap: Duration) -> Result<Round> {
     std::fs::create_dir_all(dir)?;
-    match peer {
+    let round = match peer {
         "supervisord" => supervisord(n, dir, cap).await,
         "circus" => circus(n, dir, cap).await,
         _ => pm2(n, dir, cap).await,
-    }
+    }?;
+    ensure!(
+        n == 0 || round.exits > 0,
+        "{peer} saw none of its {n} programs end within the cap of {:.0} s{}",
+        cap.as_secs_f64(),
+        if peer == "circus" {
+            " (circus forks every process of a watcher before it reaps any; raise --peer-cap-secs)"
+        } else {
+            ""
+        }
+    );
+    Ok(round)
 }
 
 fn quiet(mut cmd: Command) -> Result<Daemon> {

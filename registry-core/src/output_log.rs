@@ -36,7 +36,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Notify};
 
 use crate::{OutputChunk, OutputEvent, OutputRequest, OutputStream, RegistryError, StreamKind};
 
@@ -69,9 +69,14 @@ impl State {
 }
 
 /// One worker's retained output. Share it as `Arc<OutputLog>`.
+///
+/// Every worker has one, finished ones included, so it is kept small: one allocation (the
+/// `Arc`) for a log that never got a chunk, readers woken through an inline [`Notify`]
+/// (a `watch` channel would add a shared block of its own, ~300 bytes, per worker).
 pub struct OutputLog {
     state: Mutex<State>,
-    changed: watch::Sender<()>,
+    /// Woken (every waiter) after each change of `state`.
+    changed: Notify,
 }
 
 impl fmt::Debug for OutputLog {
@@ -98,7 +103,7 @@ impl OutputLog {
                 finished: false,
                 closed: false,
             }),
-            changed: watch::channel(()).0,
+            changed: Notify::new(),
         })
     }
 
@@ -135,7 +140,7 @@ impl OutputLog {
             }
             seq
         };
-        self.changed.send_replace(());
+        self.changed.notify_waiters();
         Some(seq)
     }
 
@@ -149,7 +154,7 @@ impl OutputLog {
             }
             st.finished = true;
         }
-        self.changed.send_replace(());
+        self.changed.notify_waiters();
     }
 
     /// Marks the output abandoned (the source is gone before the worker ended): readers
@@ -163,7 +168,7 @@ impl OutputLog {
             }
             st.closed = true;
         }
-        self.changed.send_replace(());
+        self.changed.notify_waiters();
     }
 
     /// The seq of the newest chunk (0 before the first).
@@ -195,8 +200,6 @@ impl OutputLog {
     /// `InvalidRequest` when `after` is beyond the newest seq: such a position names output
     /// that does not exist (yet), so following from it could skip chunks silently.
     pub fn reader(self: &Arc<Self>, request: OutputRequest) -> Result<OutputReader, RegistryError> {
-        // Subscribe before looking at the state, so a push after the look still wakes us.
-        let changed = self.changed.subscribe();
         let st = self.lock();
         if request.after > st.last_seq() {
             return Err(RegistryError::InvalidRequest(format!(
@@ -212,7 +215,6 @@ impl OutputLog {
         drop(st);
         Ok(OutputReader {
             log: Arc::clone(self),
-            changed,
             after: request.after,
             limit,
             done: false,
@@ -255,7 +257,6 @@ struct Limit {
 #[derive(Debug)]
 pub struct OutputReader {
     log: Arc<OutputLog>,
-    changed: watch::Receiver<()>,
     /// The last seq yielded (or skipped by a gap).
     after: u64,
     limit: Option<Limit>,
@@ -270,17 +271,15 @@ impl OutputReader {
             if self.done {
                 return None;
             }
-            // Mark the current version seen before looking, so a push after the look makes
-            // `changed()` return at once: no lost wake-up.
-            self.changed.borrow_and_update();
+            // Register as a waiter before looking, so a change after the look wakes this
+            // future (`notify_waiters` wakes every enabled one): no lost wake-up.
+            let log = Arc::clone(&self.log);
+            let mut changed = std::pin::pin!(log.changed.notified());
+            changed.as_mut().enable();
             if let Some(item) = self.poll() {
                 return item;
             }
-            if self.changed.changed().await.is_err() {
-                // Unreachable while we hold the log (it owns the sender).
-                self.done = true;
-                return None;
-            }
+            changed.await;
         }
     }
 
@@ -530,10 +529,11 @@ mod tests {
                 follow: true,
             })
             .unwrap();
-        assert_eq!(log.changed.receiver_count(), 1);
+        // The stream's task holds the log through its reader.
+        assert_eq!(Arc::strong_count(&log), 2);
         drop(stream);
         for _ in 0..1000 {
-            if log.changed.receiver_count() == 0 {
+            if Arc::strong_count(&log) == 1 {
                 return;
             }
             tokio::task::yield_now().await;

@@ -21,7 +21,7 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
         if opts.tiny {
             vec![20, 50]
         } else {
-            vec![10_000]
+            vec![10_000, 100_000]
         }
     });
     counts.retain(|n| *n > 0);
