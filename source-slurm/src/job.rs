@@ -165,7 +165,8 @@ pub(crate) struct End {
 /// - A stop was asked for: `stopped` (with the exit code if the script exited by itself
 ///   with one).
 /// - `COMPLETED`: `exited` 0. `FAILED`: `exited` with the script's code, or `failed`,
-///   `killed` when a signal ended it; a job Slurm could not launch is `spawn_failed`.
+///   `killed` when a signal ended it (Slurm then says `JobLaunchFailure` too); a job
+///   Slurm could not launch is `spawn_failed`.
 /// - `CANCELLED` (scancel from outside), `TIMEOUT`, `OUT_OF_MEMORY`, `DEADLINE`,
 ///   `PREEMPTED`: `failed`, `killed`, with a message saying which.
 /// - `NODE_FAIL`: `failed`, `lost`; `BOOT_FAIL`: `failed`, `spawn_failed`.
@@ -190,17 +191,17 @@ pub(crate) fn end_of(job: &Job, stop_requested: bool) -> End {
     let killed = Some(FailReason::Killed);
     match base {
         "COMPLETED" => end(WorkerState::Exited, Some(code), None, None),
-        "FAILED" if job.state_reason.as_deref() == Some("JobLaunchFailure") => end(
-            WorkerState::Failed,
-            None,
-            Some(FailReason::SpawnFailed),
-            Some("Slurm could not launch the job (its working directory or output files?)"),
-        ),
         "FAILED" if signal != 0 => end(
             WorkerState::Failed,
             None,
             killed,
             Some("a signal nobody asked roster for ended the job"),
+        ),
+        "FAILED" if job.state_reason.as_deref() == Some("JobLaunchFailure") => end(
+            WorkerState::Failed,
+            None,
+            Some(FailReason::SpawnFailed),
+            Some("Slurm could not launch the job (its working directory or output files?)"),
         ),
         "FAILED" => end(WorkerState::Exited, Some(code), None, None),
         "CANCELLED" => end(
@@ -293,6 +294,9 @@ mod tests {
         assert_eq!(e.reason, Some(FailReason::Lost));
         let e = end_of(&job("FAILED", 0, "JobLaunchFailure"), false);
         assert_eq!(e.reason, Some(FailReason::SpawnFailed));
+        // A script killed by a signal is also a "launch failure" to Slurm.
+        let e = end_of(&job("FAILED", 9, "JobLaunchFailure"), false);
+        assert_eq!(e.reason, Some(FailReason::Killed));
         let e = end_of(&job("CANCELLED", 15, "None"), true);
         assert_eq!((e.state, e.exit_code), (WorkerState::Stopped, None));
         let e = end_of(&job("FAILED", 7 << 8, "NonZeroExitCode"), true);
