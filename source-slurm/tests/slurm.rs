@@ -221,8 +221,15 @@ async fn a_restarted_source_takes_its_jobs_up_again_under_the_same_key() -> anyh
 
     // A removed record is not taken up again while the cluster still lists its job.
     second.remove(&done.key).await?;
+    // Ready means its first list has been taken in (health and records change under one
+    // lock): the ended worker is taken up (how it ends there is the job's word: a stop
+    // asked of another source is not kept), the removed one is not.
     let third = common::source(cluster.config(dirs.output.path()), &dirs).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    third.get(&w.key).await?;
+    wait_for(&third, &w.key, "taken up, ended", WAIT, |w| {
+        w.state.is_terminal()
+    })
+    .await?;
     assert_eq!(
         third.get(&done.key).await.unwrap_err().code(),
         "worker_not_found"
