@@ -50,7 +50,8 @@ pub use error::ERRORS;
 pub use reload::{ReloadConfig, ReloadOutcome};
 pub use server::{serve, serve_with, ServeOptions};
 
-/// The source kinds that ship with `roster`: `embedded`, `remote`, `local` and `docker`.
+/// The source kinds that ship with `roster`: `embedded`, `remote`, `local`, `docker` and
+/// `slurm`.
 pub fn default_factories() -> SourceFactories {
     let mut factories = SourceFactories::new();
     factories
@@ -65,6 +66,9 @@ pub fn default_factories() -> SourceFactories {
     factories
         .add::<source_docker::DockerSource>()
         .expect("a fresh set of kinds has no docker yet");
+    factories
+        .add::<source_slurm::SlurmSource>()
+        .expect("a fresh set of kinds has no slurm yet");
     factories
 }
 
