@@ -302,7 +302,7 @@ image = "{DOCKER_IMAGE}"
 command = ["/bin/true"]
 "#,
         state = state_dir.display(),
-        max_workers = IN_FLIGHT * 2,
+        max_workers = 1024,
     )
 }
 
