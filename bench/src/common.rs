@@ -555,7 +555,20 @@ pub async fn watch_ends(
     latency: bool,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<Watched> {
-    let mut stream = SseStream::open(addr, "/v1/events?runtime=local", &[]).await?;
+    watch_ends_on(addr, "local", target, deadline, latency, ready).await
+}
+
+/// [`watch_ends`] on the runtime `runtime`.
+pub async fn watch_ends_on(
+    addr: SocketAddr,
+    runtime: &str,
+    target: u64,
+    deadline: Instant,
+    latency: bool,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<Watched> {
+    let path = format!("/v1/events?runtime={runtime}");
+    let mut stream = SseStream::open(addr, &path, &[]).await?;
     let mut seen = Watched::default();
     let mut ready = Some(ready);
     let outcome = read_sse(&mut stream, deadline, |ev, at| {
@@ -615,6 +628,17 @@ fn ended_ago_ms(data: &str) -> Option<f64> {
 /// Spawns `n` workers of `body` on runtime `local` with `in_flight` requests at once, each
 /// task on its own kept-alive connection. Returns how many were created.
 pub async fn spawn_many(addr: SocketAddr, n: usize, in_flight: usize, body: Value) -> Result<u64> {
+    spawn_many_on(addr, "local", n, in_flight, body).await
+}
+
+/// [`spawn_many`] on the runtime `runtime`.
+pub async fn spawn_many_on(
+    addr: SocketAddr,
+    runtime: &'static str,
+    n: usize,
+    in_flight: usize,
+    body: Value,
+) -> Result<u64> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = std::sync::Arc::new(AtomicUsize::new(0));
     let body = std::sync::Arc::new(body);
@@ -625,7 +649,7 @@ pub async fn spawn_many(addr: SocketAddr, n: usize, in_flight: usize, body: Valu
             let mut c = Client::connect(addr).await?;
             let mut made = 0u64;
             while next.fetch_add(1, Ordering::Relaxed) < n {
-                spawn_worker(&mut c, "local", &body).await?;
+                spawn_worker(&mut c, runtime, &body).await?;
                 made += 1;
             }
             anyhow::Ok(made)

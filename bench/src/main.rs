@@ -56,6 +56,10 @@ pub struct Opts {
     /// spawn: workers per round (default 1000).
     #[arg(long, global = true)]
     pub spawn_workers: Option<usize>,
+    /// spawn: containers per round of the docker rows (default 200; a container costs the
+    /// engine far more than a process costs the kernel).
+    #[arg(long, global = true)]
+    pub docker_workers: Option<usize>,
     /// spawn: seconds a peer's round may take before it is cut off and its rate taken
     /// over the exits it saw (default 60; pm2 needs minutes for 1,000).
     #[arg(long, global = true)]

@@ -2,7 +2,9 @@
 //! count what it should (exits seen, responses, bytes, events). Never a time.
 //!
 //! Peers missing from `target/bench-peers` are allowed to be reported as "not measured:
-//! <why>", unless `ROSTER_BENCH_REQUIRE_PEERS=1` (what `.ci/run` sets after installing them).
+//! <why>", unless `ROSTER_BENCH_REQUIRE_PEERS=1` (what `.ci/run` sets after installing them);
+//! so are the docker rows when no container engine answers, unless `CI` is set or
+//! `ROSTER_BENCH_REQUIRE_DOCKER=1`.
 
 use std::process::Command;
 
@@ -59,6 +61,39 @@ fn every_scenario_completes_at_tiny_size_and_counts_its_work() {
         .filter(|r| r["subject"] == "roster" && r["goal"].is_object())
         .count();
     assert_eq!(ratios, 4, "roster against raw, supervisord, circus, pm2");
+
+    // spawn's docker rows: Roster's `docker` runtime and `docker run --rm` in a loop, 10
+    // containers each, or both "not measured: <why>" when no engine answers. Under CI (or
+    // with ROSTER_BENCH_REQUIRE_DOCKER=1) they must be measured: `.ci/run` starts dockerd.
+    let require_docker = std::env::var_os("CI").is_some()
+        || std::env::var("ROSTER_BENCH_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+    let containers: Vec<&&Value> = spawn
+        .iter()
+        .filter(|r| {
+            r["metric"]
+                .as_str()
+                .is_some_and(|m| m.contains("container"))
+        })
+        .collect();
+    assert_eq!(containers.len(), 2, "two docker rows: {containers:?}");
+    for subject in ["roster", "docker run"] {
+        let row = containers
+            .iter()
+            .find(|r| r["subject"] == subject)
+            .unwrap_or_else(|| panic!("no docker spawn row for {subject}"));
+        if let Some(note) = row["note"].as_str() {
+            assert!(note.starts_with("not measured: "), "{note}");
+            assert!(!require_docker, "{subject} must be measured here: {note}");
+            continue;
+        }
+        assert_eq!(row["unit"], "containers/s", "{row}");
+        assert_eq!(count(row, "exits_expected"), 10, "{row}");
+        assert_eq!(count(row, "exits_seen"), 10, "{subject}: {row}");
+        assert_eq!(row["samples"].as_array().map(Vec::len), Some(1), "{row}");
+        if subject == "roster" {
+            assert_eq!(row["ratio"][0], "docker run", "{row}");
+        }
+    }
 
     // get: both servers answered, with the same body.
     let get = rows_of(&rows, "get");

@@ -16,8 +16,8 @@ pub enum Mode {
     /// Each worker is a container on the engine behind `socket`.
     #[default]
     Docker,
-    /// Each worker is a one-replica swarm service (`restart_policy: none`). Not built yet:
-    /// a config that asks for it is refused with a message that says so.
+    /// Each worker is a one-replica swarm service (`restart_policy: none`) on the swarm
+    /// whose manager is behind `socket`; its task may run on any node.
     Swarm,
 }
 
@@ -165,12 +165,6 @@ pub(crate) const LABEL_PREFIX: &str = "roster.";
 impl DockerConfig {
     /// Checks what serde cannot. The message names the key at fault.
     pub(crate) fn check(&self) -> Result<(), String> {
-        if self.mode == Mode::Swarm {
-            return Err(
-                "`mode = \"swarm\"` is not available yet in this version; use `mode = \"docker\"`"
-                    .into(),
-            );
-        }
         if self.socket.is_empty() {
             return Err("`socket` is empty; give the engine's API socket".into());
         }
@@ -331,7 +325,6 @@ mod tests {
             ("max_workers = 0".to_string(), "`max_workers`"),
             ("socket = \"\"".to_string(), "`socket`"),
             ("allow_commands = true".to_string(), "`allow_commands"),
-            ("mode = \"swarm\"".to_string(), "swarm"),
             (
                 "[profiles.x]\nimage = \"i\"\ncommand = []".to_string(),
                 "`profiles.x.command`",

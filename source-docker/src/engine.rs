@@ -55,13 +55,8 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// The body of the engine's create call.
-    pub(crate) fn create_body(
-        &self,
-        runtime: &str,
-        instance: &str,
-        meta: &Meta,
-    ) -> ContainerCreateBody {
+    /// The profile's labels and the source's own: the runtime, the instance, the worker.
+    fn labels_for(&self, runtime: &str, instance: &str, meta: &Meta) -> HashMap<String, String> {
         let mut labels: HashMap<String, String> = self
             .labels
             .iter()
@@ -73,6 +68,17 @@ impl Plan {
             LABEL_WORKER.into(),
             serde_json::to_string(meta).expect("meta serializes"),
         );
+        labels
+    }
+
+    /// The body of the engine's create call.
+    pub(crate) fn create_body(
+        &self,
+        runtime: &str,
+        instance: &str,
+        meta: &Meta,
+    ) -> ContainerCreateBody {
+        let labels = self.labels_for(runtime, instance, meta);
         ContainerCreateBody {
             image: Some(self.image.clone()),
             // The argv replaces the image's entrypoint and command both.
@@ -98,6 +104,71 @@ impl Plan {
                 // A small init as PID 1 passes SIGTERM on to the command (PID 1 of a
                 // container ignores signals it has no handler for) and reaps orphans.
                 init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+impl Plan {
+    /// The spec of a swarm service that runs this plan as one task, never restarted:
+    /// `restart_policy: none`, one replica, stopped with `grace` (SIGTERM, then SIGKILL).
+    /// The network `none` is no network at all (a task with none has only its loopback).
+    pub(crate) fn service_spec(
+        &self,
+        runtime: &str,
+        instance: &str,
+        meta: &Meta,
+        grace: std::time::Duration,
+    ) -> bollard::models::ServiceSpec {
+        use bollard::models::{
+            Limit, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode,
+            ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec, TaskSpecResources,
+            TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
+        };
+        let labels = self.labels_for(runtime, instance, meta);
+        let networks = (self.network != "none").then(|| {
+            vec![NetworkAttachmentConfig {
+                target: Some(self.network.clone()),
+                ..Default::default()
+            }]
+        });
+        ServiceSpec {
+            labels: Some(labels.clone()),
+            mode: Some(ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+                ..Default::default()
+            }),
+            task_template: Some(TaskSpec {
+                container_spec: Some(TaskSpecContainerSpec {
+                    image: Some(self.image.clone()),
+                    labels: Some(labels),
+                    // The argv replaces the image's entrypoint and command both.
+                    command: Some(self.argv[..1].to_vec()),
+                    args: Some(self.argv[1..].to_vec()),
+                    env: Some(self.env.clone()),
+                    dir: self.cwd.clone(),
+                    user: self.user.clone(),
+                    init: Some(true),
+                    stop_signal: Some("SIGTERM".into()),
+                    stop_grace_period: Some(grace.as_nanos().min(i64::MAX as u128) as i64),
+                    ..Default::default()
+                }),
+                resources: Some(TaskSpecResources {
+                    limits: Some(Limit {
+                        nano_cpus: self.cpus.map(|c| (c * 1e9) as i64),
+                        memory_bytes: self.memory.map(|m| m.min(i64::MAX as u64) as i64),
+                        pids: self.pids_limit,
+                    }),
+                    ..Default::default()
+                }),
+                restart_policy: Some(TaskSpecRestartPolicy {
+                    condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
+                    max_attempts: Some(0),
+                    ..Default::default()
+                }),
+                networks,
                 ..Default::default()
             }),
             ..Default::default()
@@ -155,6 +226,41 @@ impl Facts {
                 .and_then(|c| c.labels.clone())
                 .unwrap_or_default(),
         }
+    }
+}
+
+impl Facts {
+    /// A swarm task's facts, as a container's: a task that was refused or never got a
+    /// container (no such image on the node, …) never started; one whose node left the
+    /// swarm (`orphaned`) is `None`: the worker is lost.
+    pub(crate) fn from_task(task: &bollard::models::Task) -> Option<Facts> {
+        use bollard::models::TaskState as T;
+        let status = task.status.clone().unwrap_or_default();
+        let state = status.state.unwrap_or(T::NEW);
+        let phase = match state {
+            T::RUNNING => Phase::Running,
+            T::COMPLETE | T::SHUTDOWN | T::FAILED | T::REJECTED | T::REMOVE => Phase::Ended,
+            T::ORPHANED => return None,
+            _ => Phase::Created,
+        };
+        let container = status.container_status.unwrap_or_default();
+        let ran =
+            container.container_id.is_some_and(|c| !c.is_empty()) && !matches!(state, T::REJECTED);
+        let at = status
+            .timestamp
+            .as_ref()
+            .and_then(|t| parse_time(&t.to_string()));
+        let start_error = (!ran && phase == Phase::Ended)
+            .then(|| status.err.unwrap_or_else(|| "the task never ran".into()));
+        Some(Facts {
+            phase,
+            exit_code: container.exit_code.unwrap_or(0),
+            oom_killed: false,
+            start_error,
+            started_at: (phase == Phase::Running).then_some(at).flatten(),
+            finished_at: (phase == Phase::Ended).then_some(at).flatten(),
+            labels: HashMap::new(),
+        })
     }
 }
 
@@ -259,6 +365,82 @@ mod tests {
             ..facts(127, false)
         };
         assert_eq!(end_of(&never, false).reason, Some(FailReason::SpawnFailed));
+    }
+
+    #[test]
+    fn swarm_tasks_map_as_containers_do() {
+        let task = |state: &str, container: bool, code: i64| -> bollard::models::Task {
+            let status = if container {
+                serde_json::json!({"State": state, "Timestamp": "2026-12-03T14:28:44.6Z",
+                    "ContainerStatus": {"ContainerID": "c0ffee", "ExitCode": code}})
+            } else {
+                serde_json::json!({"State": state, "Err": "No such image"})
+            };
+            serde_json::from_value(serde_json::json!({"ServiceID": "s", "Status": status})).unwrap()
+        };
+        let running = Facts::from_task(&task("running", true, 0)).unwrap();
+        assert_eq!(running.phase, Phase::Running);
+        assert!(running.started_at.is_some());
+        let done = Facts::from_task(&task("failed", true, 3)).unwrap();
+        assert_eq!(end_of(&done, false).exit_code, Some(3));
+        assert_eq!(end_of(&done, false).state, WorkerState::Exited);
+        let refused = Facts::from_task(&task("rejected", false, 0)).unwrap();
+        assert_eq!(
+            end_of(&refused, false).reason,
+            Some(FailReason::SpawnFailed)
+        );
+        assert_eq!(
+            Facts::from_task(&task("pending", false, 0)).unwrap().phase,
+            Phase::Created
+        );
+        assert!(Facts::from_task(&task("orphaned", true, 0)).is_none());
+    }
+
+    #[test]
+    fn a_swarm_service_is_one_replica_never_restarted() {
+        let plan = Plan {
+            image: "i".into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+            env: vec![],
+            cwd: None,
+            labels: BTreeMap::new(),
+            network: "none".into(),
+            memory: Some(1 << 20),
+            cpus: None,
+            pids_limit: Some(8),
+            user: None,
+        };
+        let meta = Meta {
+            name: None,
+            labels: BTreeMap::new(),
+            profile: None,
+            args: vec![],
+            command: None,
+            created_at: OffsetDateTime::now_utc(),
+            request_id: None,
+            request_hash: None,
+            retention: 1,
+            grace_ms: 1,
+            nonce: "n".into(),
+        };
+        let spec = plan.service_spec("r", "inst", &meta, std::time::Duration::from_secs(2));
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["Mode"]["Replicated"]["Replicas"], 1);
+        assert_eq!(json["TaskTemplate"]["RestartPolicy"]["Condition"], "none");
+        assert_eq!(
+            json["TaskTemplate"]["ContainerSpec"]["Command"][0],
+            "/bin/sh"
+        );
+        assert_eq!(
+            json["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"],
+            2_000_000_000i64
+        );
+        assert_eq!(json["TaskTemplate"]["Resources"]["Limits"]["Pids"], 8);
+        assert!(
+            json["TaskTemplate"]["Networks"].is_null(),
+            "none: no network at all"
+        );
+        assert_eq!(json["Labels"]["roster.instance"], "inst");
     }
 
     #[test]

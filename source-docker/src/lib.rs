@@ -140,16 +140,36 @@
 //! (15 s past the longest grace at most). Dropping the source without it leaves the
 //! containers running, to be taken up again as above.
 //!
-//! **Swarm** (`mode = "swarm"`) is not built yet; such a config is refused with a message.
+//! **Swarm** (`mode = "swarm"`): the socket is a swarm manager's, and each worker is a
+//! one-replica service (`restart_policy: none`, so a task that ends is never started
+//! again) with the same labels, argv, environment, init, limits and user as a container
+//! would get; its task may run on any node. The source key is the service id. Swarm's
+//! event stream has no task events, so the runtime's services (by instance label) and
+//! their tasks are listed every 250 ms, two engine calls for the whole runtime; a task that
+//! runs makes the worker `running`, one that ends ends it as a container's exit would (a
+//! task a node refused, e.g. for want of the image, is `spawn_failed`; one whose node left
+//! the swarm is `lost`). Output is the service's log stream, stdout and stderr apart; that
+//! stream does not end when the task does, so once the task has ended the output counts as
+//! drained when it has been quiet for 500 ms. **Stop** scales the service to zero — the
+//! engine sends SIGTERM, then SIGKILL after the grace the service was made with (the
+//! profile's or runtime's `grace`; a stop's own grace is not applied, a service's grace
+//! being fixed when it is made) — and removes the service once its task has ended; the
+//! worker's output stays in the record. A worker that ended by itself keeps its service
+//! until its record is removed, as a container is kept. There is no **input** (a task on
+//! another machine has no stdin to attach to): the capability is off, a spawn with `stdin`
+//! and every input are `unsupported`. A `roster` restarted finds its services by label as
+//! it finds containers. An engine that answers but is no swarm manager leaves the runtime
+//! `unavailable` with the message "the container engine is not a swarm manager". The image
+//! must be on the manager (never pulled) and on every node that may run the task.
 //!
-//! **Podman.** The source asks for nothing Docker-only (API 1.41, `init`, labels, attach,
-//! events, logs), but its tests have not run against Podman yet. On the test machine
-//! (Podman 4.3.1 from Debian, `runc` as the runtime, `catatonit` for `init`) every
-//! container failed to start with "error setting rlimits for ready process: error setting
-//! rlimit type 6 (`RLIMIT_NPROC`): operation not permitted", also with `default_ulimits`
-//! for `nofile` and `nproc` in `containers.conf` and with `--ulimit host`: the machine's
-//! own container refuses the rlimits Podman sets, where dockerd's `--default-ulimit`
-//! avoids them.
+//! **Podman.** The conformance suite runs against Podman's Docker-compatible service as
+//! well as against dockerd (Podman 4.3.1 from Debian on the test machine).
+//! `scripts/start-podman` starts it with the settings that machine needs: `runc` as the
+//! runtime, `cgroupfs`, events to a file, and `default_ulimits` for `nofile` and `nproc`
+//! no higher than the machine's own hard limits — without them Podman raises both to
+//! values a machine without `CAP_SYS_RESOURCE` refuses ("error setting rlimit type 6").
+//! Podman names an imported image `localhost/<name>`; a config names it as imported
+//! (`roster-test/busybox:1`), which Podman resolves.
 //!
 //! # Bounds
 //!

@@ -28,9 +28,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::config::{DockerConfig, DEFAULT_SOCKET};
+use crate::config::{DockerConfig, Mode, DEFAULT_SOCKET};
 use crate::engine::{end_of, Facts, Meta, Phase, Plan, LABEL_INSTANCE, LABEL_WORKER};
 use crate::error::DockerError;
+
+mod swarm;
 
 /// Events each lifecycle stream holds before it is owed a `Resync`.
 const EVENTS_CAPACITY: usize = 64;
@@ -106,6 +108,9 @@ struct Worker {
     before_unknown: Option<WorkerState>,
     recorded_at: u64,
     request_id: Option<String>,
+    /// Swarm: tells the output pump that the task has ended (its log stream does not end
+    /// by itself).
+    task_ended: Option<watch::Sender<bool>>,
 }
 
 impl fmt::Debug for DockerSource {
@@ -221,6 +226,11 @@ fn now() -> OffsetDateTime {
 }
 
 impl Inner {
+    /// Whether workers are swarm services (`mode = "swarm"`).
+    fn swarm(&self) -> bool {
+        self.config.mode == Mode::Swarm
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -428,18 +438,49 @@ fn new_worker(
         before_unknown: None,
         recorded_at,
         request_id: meta.request_id.clone(),
+        task_ended: None,
     }
 }
 
+/// How long a swarm task's log stream must be quiet, once the task has ended, before its
+/// output counts as drained (the stream itself never ends while the service exists).
+const SWARM_QUIET: Duration = Duration::from_millis(500);
+
 /// Copies a container's output stream (attach or logs) into its log, stdout and stderr
-/// apart; marks it drained at the end.
-async fn pump<S>(mut stream: S, log: Arc<OutputLog>, drained: watch::Sender<bool>)
-where
+/// apart; marks it drained at the end. With `ended` (a swarm task's logs, which never end
+/// by themselves), the stream counts as ended once `ended` is true and it has been quiet
+/// for [`SWARM_QUIET`].
+async fn pump<S>(
+    mut stream: S,
+    log: Arc<OutputLog>,
+    drained: watch::Sender<bool>,
+    mut ended: Option<watch::Receiver<bool>>,
+) where
     S: Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin,
 {
     let mut out = log.writer(registry_core::StreamKind::Stdout);
     let mut err = log.writer(registry_core::StreamKind::Stderr);
-    while let Some(item) = stream.next().await {
+    loop {
+        let item = match &mut ended {
+            None => stream.next().await,
+            Some(rx) if *rx.borrow() => {
+                match tokio::time::timeout(SWARM_QUIET, stream.next()).await {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            }
+            Some(rx) => tokio::select! {
+                item = stream.next() => item,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The record is gone: nobody waits for this output any more.
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(item) = item else { break };
         match item {
             Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
                 out.write(&message)
@@ -506,6 +547,9 @@ impl Inner {
     }
 
     async fn inspect(&self, key: &SourceKey) -> Result<Facts, DockerError> {
+        if self.swarm() {
+            return self.task_facts(key).await;
+        }
         let c = self
             .docker()?
             .inspect_container(key.as_str(), None)
@@ -571,7 +615,15 @@ impl Inner {
                 }
                 return;
             }
-            let drained = inner.lock().workers.get(&key).map(|w| w.drained.clone());
+            let drained = {
+                let st = inner.lock();
+                st.workers.get(&key).map(|w| {
+                    if let Some(ended) = &w.task_ended {
+                        let _ = ended.send(true);
+                    }
+                    w.drained.clone()
+                })
+            };
             if let Some(mut drained) = drained {
                 let _ = tokio::time::timeout(DRAIN_LIMIT, drained.wait_for(|d| *d)).await;
             }
@@ -634,8 +686,21 @@ impl Inner {
         if let Some(task) = w.kill_task.take() {
             task.abort();
         }
+        let stopped = w.stop_requested;
         self.upsert(st, key);
         self.trim_finished(st);
+        if stopped && self.swarm() {
+            // A stopped worker's service goes at once (its output is kept here).
+            let inner = Arc::downgrade(self);
+            let key = key.clone();
+            tokio::spawn(async move {
+                if let Some(inner) = inner.upgrade() {
+                    if let Err(e) = inner.remove_container(&key).await {
+                        tracing::warn!(error = %e, "removing a stopped worker's service failed");
+                    }
+                }
+            });
+        }
         let inner = Arc::downgrade(self);
         let key = key.clone();
         let after = self.config.retain_finished;
@@ -687,6 +752,9 @@ impl Inner {
     }
 
     async fn remove_container(&self, key: &SourceKey) -> Result<(), DockerError> {
+        if self.swarm() {
+            return self.remove_service(key).await;
+        }
         let options = RemoveContainerOptions {
             force: true,
             ..Default::default()
@@ -750,6 +818,9 @@ impl Inner {
 /// Follows the engine: reconcile from a labelled list, then its event stream; on a drop,
 /// `unavailable` (live workers `unknown`) and reconnect with backoff and jitter.
 async fn follow_engine(inner: Weak<Inner>) {
+    if inner.upgrade().is_some_and(|i| i.swarm()) {
+        return swarm::follow_swarm(inner).await;
+    }
     let mut backoff = BACKOFF_FIRST;
     loop {
         let Some(strong) = inner.upgrade() else {
@@ -822,15 +893,17 @@ fn backoff_with_jitter(base: Duration) -> Duration {
 
 /// The engine is out of reach: the runtime is `unavailable`, live workers `unknown`.
 fn lose_contact(inner: &Arc<Inner>, retry: Duration) {
+    lose_contact_with(inner, retry, "the container engine does not answer");
+}
+
+/// [`lose_contact`], with the health message `message` (fixed text: it names nothing).
+fn lose_contact_with(inner: &Arc<Inner>, retry: Duration, message: &str) {
     let mut st = inner.lock();
     if st.shutting_down {
         return;
     }
     let retry_at = now() + retry;
-    inner.set_health(
-        &mut st,
-        SourceHealth::unavailable("the container engine does not answer", Some(retry_at)),
-    );
+    inner.set_health(&mut st, SourceHealth::unavailable(message, Some(retry_at)));
     let keys: Vec<SourceKey> = st
         .workers
         .iter()
@@ -997,7 +1070,7 @@ async fn adopt(inner: &Arc<Inner>, key: SourceKey, facts: Facts) {
             ..Default::default()
         }),
     );
-    tokio::spawn(pump(Box::pin(logs), Arc::clone(&log), drained_tx));
+    tokio::spawn(pump(Box::pin(logs), Arc::clone(&log), drained_tx, None));
     let stdin = if running {
         inner.attach(&key, false).await.ok().map(|a| a.input)
     } else {
@@ -1048,6 +1121,11 @@ impl Inner {
             ));
         }
         req.validate()?;
+        if self.swarm() && req.stdin.is_some() {
+            return Err(RegistryError::Unsupported(
+                "a swarm runtime's workers take no input".into(),
+            ));
+        }
         let (plan, retention, grace) = self.plan(&req)?;
         let hash = request_hash(&req);
         let nonce = fresh_nonce();
@@ -1126,6 +1204,9 @@ impl Inner {
             grace_ms: grace.as_millis().min(u64::MAX as u128) as u64,
             nonce: nonce.to_string(),
         };
+        if self.swarm() {
+            return self.create_service(plan, meta, grace).await;
+        }
         let body = plan.create_body(&self.runtime, &self.instance, &meta);
         let created = self
             .docker()?
@@ -1170,7 +1251,7 @@ impl Inner {
                 return Ok(self.fail_spawn(&key));
             }
         };
-        tokio::spawn(pump(attached.output, Arc::clone(&log), drained_tx));
+        tokio::spawn(pump(attached.output, Arc::clone(&log), drained_tx, None));
         {
             let mut st = self.lock();
             if let Some(w) = st.workers.get_mut(&key) {
@@ -1255,12 +1336,19 @@ impl Inner {
                 w.view.state = WorkerState::Stopping;
             }
             self.upsert(&mut st, key);
-            if starting {
+            if self.swarm() {
+                (false, at)
+            } else if starting {
                 // The spawn kills it once it has started.
                 return Ok(());
+            } else {
+                (grace > Duration::ZERO, at)
             }
-            (grace > Duration::ZERO, at)
         };
+        if self.swarm() {
+            // The engine stops the task with the grace the service was made with.
+            return Ok(self.scale_to_zero(key).await?);
+        }
         if term {
             self.kill(key, "SIGTERM").await?;
             let mut st = self.lock();
@@ -1330,6 +1418,8 @@ impl RuntimeSource for DockerSource {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             restart: false,
+            // A swarm task may run on another machine: there is no stdin to attach to.
+            input: !self.inner.swarm(),
             ..Capabilities::ALL
         }
     }
@@ -1360,6 +1450,11 @@ impl RuntimeSource for DockerSource {
     }
 
     async fn input(&self, key: &SourceKey, data: Bytes) -> Result<(), RegistryError> {
+        if self.inner.swarm() {
+            return Err(RegistryError::Unsupported(
+                "a swarm runtime's workers take no input".into(),
+            ));
+        }
         let st = self.inner.lock();
         let w = st.workers.get(key).ok_or_else(not_found)?;
         let tx = match (&w.input, w.view.state.is_terminal()) {

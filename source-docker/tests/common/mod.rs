@@ -36,17 +36,40 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Podman's Docker-compatible socket for the tests: `ROSTER_PODMAN_SOCKET`, else where
+/// `scripts/start-podman` makes it (`target/podman/podman.sock`).
+pub fn podman_socket() -> String {
+    std::env::var("ROSTER_PODMAN_SOCKET").unwrap_or_else(|_| {
+        repo_root()
+            .join("target/podman/podman.sock")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
 /// The engine, with the test image on it; `None` (after a printed notice) when there is
 /// no engine and `CI` is unset. Under `CI` a missing engine fails the test: CI must run
 /// these tests (`.ci/run` starts `dockerd` first).
 pub async fn engine() -> Option<String> {
-    let socket = socket();
+    engine_at(
+        socket(),
+        "`scripts/start-dockerd` (Podman: set ROSTER_DOCKER_SOCKET)",
+    )
+    .await
+}
+
+/// Podman's service, as [`engine`] finds Docker's (`.ci/run` starts it with
+/// `scripts/start-podman`).
+pub async fn podman() -> Option<String> {
+    engine_at(podman_socket(), "`scripts/start-podman`").await
+}
+
+/// The engine on `socket`, as [`engine`] says; `start` says how to start one.
+pub async fn engine_at(socket: String, start: &str) -> Option<String> {
     let docker = client(&socket);
     if let Err(e) = docker.ping().await {
-        let message = format!(
-            "no container engine answers on {socket} ({e}); start one with \
-             `scripts/start-dockerd` (Podman: set ROSTER_DOCKER_SOCKET)"
-        );
+        let message =
+            format!("no container engine answers on {socket} ({e}); start one with {start}");
         if std::env::var_os("CI").is_some() {
             panic!("{message}");
         }
@@ -54,14 +77,13 @@ pub async fn engine() -> Option<String> {
         return None;
     }
     if docker.inspect_image(IMAGE).await.is_err() {
-        let cli = if socket.contains("podman") {
-            "podman"
-        } else {
-            "docker"
-        };
+        // The `docker` CLI imports into any engine with the Docker API, Podman's too.
         let status = Command::new("bash")
             .arg(repo_root().join("scripts/docker-test-image"))
-            .arg(cli)
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", socket.trim_start_matches("unix://")),
+            )
             .status()
             .expect("bash runs");
         assert!(status.success(), "scripts/docker-test-image failed");
