@@ -42,6 +42,14 @@ const MAX_INPUT_QUEUED: usize = 1 << 20;
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Every engine request (not a stream's body) has this long to be answered.
 const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// How often, and how many times, a `die` whose inspect still says running is looked at
+/// again before it is left to a later check.
+const DIE_LOOKS: u32 = 20;
+const DIE_LOOK_EVERY: Duration = Duration::from_millis(250);
+/// After the kill at the end of a grace: how often, and how many times, a worker not yet
+/// ended is checked against its container's facts (the `die` event may be late or lost).
+const KILL_CHECKS: u32 = 30;
+const KILL_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Reconnect backoff: first wait and cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -569,10 +577,31 @@ impl Inner {
         w.kill_task = Some(
             tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
-                if let Some(inner) = inner.upgrade() {
-                    if let Err(e) = inner.kill(&key, "SIGKILL").await {
-                        tracing::warn!(error = %e, "killing a container after its grace failed");
+                match inner.upgrade() {
+                    Some(strong) => {
+                        if let Err(e) = strong.kill(&key, "SIGKILL").await {
+                            tracing::warn!(error = %e, "killing a container after its grace failed");
+                        }
                     }
+                    None => return,
+                }
+                // The end comes as a `die` event. Should the event be late or lost (a
+                // loaded engine), or its inspect have seen the container still running,
+                // look again: the killed container's facts end the worker.
+                for _ in 0..KILL_CHECKS {
+                    tokio::time::sleep(KILL_CHECK_EVERY).await;
+                    let Some(strong) = inner.upgrade() else {
+                        return;
+                    };
+                    let live = strong
+                        .lock()
+                        .workers
+                        .get(&key)
+                        .is_some_and(|w| !w.view.state.is_terminal());
+                    if !live {
+                        return;
+                    }
+                    strong.finish_later(key.clone());
                 }
             })
             .abort_handle(),
@@ -593,28 +622,33 @@ impl Inner {
         }
         let inner = Arc::clone(self);
         tokio::spawn(async move {
-            let facts = match inner.inspect(&key).await {
-                Ok(f) => f,
-                Err(e) if e.is_not_found() => {
-                    // Removed from outside at once: it is lost.
-                    inner.end_lost(&key);
-                    return;
-                }
-                Err(e) => {
-                    // The next reconcile looks again.
-                    tracing::debug!(error = %e, "inspecting a dead container failed");
-                    if let Some(w) = inner.lock().workers.get_mut(&key) {
-                        w.finishing = false;
+            // An engine may send `die` before its inspect says the container has ended
+            // (Podman does, when loaded): look a few times before leaving it to the next
+            // check.
+            let mut looks = 0;
+            let facts = loop {
+                looks += 1;
+                match inner.inspect(&key).await {
+                    Ok(f) if f.phase != Phase::Running => break f,
+                    Ok(_) if looks < DIE_LOOKS => {}
+                    Err(e) if e.is_not_found() => {
+                        // Removed from outside at once: it is lost.
+                        inner.end_lost(&key);
+                        return;
                     }
-                    return;
+                    Err(e) if looks < DIE_LOOKS => {
+                        tracing::debug!(error = %e, "inspecting a dead container failed");
+                    }
+                    _ => {
+                        // A later kill check or reconcile looks again.
+                        if let Some(w) = inner.lock().workers.get_mut(&key) {
+                            w.finishing = false;
+                        }
+                        return;
+                    }
                 }
+                tokio::time::sleep(DIE_LOOK_EVERY).await;
             };
-            if facts.phase == Phase::Running {
-                if let Some(w) = inner.lock().workers.get_mut(&key) {
-                    w.finishing = false;
-                }
-                return;
-            }
             let drained = {
                 let st = inner.lock();
                 st.workers.get(&key).map(|w| {
