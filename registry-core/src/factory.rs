@@ -219,9 +219,63 @@ pub mod de {
         })
     }
 
-    /// An optional duration, as [`duration`].
+    /// An optional duration, as [`duration`]; `null` (in JSON) is the same as not given.
     pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        duration(d).map(Some)
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => {
+                duration(serde::de::value::StrDeserializer::<D::Error>::new(&text)).map(Some)
+            }
+        }
+    }
+
+    /// A field whose `null` (in JSON) is the same as not given: the type's default.
+    pub fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Default + Deserialize<'de>,
+    {
+        Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+    }
+
+    /// An optional table read only from a map (or `null`, as not given). serde's derive
+    /// also reads a struct from a sequence, fields by position (`[null, "1s"]`); a request
+    /// that writes a table as a list is refused instead.
+    pub fn opt_table<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        struct Table<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Table<T> {
+            type Value = Option<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+
+            fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+                d.deserialize_map(self)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+            }
+        }
+
+        d.deserialize_option(Table(std::marker::PhantomData))
     }
 
     /// A size in bytes: an integer, or a string such as `"1MiB"`, `"512KiB"`, `"64kB"`.

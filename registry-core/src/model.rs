@@ -584,16 +584,16 @@ pub struct SpawnRequest {
     #[serde(default)]
     pub command: Option<Vec<String>>,
     /// Arguments appended to the profile's or the command's argv.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::de::null_default")]
     pub args: Vec<String>,
     /// Environment added to the profile's. Never shown anywhere.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::de::null_default")]
     pub env: RedactedValues<BTreeMap<String, String>>,
     /// A name for people; not unique.
     #[serde(default)]
     pub name: Option<String>,
     /// Labels to filter by.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::de::null_default")]
     pub labels: BTreeMap<String, String>,
     /// Text written to stdin right after start.
     #[serde(default, serialize_with = "crate::redact::serialize_revealed")]
@@ -606,7 +606,11 @@ pub struct SpawnRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
     /// The delay before a restart, overriding each of the profile's keys that it gives.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::de::opt_table",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub restart_backoff: Option<BackoffRequest>,
     /// Most restarts within the window, overriding the profile's `max_restarts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -678,7 +682,8 @@ fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<
 /// Limits on a spawn request's fields and on a stop's grace period: the one copy every source
 /// and the server use.
 pub mod limits {
-    /// Longest name, label key or value, request id, profile name (bytes).
+    /// Longest name, label key or value, request id, profile name, in characters (as the
+    /// document's `maxLength` counts), so at most four times as many bytes.
     pub const MAX_SHORT_TEXT: usize = 256;
     /// Most labels.
     pub const MAX_LABELS: usize = 64;
@@ -738,8 +743,10 @@ impl SpawnRequest {
             _ => {}
         }
         let short = |field: &str, v: &str| -> Result<(), RegistryError> {
-            if v.len() > MAX_SHORT_TEXT {
-                return invalid(format!("`{field}` is longer than {MAX_SHORT_TEXT} bytes"));
+            if v.chars().count() > MAX_SHORT_TEXT {
+                return invalid(format!(
+                    "`{field}` is longer than {MAX_SHORT_TEXT} characters"
+                ));
             }
             if v.contains('\0') {
                 return invalid(format!("`{field}` holds a NUL character"));
@@ -1027,6 +1034,25 @@ mod tests {
         let plain = serde_json::to_value(req()).unwrap();
         assert!(plain.get("restart").is_none() && plain.get("restart_window").is_none());
         assert!(!req().asks_for_restart());
+        // A restart key set to null is not given, as everywhere else in the request.
+        let nulls: SpawnRequest = serde_json::from_str(
+            r#"{"profile":"shell","restart":null,"max_restarts":null,"restart_window":null,
+                "restart_backoff":{"base":null,"cap":null,"reset_after":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(nulls.restart_window, None);
+        assert_eq!(nulls.restart_backoff.unwrap(), BackoffRequest::default());
+        let nulls: SpawnRequest = serde_json::from_str(
+            r#"{"profile":"shell","args":null,"env":null,"labels":null,"restart_backoff":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            nulls,
+            SpawnRequest {
+                profile: Some("shell".into()),
+                ..SpawnRequest::default()
+            }
+        );
 
         for (body, field) in [
             (r#"{"profile":"p","max_restarts":10001}"#, "max_restarts"),
@@ -1047,6 +1073,9 @@ mod tests {
             r#"{"profile":"p","restart":"sometimes"}"#,
             r#"{"profile":"p","restart_backoff":{"jitter":"1s"}}"#,
             r#"{"profile":"p","restart_window":"forever"}"#,
+            // A table written as a list (serde's derive would read it by position).
+            r#"{"profile":"p","restart_backoff":[null,"1s"]}"#,
+            r#"{"profile":"p","restart_backoff":[]}"#,
         ] {
             assert!(
                 serde_json::from_str::<SpawnRequest>(body).is_err(),

@@ -319,9 +319,9 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
         ("name", single(&pairs, "name")?),
         ("q", single(&pairs, "q")?),
     ] {
-        if value.is_some_and(|v| v.len() > MAX_SHORT_TEXT) {
+        if value.is_some_and(|v| v.chars().count() > MAX_SHORT_TEXT) {
             return Err(RegistryError::InvalidRequest(format!(
-                "`{field}` is longer than {MAX_SHORT_TEXT} bytes"
+                "`{field}` is longer than {MAX_SHORT_TEXT} characters"
             ))
             .into());
         }
@@ -368,6 +368,14 @@ fn list_workers(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body
     ))
 }
 
+/// The request's `Last-Event-ID`, where it holds more than whitespace: an empty one is the
+/// same as none, so the query's `after` or `cursor` is read.
+fn last_event_id(req: &Request<Incoming>) -> Option<&hyper::header::HeaderValue> {
+    req.headers()
+        .get("last-event-id")
+        .filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+}
+
 async fn output(
     app: &Arc<App>,
     id: &str,
@@ -375,19 +383,25 @@ async fn output(
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query(req, &["after", "follow"])?;
     let id = worker_id(id)?;
+    // Seqs are int64 in the document: a number past i64::MAX is refused like any other
+    // that names no seq, not read as a u64 the document doesn't allow.
     let seq = |text: &str, what: &str| {
-        text.trim().parse::<u64>().map_err(|_| {
-            RegistryError::InvalidRequest(format!(
-                "{what} must be an output seq (a whole number), not {:?}",
-                shorten(text)
-            ))
-        })
+        text.parse::<i64>()
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                RegistryError::InvalidRequest(format!(
+                    "{what} must be an output seq (a whole number from 0), not {:?}",
+                    shorten(text)
+                ))
+            })
     };
     // The header wins: a browser resends it on reconnect while the URL keeps its first `after`.
     // A header that names no seq of this worker (malformed, or from before a restart) is
     // answered from the start of what is retained, as for every resume that can't be served;
     // a malformed `after`, which a client wrote itself, is refused.
-    let (after, from_start_if_unknown) = match req.headers().get("last-event-id") {
+    // An empty `Last-Event-ID` is no id (as in the SSE standard's reconnection): `after` rules.
+    let (after, from_start_if_unknown) = match last_event_id(req) {
         Some(v) => (
             v.to_str()
                 .ok()
@@ -401,8 +415,8 @@ async fn output(
         },
     };
     let follow = match single(&pairs, "follow")? {
-        None | Some("1") | Some("true") => true,
-        Some("0") | Some("false") => false,
+        None | Some("1") => true,
+        Some("0") => false,
         Some(other) => {
             return Err(RegistryError::InvalidRequest(format!(
                 "`follow` must be 0 or 1, not {:?}",
@@ -426,7 +440,7 @@ fn events(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, Api
         None => None,
     };
     // The header wins, as for output. A malformed cursor is answered in the stream (reset).
-    let cursor = match req.headers().get("last-event-id") {
+    let cursor = match last_event_id(req) {
         Some(v) => Some(v.to_str().unwrap_or("").to_string()),
         None => single(&pairs, "cursor")?.map(str::to_string),
     };

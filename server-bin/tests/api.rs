@@ -742,6 +742,20 @@ async fn wrong_field_type_is_invalid_request_naming_the_field() -> Result<()> {
         .await?;
     let message = assert_error(&resp, StatusCode::BAD_REQUEST, "invalid_request");
     assert!(message.contains("labels"), "{message}");
+    // The name rules the document gives in words (OpenAPI 3.0 has no keyword for them).
+    for (body, field) in [
+        (r#"{"profile": "shell", "labels": {"": "a"}}"#, "labels"),
+        (r#"{"profile": "shell", "labels": {"a=b": "c"}}"#, "labels"),
+        (r#"{"profile": "shell", "labels": {"a,b": "c"}}"#, "labels"),
+        (r#"{"profile": "shell", "env": {"": "x"}}"#, "env"),
+        (r#"{"profile": "shell", "env": {"A=B": "x"}}"#, "env"),
+        (r#"{"profile": "shell", "env": {"A": "x\u0000y"}}"#, "env"),
+    ] {
+        let resp = server.post(SPAWN, body).await?;
+        let message = assert_error(&resp, StatusCode::BAD_REQUEST, "invalid_request");
+        assert!(message.contains(field), "{body}: {message}");
+    }
+    assert_eq!(listed(&server, "/v1/workers").await?, Vec::<String>::new());
 
     let id = sleeper(&server).await?;
     let resp = server
@@ -1534,6 +1548,27 @@ async fn the_server_keeps_serving_after_every_kind_of_bad_request() -> Result<()
             Method::GET,
             format!("/v1/workers/{id}/output?follow=maybe"),
             None,
+            StatusCode::BAD_REQUEST,
+        ),
+        // Seqs are int64: one past i64::MAX names no seq.
+        (
+            Method::GET,
+            format!("/v1/workers/{id}/output?after=9223372036854775808"),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        // The document says 0 or 1; `true` is refused, not read loosely.
+        (
+            Method::GET,
+            format!("/v1/workers/{id}/output?follow=true"),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        // A table written as a list is not read by position.
+        (
+            Method::POST,
+            "/v1/runtimes/local/workers".to_string(),
+            Some(r#"{"profile": "shell", "restart_backoff": [null, null]}"#),
             StatusCode::BAD_REQUEST,
         ),
     ];
