@@ -8,6 +8,7 @@
 //! ```sh
 //! bench/peers/install.sh                       # supervisord, circus, pm2, wrk
 //! cargo run --release -p roster-bench -- all   # or: spawn, get, output, fanout, records, heal
+//! cargo run --release -p roster-bench -- load  # the load and fault run (not part of `all`)
 //! cargo run --release -p roster-bench -- all --tiny --json
 //! ```
 //!
@@ -89,6 +90,12 @@ pub struct Opts {
     /// issue's two counts; the fill to 100,000 takes two to three minutes).
     #[arg(long, global = true, value_delimiter = ',')]
     pub records: Option<Vec<usize>>,
+    /// load: concurrent clients (default 1000).
+    #[arg(long, global = true)]
+    pub load_clients: Option<usize>,
+    /// load: seconds of load (default 60).
+    #[arg(long, global = true)]
+    pub load_secs: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +114,10 @@ enum Cmd {
     Records,
     /// A remote runtime's upstream SIGKILLed and restarted.
     Heal,
+    /// Not part of `all`: 1,000 clients for 60 s mixing every operation, the upstream of a
+    /// remote runtime SIGKILLed twice; fails on any error but 429 and the outage's, on a
+    /// worker not seen to end, on a process left behind.
+    Load,
     /// (internal) Serve Roster from a config file; prints `listening ADDR`.
     #[command(hide = true)]
     ServeRoster {
@@ -148,6 +159,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Fanout => vec!["fanout"],
             Cmd::Records => vec!["records"],
             Cmd::Heal => vec!["heal"],
+            Cmd::Load => vec!["load"],
         };
         run(&args.opts, &which).await
     });
@@ -177,6 +189,7 @@ async fn run(opts: &Opts, which: &[&str]) -> Result<()> {
             "output" => scenarios::output::run(opts, &scratch).await,
             "fanout" => scenarios::fanout::run(opts, &scratch).await,
             "records" => scenarios::records::run(opts, &scratch).await,
+            "load" => scenarios::load::run(opts, &scratch).await,
             _ => scenarios::heal::run(opts, &scratch).await,
         };
         match got {

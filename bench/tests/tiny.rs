@@ -182,3 +182,37 @@ fn every_scenario_completes_at_tiny_size_and_counts_its_work() {
         "{ready}"
     );
 }
+
+#[test]
+fn the_load_run_completes_at_tiny_size_with_every_worker_accounted_for() {
+    let out = Command::new(env!("CARGO_BIN_EXE_roster-bench"))
+        .args(["load", "--tiny", "--json", "--no-install"])
+        .output()
+        .expect("roster-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The scenario itself fails on an unexpected error, an unaccounted worker or a
+    // process left behind; the counts say it did the work and both faults happened.
+    assert!(out.status.success(), "roster-bench load failed:\n{stderr}");
+    assert_eq!(
+        stderr.matches("SIGKILL the upstream").count(),
+        2,
+        "{stderr}"
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON rows on stdout");
+    let errors = rows
+        .iter()
+        .find(|r| r["scenario"] == "load" && r["subject"] == "roster errors")
+        .unwrap_or_else(|| panic!("no load errors row: {rows:?}"));
+    assert_eq!(errors["median"].as_f64(), Some(0.0), "{errors}");
+    let spawned = count(errors, "spawned");
+    assert!(spawned >= 16, "{errors}");
+    assert_eq!(count(errors, "ended"), spawned, "{errors}");
+    assert!(count(errors, "echoed") > 0, "{errors}");
+    assert_eq!(count(errors, "processes_left"), 0, "{errors}");
+    assert_eq!(count(errors, "live_after"), 0, "{errors}");
+    let heal = rows
+        .iter()
+        .find(|r| r["scenario"] == "load" && r["subject"] == "roster heal")
+        .unwrap_or_else(|| panic!("no load heal row: {rows:?}"));
+    assert_eq!(heal["samples"].as_array().map(Vec::len), Some(2), "{heal}");
+}

@@ -185,7 +185,8 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
     Ok(vec![heal, lost])
 }
 
-async fn health(c: &mut Client) -> Result<String> {
+/// The health status of the runtime `far` as the downstream sees it.
+pub async fn health(c: &mut Client) -> Result<String> {
     let (status, body) = c.json(Method::GET, "/v1/runtimes/far", None).await?;
     ensure!(status == StatusCode::OK, "GET runtime answered {status}");
     let v: Value = serde_json::from_slice(&body)?;
