@@ -83,7 +83,7 @@ struct Inner {
 /// Everything about workers, under one lock. Events are appended only while this lock is held,
 /// so the event order is the order of changes and `snapshot` is atomic.
 struct Table {
-    workers: BTreeMap<LocalId, Record>,
+    workers: BTreeMap<LocalId, Slot>,
     request_ids: HashMap<String, LocalId>,
     next_id: u64,
     /// Workers not yet terminal.
@@ -128,6 +128,62 @@ struct Record {
     /// The probe found the current run unhealthy and its group is being stopped, so that
     /// the restart policy starts it again.
     unhealthy_kill: bool,
+}
+
+/// A worker's place in the table: its whole [`Record`] while it is live, and once it has
+/// ended only what its view, its output and its `request_id` still need. Finished records are
+/// kept by the thousand (`max_finished`), so an ended one holds no spawn spec, queue, timer
+/// or probe state, and both forms are boxed so that the table's B-tree nodes stay small.
+enum Slot {
+    Live(Box<Record>),
+    Done(Box<Done>),
+}
+
+/// What is kept of a worker that has ended.
+struct Done {
+    info: WorkerInfo,
+    output: Arc<OutputLog>,
+    /// The spawn request, kept only when it carried a `request_id`: a retry of that request
+    /// must still be found equal to it.
+    spec: Option<Box<SpawnSpec>>,
+}
+
+impl Slot {
+    fn info(&self) -> &WorkerInfo {
+        match self {
+            Slot::Live(record) => &record.info,
+            Slot::Done(done) => &done.info,
+        }
+    }
+
+    fn output(&self) -> &Arc<OutputLog> {
+        match self {
+            Slot::Live(record) => &record.output,
+            Slot::Done(done) => &done.output,
+        }
+    }
+
+    /// The spawn request, where it is still kept.
+    fn spec(&self) -> Option<&SpawnSpec> {
+        match self {
+            Slot::Live(record) => Some(&record.spec),
+            Slot::Done(done) => done.spec.as_deref(),
+        }
+    }
+
+    fn live(&self) -> Option<&Record> {
+        match self {
+            Slot::Live(record) => Some(record),
+            Slot::Done(_) => None,
+        }
+    }
+
+    fn live_mut(&mut self) -> Option<&mut Record> {
+        match self {
+            Slot::Live(record) => Some(record),
+            Slot::Done(_) => None,
+        }
+    }
 }
 
 struct Process {
@@ -338,9 +394,9 @@ impl Runtime {
                     .request_ids
                     .get(request_id)
                     .and_then(|id| table.workers.get(id));
-                if let Some(record) = earlier {
-                    return if record.spec == spec {
-                        Ok(record.info.clone())
+                if let Some(slot) = earlier {
+                    return if slot.spec() == Some(&spec) {
+                        Ok(slot.info().clone())
                     } else {
                         Err(RuntimeError::Conflict(
                             "request_id was already used for a different spawn request".into(),
@@ -377,7 +433,7 @@ impl Runtime {
     /// Every worker record, sorted by id.
     pub fn list(&self) -> Vec<WorkerInfo> {
         let table = lock(&self.inner.table);
-        table.workers.values().map(|r| r.info.clone()).collect()
+        table.workers.values().map(|r| r.info().clone()).collect()
     }
 
     /// One worker, or [`RuntimeError::NotFound`].
@@ -386,7 +442,7 @@ impl Runtime {
         table
             .workers
             .get(&id)
-            .map(|r| r.info.clone())
+            .map(|r| r.info().clone())
             .ok_or(RuntimeError::NotFound)
     }
 
@@ -411,9 +467,11 @@ impl Runtime {
     /// waiting.
     pub fn input(&self, id: LocalId, data: Bytes) -> Result<(), RuntimeError> {
         let table = lock(&self.inner.table);
-        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        let slot = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        let ended = || RuntimeError::Conflict("the worker has ended".into());
+        let record = slot.live().ok_or_else(ended)?;
         if record.info.state.is_terminal() {
-            return Err(RuntimeError::Conflict("the worker has ended".into()));
+            return Err(ended());
         }
         let closed = || RuntimeError::Conflict("the worker's stdin is closed".into());
         let queue = record.stdin.as_ref().ok_or_else(closed)?;
@@ -440,9 +498,11 @@ impl Runtime {
     /// This is an addition to the shared API contract.
     pub fn close_input(&self, id: LocalId) -> Result<(), RuntimeError> {
         let mut table = lock(&self.inner.table);
-        let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
+        let slot = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
         // Dropping the sender lets the writer drain the queue, then close the pipe.
-        record.stdin = None;
+        if let Some(record) = slot.live_mut() {
+            record.stdin = None;
+        }
         Ok(())
     }
 
@@ -451,8 +511,8 @@ impl Runtime {
     /// terminal.
     pub fn remove(&self, id: LocalId) -> Result<(), RuntimeError> {
         let mut table = lock(&self.inner.table);
-        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
-        if !record.info.state.is_terminal() {
+        let slot = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        if !slot.info().state.is_terminal() {
             return Err(RuntimeError::Conflict(
                 "the worker is still running; stop it first".into(),
             ));
@@ -465,7 +525,7 @@ impl Runtime {
     /// [`Runtime::events`] from that seq continues exactly where the snapshot stands.
     pub fn snapshot(&self) -> (Vec<WorkerInfo>, u64) {
         let table = lock(&self.inner.table);
-        let workers = table.workers.values().map(|r| r.info.clone()).collect();
+        let workers = table.workers.values().map(|r| r.info().clone()).collect();
         (workers, table.events.last_seq())
     }
 
@@ -489,13 +549,17 @@ impl Runtime {
         follow: bool,
     ) -> Result<OutputReader, RuntimeError> {
         let table = lock(&self.inner.table);
-        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
-        if after > record.output.last_seq() {
+        let output = table
+            .workers
+            .get(&id)
+            .ok_or(RuntimeError::NotFound)?
+            .output();
+        if after > output.last_seq() {
             return Err(RuntimeError::InvalidRequest(
                 "`after` is past the worker's last output".into(),
             ));
         }
-        OutputReader::new(&record.output, after, follow).ok_or_else(|| {
+        OutputReader::new(output, after, follow).ok_or_else(|| {
             RuntimeError::InvalidRequest("`after` is past the worker's last output".into())
         })
     }
@@ -504,8 +568,8 @@ impl Runtime {
     /// contract, for monitoring.
     pub fn retained_output_bytes(&self, id: LocalId) -> Result<u64, RuntimeError> {
         let table = lock(&self.inner.table);
-        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
-        Ok(record.output.retained_bytes())
+        let slot = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        Ok(slot.output().retained_bytes())
     }
 
     /// Refuses new spawns, stops every live worker with its own grace (the profile's, or the
@@ -521,6 +585,7 @@ impl Runtime {
             table
                 .workers
                 .values()
+                .filter_map(Slot::live)
                 .filter(|r| !r.info.state.is_terminal())
                 .map(|r| {
                     let own = r.grace;
@@ -580,7 +645,7 @@ impl Inner {
         table.live += 1;
         table.workers.insert(
             id,
-            Record {
+            Slot::Live(Box::new(Record {
                 info,
                 spec,
                 output: OutputLog::new(plan.retention),
@@ -598,7 +663,7 @@ impl Inner {
                 probe,
                 probe_task: None,
                 unhealthy_kill: false,
-            },
+            })),
         );
         table.upsert(id);
         id
@@ -631,7 +696,10 @@ impl Inner {
 
     fn stop(self: &Arc<Self>, id: LocalId, grace: Option<Duration>) -> Result<(), RuntimeError> {
         let mut table = lock(&self.table);
-        let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
+        let slot = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
+        let Some(record) = slot.live_mut() else {
+            return Ok(());
+        };
         if record.info.state.is_terminal() {
             return Ok(());
         }
@@ -668,7 +736,7 @@ impl Inner {
             }
             table.upsert(id);
         }
-        let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
+        let record = table.live_mut(id).ok_or(RuntimeError::NotFound)?;
         // Before the process exists, `started` carries the stop out itself.
         if let Some(process) = &record.process {
             if grace.is_zero() {
@@ -700,7 +768,7 @@ impl Inner {
 
     fn kill_now(&self, id: LocalId) {
         let table = lock(&self.table);
-        if let Some(record) = table.workers.get(&id) {
+        if let Some(record) = table.workers.get(&id).and_then(Slot::live) {
             if let Some(process) = &record.process {
                 if !record.info.state.is_terminal() {
                     process.group.signal(libc::SIGKILL);
@@ -714,7 +782,8 @@ impl Inner {
     fn finished(self: &Arc<Self>, id: LocalId, status: io::Result<ExitStatus>) {
         let mut table = lock(&self.table);
         let closed = table.closed;
-        let Some(record) = table.workers.get_mut(&id) else {
+        // An ended worker keeps its outcome.
+        let Some(record) = table.live_mut(id) else {
             return;
         };
         let stopped = record.stop_requested;
@@ -776,7 +845,7 @@ impl Inner {
 impl Table {
     /// Sets the worker's `message` (a cause for people) unless it has ended or has one.
     fn note(&mut self, id: LocalId, message: String) {
-        if let Some(record) = self.workers.get_mut(&id) {
+        if let Some(record) = self.live_mut(id) {
             if !record.info.state.is_terminal() && record.info.message.is_none() {
                 record.info.message = Some(message);
             }
@@ -785,8 +854,8 @@ impl Table {
 
     /// Appends an `Upserted` event with the worker's current view.
     fn upsert(&self, id: LocalId) {
-        if let Some(record) = self.workers.get(&id) {
-            self.events.push(NewEvent::Upserted(record.info.clone()));
+        if let Some(slot) = self.workers.get(&id) {
+            self.events.push(NewEvent::Upserted(slot.info().clone()));
         }
     }
 
@@ -800,37 +869,53 @@ impl Table {
         signal: Option<i32>,
         reason: Option<FailReason>,
     ) -> Option<WorkerInfo> {
-        let record = self.workers.get_mut(&id)?;
-        if record.info.state.is_terminal() {
-            return Some(record.info.clone());
+        let slot = self.workers.get(&id)?;
+        if slot.live().is_none_or(|r| r.info.state.is_terminal()) {
+            return Some(slot.info().clone());
         }
-        record.info.state = state;
-        record.info.exit_code = exit_code;
-        record.info.signal = signal;
-        record.info.reason = reason;
-        record.info.ended_at = Some(SystemTime::now());
-        record.stdin = None;
-        record.stdin_rx = None;
-        record.kill_at = None;
-        record.info.retry_at = None;
-        if let Some(timer) = record.kill_timer.take() {
-            timer.abort();
-        }
-        if let Some(timer) = record.retry_timer.take() {
-            timer.abort();
-        }
-        if let Some(task) = record.probe_task.take() {
+        let Some(Slot::Live(record)) = self.workers.remove(&id) else {
+            return None;
+        };
+        // What only a live worker needs (its spawn spec, stdin queue, timers, probe, process
+        // group handle) goes with the record; the timers are aborted first.
+        let Record {
+            mut info,
+            spec,
+            output,
+            kill_timer,
+            retry_timer,
+            probe_task,
+            ..
+        } = *record;
+        for task in [kill_timer, retry_timer, probe_task].into_iter().flatten() {
             task.abort();
         }
+        info.state = state;
+        info.exit_code = exit_code;
+        info.signal = signal;
+        info.reason = reason;
+        info.ended_at = Some(SystemTime::now());
+        info.retry_at = None;
+        let spec = spec.request_id.is_some().then(|| Box::new(spec));
+        self.workers.insert(
+            id,
+            Slot::Done(Box::new(Done {
+                info: info.clone(),
+                output: Arc::clone(&output),
+                spec,
+            })),
+        );
         // The terminal state is published before the output's end, so a reader that gets `End`
         // finds the worker terminal.
-        let info = record.info.clone();
-        let output = Arc::clone(&record.output);
         self.live -= 1;
         self.finished.push_back((id, Instant::now()));
         self.upsert(id);
         output.finish();
         Some(info)
+    }
+
+    fn live_mut(&mut self, id: LocalId) -> Option<&mut Record> {
+        self.workers.get_mut(&id).and_then(Slot::live_mut)
     }
 
     /// Removes a record, its request_id and its place in the finished queue, with an event.
@@ -844,12 +929,12 @@ impl Table {
         let Some(record) = self.workers.remove(&id) else {
             return;
         };
-        if let Some(request_id) = &record.spec.request_id {
+        if let Some(request_id) = record.spec().and_then(|s| s.request_id.as_ref()) {
             if self.request_ids.get(request_id) == Some(&id) {
                 self.request_ids.remove(request_id);
             }
         }
-        if record.info.state.is_terminal() {
+        if record.info().state.is_terminal() {
             if !oldest {
                 self.finished.retain(|(finished, _)| *finished != id);
             }
@@ -875,7 +960,7 @@ impl Drop for Inner {
             .table
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for record in table.workers.values() {
+        for record in table.workers.values().filter_map(Slot::live) {
             if record.info.state.is_terminal() {
                 continue;
             }
