@@ -93,6 +93,9 @@ struct Table {
     /// Set by `shutdown`: no new spawns.
     closed: bool,
     events: Arc<EventLog>,
+    /// One finished, empty output log, kept by every ended worker that wrote nothing in
+    /// place of its own (to a reader the two are alike: no chunk, then the end).
+    no_output: Arc<OutputLog>,
 }
 
 struct Record {
@@ -280,6 +283,11 @@ impl Runtime {
                 finished: VecDeque::new(),
                 closed: false,
                 events: Arc::clone(&events),
+                no_output: {
+                    let log = OutputLog::new(0);
+                    log.finish();
+                    log
+                },
             }),
             events,
             spawner,
@@ -897,11 +905,17 @@ impl Table {
         info.ended_at = Some(SystemTime::now());
         info.retry_at = None;
         let spec = spec.request_id.is_some().then(|| Box::new(spec));
+        // Its pipes are drained (or it never had a process): what it wrote is all there is.
+        let kept = if output.last_seq() == 0 {
+            Arc::clone(&self.no_output)
+        } else {
+            Arc::clone(&output)
+        };
         self.workers.insert(
             id,
             Slot::Done(Box::new(Done {
                 info: info.clone(),
-                output: Arc::clone(&output),
+                output: kept,
                 spec,
             })),
         );
@@ -910,6 +924,7 @@ impl Table {
         self.live -= 1;
         self.finished.push_back((id, Instant::now()));
         self.upsert(id);
+        // Its own log still ends for the readers that hold it.
         output.finish();
         Some(info)
     }
