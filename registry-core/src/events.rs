@@ -871,6 +871,153 @@ mod tests {
         assert_eq!(log.subscriber_count(), 1);
     }
 
+    /// A registry of nothing but the log: a lagged subscriber's reset and (empty) snapshot
+    /// come from it, like the registry's.
+    struct LogOnly(std::sync::Mutex<EventLog>);
+
+    impl LogOnly {
+        fn new(log: EventLog) -> Arc<LogOnly> {
+            Arc::new(LogOnly(std::sync::Mutex::new(log)))
+        }
+
+        fn subscribe(self: &Arc<Self>, filter: Option<RuntimeId>) -> Subscription {
+            let live = self.0.lock().unwrap().register();
+            let weak = Arc::downgrade(self) as Weak<dyn Resubscribe>;
+            Subscription::new(Vec::new(), live, filter, weak)
+        }
+
+        /// Publishes and wakes the readers, as the registry does once its lock is released.
+        fn publish(&self, payload: EventPayload) -> Cursor {
+            let mut log = self.0.lock().unwrap();
+            let cursor = log.publish(payload);
+            let head = log.unannounced();
+            drop(log);
+            if let Some(head) = head {
+                announce(head);
+            }
+            cursor
+        }
+    }
+
+    impl Resubscribe for LogOnly {
+        fn resubscribe(
+            &self,
+            reason: ResetReason,
+            _: &Option<RuntimeId>,
+        ) -> Option<(Vec<Pending>, LiveStart)> {
+            let log = self.0.lock().unwrap();
+            let items = vec![
+                Pending::Item(StreamItem::new(
+                    log.origin(),
+                    EventPayload::Reset { reason },
+                )),
+                Pending::Item(StreamItem::new(
+                    log.head(),
+                    EventPayload::Snapshot {
+                        runtimes: Vec::new(),
+                        workers: Vec::new(),
+                    },
+                )),
+            ];
+            Some((items, log.register()))
+        }
+    }
+
+    async fn next_now(sub: &mut Subscription) -> StreamItem {
+        tokio::time::timeout(std::time::Duration::from_secs(5), sub.next())
+            .await
+            .expect("an item in time")
+            .expect("not ended")
+    }
+
+    #[tokio::test]
+    async fn a_lagging_reader_of_the_shared_ring_gets_what_it_can_then_reset_and_snapshot() {
+        let reg = LogOnly::new(EventLog::new(1, 100, usize::MAX, 4));
+        let mut slow = reg.subscribe(None);
+        let mut fast = reg.subscribe(None);
+        for n in 0..10 {
+            reg.publish(removed(n));
+            assert_eq!(next_now(&mut fast).await.cursor.seq, u64::from(n) + 1);
+        }
+        // The slow one: its bound's worth in order, each once, then reset and a snapshot
+        // at the head; nothing is skipped without a reset saying so.
+        let mut got = Vec::new();
+        loop {
+            let item = next_now(&mut slow).await;
+            if let EventPayload::Reset { reason } = &*item.payload {
+                assert_eq!(*reason, ResetReason::Lagged);
+                assert_eq!(item.cursor.seq, 0, "a reset stands before every event");
+                break;
+            }
+            got.push(item.cursor.seq);
+        }
+        assert_eq!(got, vec![1, 2, 3, 4]);
+        let snapshot = next_now(&mut slow).await;
+        assert_eq!(snapshot.payload.event_type(), "snapshot");
+        assert_eq!(snapshot.cursor.seq, 10);
+        // Then live again, from right after the snapshot, for both.
+        reg.publish(removed(10));
+        assert_eq!(next_now(&mut slow).await.cursor.seq, 11);
+        assert_eq!(next_now(&mut fast).await.cursor.seq, 11);
+        assert!(slow.try_next().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reader_whose_position_left_the_ring_is_reset_not_skipped_ahead() {
+        // A filtered reader whose runtime is quiet while the other's events overrun the
+        // ring: the one event it missed is gone, so it gets a reset, never a later event
+        // after a silent gap.
+        let reg = LogOnly::new(EventLog::new(1, 4, usize::MAX, 4));
+        let mut odd = reg.subscribe(Some(RuntimeId::new("odd").unwrap()));
+        reg.publish(removed(1));
+        for n in 0..10 {
+            reg.publish(removed(2 * n));
+        }
+        reg.publish(removed(3));
+        let first = next_now(&mut odd).await;
+        assert_eq!(first.payload.event_type(), "reset", "{first:?}");
+        let snapshot = next_now(&mut odd).await;
+        assert_eq!(snapshot.payload.event_type(), "snapshot");
+        assert_eq!(snapshot.cursor.seq, 12);
+        reg.publish(removed(5));
+        assert_eq!(next_now(&mut odd).await.cursor.seq, 13);
+    }
+
+    #[tokio::test]
+    async fn readers_with_different_runtime_filters_each_see_exactly_theirs_in_order() {
+        let reg = LogOnly::new(EventLog::new(1, 1000, usize::MAX, 1024));
+        let even = Some(RuntimeId::new("even").unwrap());
+        let odd = Some(RuntimeId::new("odd").unwrap());
+        let readers = [even, odd, None].map(|filter| {
+            let mut sub = reg.subscribe(filter.clone());
+            tokio::spawn(async move {
+                let want = if filter.is_some() { 150 } else { 300 };
+                let mut seen = Vec::new();
+                while seen.len() < want {
+                    let item = next_now(&mut sub).await;
+                    if let Some(f) = &filter {
+                        assert_eq!(item.payload.runtime_id(), Some(f), "{item:?}");
+                    }
+                    seen.push(item.cursor.seq);
+                }
+                assert!(sub.try_next().is_none(), "nothing more than its own");
+                seen
+            })
+        });
+        for n in 0..300 {
+            reg.publish(removed(n));
+            if n % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let [evens, odds, all] = readers;
+        // Seq n + 1 holds removed(n): the even runtime's are the odd seqs.
+        let expect = |rem: u64| (1..=300).filter(|s| s % 2 == rem).collect::<Vec<u64>>();
+        assert_eq!(evens.await.unwrap(), expect(1));
+        assert_eq!(odds.await.unwrap(), expect(0));
+        assert_eq!(all.await.unwrap(), (1..=300).collect::<Vec<u64>>());
+    }
+
     #[test]
     fn payloads_serialize_to_the_spec_shapes() {
         let p = EventPayload::Reset {
