@@ -65,7 +65,7 @@ pub enum ResetReason {
     Expired,
     /// The cursor is not one this registry issued.
     Malformed,
-    /// The subscriber fell too far behind and its queue overflowed.
+    /// The subscriber fell more than its bound behind in the event ring.
     Lagged,
 }
 
@@ -160,8 +160,8 @@ impl EventPayload {
     }
 }
 
-/// The largest subscriber queue: a bound per client must stay a bound (and tokio's
-/// channels refuse capacities near `usize::MAX`). Larger capacities are clamped to it.
+/// The largest subscriber bound: the shared ring keeps this many of the newest events at
+/// most on its account, so a bound must stay a bound. Larger capacities are clamped to it.
 pub const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// One item of a subscription: an event and the cursor to resume after it.

@@ -53,8 +53,9 @@ pub struct RegistryConfig {
     /// Bytes of events kept for resume, roughly (default 64 MiB): a second bound, so that
     /// events with large views can't hold much memory.
     pub event_retention_bytes: usize,
-    /// Events queued for one subscriber before it counts as lagged (default 1,024; at most
-    /// 1,048,576, larger values are clamped).
+    /// Events of its runtime a subscriber may be behind before it counts as lagged
+    /// (default 1,024; at most 1,048,576, larger values are clamped). The shared event ring
+    /// keeps at least this many of the newest events.
     pub subscriber_queue: usize,
 }
 

@@ -1,9 +1,9 @@
 //! Server-Sent Events: the registry's event stream and a worker's output stream (SPEC §5).
 //!
 //! Each stream is one task that writes frames into a bounded [`ChannelBody`]. A client that
-//! reads slowly makes that task wait; it never makes the registry wait: the registry's
-//! per-subscriber queue overflows instead and the client alone gets `reset {lagged}`
-//! (events) or a `gap` (output, from the source's retention).
+//! reads slowly makes that task wait; it never makes the registry wait: the subscription
+//! falls behind in the registry's shared event ring instead and the client alone gets
+//! `reset {lagged}` (events) or a `gap` (output, from the source's retention).
 
 use std::future::pending;
 use std::sync::Arc;
