@@ -6,11 +6,12 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
 use crate::{RuntimeId, RuntimeView, WorkerId, WorkerView};
 
@@ -65,7 +66,7 @@ pub enum ResetReason {
     Expired,
     /// The cursor is not one this registry issued.
     Malformed,
-    /// The subscriber fell more than its bound behind in the event ring.
+    /// The subscriber fell too far behind and its queue overflowed.
     Lagged,
 }
 
@@ -160,8 +161,8 @@ impl EventPayload {
     }
 }
 
-/// The largest subscriber bound: the shared ring keeps this many of the newest events at
-/// most on its account, so a bound must stay a bound. Larger capacities are clamped to it.
+/// The largest subscriber queue: a bound per client must stay a bound (and tokio's
+/// channels refuse capacities near `usize::MAX`). Larger capacities are clamped to it.
 pub const MAX_SUBSCRIBER_QUEUE: usize = 1 << 20;
 
 /// One item of a subscription: an event and the cursor to resume after it.
@@ -235,82 +236,24 @@ impl Pending {
     }
 }
 
-/// The shared ring of recent events that every live subscriber reads at its own position.
-///
-/// The registry appends under its lock (a push and the eviction of what no bound keeps any
-/// more, O(1) amortized, whatever the number of subscribers); readers take a read lock only
-/// to clone the [`StreamItem`]s after their position, outside the registry's lock.
-pub(crate) struct Feed {
-    ring: RwLock<Ring>,
+struct Subscriber {
+    tx: mpsc::Sender<StreamItem>,
+    filter: Option<RuntimeId>,
+    lagged: Arc<AtomicBool>,
 }
 
-struct Ring {
-    /// Consecutive events: the front's seq, then one more each.
-    items: VecDeque<StreamItem>,
-    /// Set when the registry has shut down: readers take what is left after their
-    /// position, then end.
-    closed: bool,
-}
-
-impl Feed {
-    fn read(&self) -> RwLockReadGuard<'_, Ring> {
-        self.ring.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, Ring> {
-        self.ring.write().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Ring {
-    fn front_seq(&self) -> Option<u64> {
-        self.items.front().map(|i| i.cursor.seq)
-    }
-
-    /// The retained events after `seq`, oldest first (empty when `seq` is before the ring).
-    fn after(&self, seq: u64) -> impl DoubleEndedIterator<Item = &StreamItem> {
-        let skip = self
-            .front_seq()
-            .map_or(0, |front| (seq + 1).saturating_sub(front) as usize);
-        self.items.range(skip.min(self.items.len())..)
-    }
-}
-
-/// The registry's event log: one ring of recent events, shared with the live subscribers,
-/// and a notification of its head.
-///
-/// Publishing is O(1) in the number of subscribers: the event is pushed into the shared
-/// ring once and the head is announced on one `watch` channel, which the registry sends
-/// after it has released its lock (see [`EventLog::unannounced`]). Each subscriber keeps its
-/// own position, filters by runtime itself, and is never waited for.
-///
-/// Two bounds decide what the ring keeps:
-///
-/// - the *replay window*: the last `retention` events, and no more than about `max_bytes`
-///   of them (the newest is always kept). A cursor is resumed only from within it.
-/// - the *subscriber bound*: the last `queue_capacity` events are kept too, even beyond the
-///   replay window, so a live subscriber always has its bound's worth to read.
-///
-/// The ring holds the union, at most `max(retention, queue_capacity)` events; beyond the
-/// oldest of them an event is dropped, and a subscriber still positioned before it gets
-/// `reset {lagged}` and a snapshot. Memory is therefore bounded by about `max_bytes` plus
-/// `queue_capacity` events, whatever the number of subscribers.
+/// The ring of retained events and the live subscribers' queues.
 pub(crate) struct EventLog {
     epoch: u64,
     last_seq: u64,
-    feed: Arc<Feed>,
-    /// The oldest seq a cursor can be resumed from (`last_seq + 1` before any event).
-    replay_from: u64,
-    /// Approximate bytes of the events in the replay window (a payload never changes, so its
-    /// size is the same when it leaves the window as when it came).
+    ring: VecDeque<StreamItem>,
+    /// Approximate bytes of the retained events (a payload never changes, so its size is the
+    /// same when it is evicted as when it came).
     bytes: usize,
     retention: usize,
     max_bytes: usize,
     queue_capacity: usize,
-    /// The head, announced to the subscribers once the registry's lock is released.
-    head_tx: watch::Sender<u64>,
-    /// The last seq handed out by [`unannounced`](Self::unannounced).
-    announced: u64,
+    subscribers: Vec<Subscriber>,
 }
 
 /// How a subscription starts: replay or reset.
@@ -323,15 +266,6 @@ pub(crate) enum Start {
     Reset(ResetReason),
 }
 
-/// Where a new live reader of the ring starts: the shared ring, the head notification, and
-/// its position (the last seq it has already accounted for).
-pub(crate) struct LiveStart {
-    feed: Arc<Feed>,
-    head_rx: watch::Receiver<u64>,
-    pos: u64,
-    capacity: usize,
-}
-
 impl EventLog {
     pub(crate) fn new(
         epoch: u64,
@@ -339,24 +273,15 @@ impl EventLog {
         max_bytes: usize,
         queue_capacity: usize,
     ) -> Self {
-        let retention = retention.max(1);
-        let queue_capacity = queue_capacity.clamp(1, MAX_SUBSCRIBER_QUEUE);
         EventLog {
             epoch,
             last_seq: 0,
-            feed: Arc::new(Feed {
-                ring: RwLock::new(Ring {
-                    items: VecDeque::with_capacity(retention.max(queue_capacity).min(1024)),
-                    closed: false,
-                }),
-            }),
-            replay_from: 1,
+            ring: VecDeque::with_capacity(retention.min(1024)),
             bytes: 0,
-            retention,
+            retention: retention.max(1),
             max_bytes,
-            queue_capacity,
-            head_tx: watch::channel(0).0,
-            announced: 0,
+            queue_capacity: queue_capacity.clamp(1, MAX_SUBSCRIBER_QUEUE),
+            subscribers: Vec::new(),
         }
     }
 
@@ -377,49 +302,37 @@ impl EventLog {
         }
     }
 
-    /// Appends an event to the shared ring: O(1) amortized, whatever the number of
-    /// subscribers. The replay window drops its oldest beyond retention (by count, or by
-    /// bytes while more than one event is kept); the ring drops what neither the window nor
-    /// the subscriber bound keeps (see [`EventLog`]).
-    ///
-    /// Subscribers are not woken here: the caller announces the head with
-    /// [`unannounced`](Self::unannounced) and [`announce`] once its lock is released.
+    /// Appends an event, evicting the oldest beyond retention (by count, or by bytes while
+    /// more than one event is kept), and offers it to every
+    /// matching subscriber without waiting: a full queue marks that subscriber lagged and
+    /// drops it from the list (it gets reset + snapshot once it has read what it holds).
     pub(crate) fn publish(&mut self, payload: EventPayload) -> Cursor {
         self.last_seq += 1;
         let item = StreamItem::new(self.head(), payload);
-        let cursor = item.cursor;
         self.bytes += item.payload.approx_size();
-        let mut ring = self.feed.write();
-        ring.items.push_back(item);
-        let front = ring.front_seq().unwrap_or(self.last_seq);
-        while self.window_len() > self.retention as u64
-            || (self.bytes > self.max_bytes && self.window_len() > 1)
+        self.ring.push_back(item.clone());
+        while self.ring.len() > self.retention
+            || (self.bytes > self.max_bytes && self.ring.len() > 1)
         {
-            let leaving = &ring.items[(self.replay_from - front) as usize];
-            self.bytes -= leaving.payload.approx_size();
-            self.replay_from += 1;
+            if let Some(oldest) = self.ring.pop_front() {
+                self.bytes -= oldest.payload.approx_size();
+            }
         }
-        let keep_from = self
-            .replay_from
-            .min((self.last_seq + 1).saturating_sub(self.queue_capacity as u64));
-        while ring.front_seq().is_some_and(|seq| seq < keep_from) {
-            ring.items.pop_front();
-        }
-        cursor
-    }
-
-    fn window_len(&self) -> u64 {
-        self.last_seq + 1 - self.replay_from
-    }
-
-    /// The head and the channel to announce it on, if events were published since the last
-    /// call. Taken under the registry's lock; [`announce`] it after the lock is released,
-    /// so that waking the subscribers never holds up the registry.
-    pub(crate) fn unannounced(&mut self) -> Option<(watch::Sender<u64>, u64)> {
-        (self.last_seq > self.announced).then(|| {
-            self.announced = self.last_seq;
-            (self.head_tx.clone(), self.last_seq)
-        })
+        let runtime = item.payload.runtime_id().cloned();
+        self.subscribers.retain(|sub| {
+            if !matches(&sub.filter, runtime.as_ref()) {
+                return !sub.tx.is_closed();
+            }
+            match sub.tx.try_send(item.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    sub.lagged.store(true, Ordering::Release);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        item.cursor
     }
 
     /// Decides how a subscription that sends `cursor` starts.
@@ -436,15 +349,20 @@ impl EventLog {
         if c.seq > self.last_seq {
             return Start::Reset(ResetReason::Malformed);
         }
-        // The oldest event the client still needs is c.seq + 1; it must be in the replay
-        // window (or not exist yet).
-        if c.seq + 1 < self.replay_from {
+        // The oldest event the client still needs is c.seq + 1; it must be retained (or
+        // not exist yet).
+        let oldest = self
+            .ring
+            .front()
+            .map_or(self.last_seq + 1, |i| i.cursor.seq);
+        if c.seq + 1 < oldest {
             return Start::Reset(ResetReason::Expired);
         }
+        let skip = (c.seq + 1 - oldest) as usize;
         Start::Replay(
-            self.feed
-                .read()
-                .after(c.seq)
+            self.ring
+                .iter()
+                .skip(skip)
                 .filter(|i| matches(filter, i.payload.runtime_id()))
                 .cloned()
                 .collect(),
@@ -453,52 +371,37 @@ impl EventLog {
 
     /// Whether the events after `seq` still retained hold the removal of `worker`.
     pub(crate) fn removed_since(&self, seq: u64, worker: &WorkerId) -> bool {
-        self.feed.read().after(seq).rev().any(|i| {
+        self.ring.iter().rev().take_while(|i| i.cursor.seq > seq).any(|i| {
             matches!(&*i.payload, EventPayload::WorkerRemoved { worker_id, .. } if worker_id == worker)
         })
     }
 
-    /// A live reader from the head on: every event published after this call is in its
-    /// reach. O(1); nothing is registered that publishing would have to visit.
-    pub(crate) fn register(&self) -> LiveStart {
-        LiveStart {
-            feed: self.feed.clone(),
-            head_rx: self.head_tx.subscribe(),
-            pos: self.last_seq,
-            capacity: self.queue_capacity,
-        }
+    /// Adds a live subscriber; events published after this call reach its queue. Drops the
+    /// subscribers that went away meanwhile, so an idle log does not collect them.
+    pub(crate) fn register(
+        &mut self,
+        filter: Option<RuntimeId>,
+    ) -> (mpsc::Receiver<StreamItem>, Arc<AtomicBool>) {
+        self.subscribers.retain(|s| !s.tx.is_closed());
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let lagged = Arc::new(AtomicBool::new(false));
+        self.subscribers.push(Subscriber {
+            tx,
+            filter,
+            lagged: lagged.clone(),
+        });
+        (rx, lagged)
     }
 
-    /// Ends every subscription once it has read what the ring holds after its position.
+    /// Drops every subscriber: their streams end once drained.
     pub(crate) fn close_all(&mut self) {
-        self.feed.write().closed = true;
-        // Wake every reader even if nothing new was published (only at shutdown).
-        self.head_tx.send_modify(|_| {});
+        self.subscribers.clear();
     }
 
-    /// The retained events (the replay window and what the subscriber bound keeps).
-    #[cfg(test)]
-    fn ring_len(&self) -> usize {
-        self.feed.read().items.len()
-    }
-
-    /// The live readers (their notification receivers).
     #[cfg(test)]
     pub(crate) fn subscriber_count(&self) -> usize {
-        self.head_tx.receiver_count()
+        self.subscribers.len()
     }
-}
-
-/// Wakes the subscribers for everything up to `seq` (never backwards: announcements from
-/// two threads may arrive out of order). One notification, however many subscribers.
-pub(crate) fn announce((tx, seq): (watch::Sender<u64>, u64)) {
-    tx.send_if_modified(|head| {
-        let newer = seq > *head;
-        if newer {
-            *head = seq;
-        }
-        newer
-    });
 }
 
 fn matches(filter: &Option<RuntimeId>, runtime: Option<&RuntimeId>) -> bool {
@@ -508,54 +411,27 @@ fn matches(filter: &Option<RuntimeId>, runtime: Option<&RuntimeId>) -> bool {
     }
 }
 
-/// What a subscription needs from the registry: a fresh snapshot and a new live position,
-/// taken together under the registry's lock.
+/// What a subscription needs from the registry: a fresh snapshot and a new queue, taken
+/// together under the registry's lock.
 pub(crate) trait Resubscribe: Send + Sync {
-    /// Reset + snapshot items and the live position they fit; `None` once the registry is
-    /// shut down.
+    /// Reset + snapshot items and a new live queue; `None` once the registry is shut down.
     fn resubscribe(
         &self,
         reason: ResetReason,
         filter: &Option<RuntimeId>,
-    ) -> Option<(Vec<Pending>, LiveStart)>;
-}
-
-/// What one look at the ring found.
-enum Fill {
-    /// Items were taken (or a lag was found): go on yielding.
-    Progress,
-    /// Nothing new yet.
-    Empty,
-    /// The registry has shut down and nothing is left after the position.
-    Closed,
+    ) -> Option<(Vec<Pending>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)>;
 }
 
 /// A live view of the registry's events from some point on.
 ///
 /// It yields, in order: a `snapshot` (no cursor given) or the retained events after the
 /// cursor (a valid one) or `reset` + `snapshot` (a cursor that can't be continued); then live
-/// events, read from the registry's shared ring at the subscription's own position and
-/// filtered by runtime here, not by the registry.
-///
-/// Its bound is the subscriber queue (`subscriber_queue` events of its runtime): when it
-/// comes back to the ring and finds more than that many events for it after its position,
-/// or finds its position already dropped from the ring, it has lagged. It then yields what
-/// it can in order (the first events of the bound that are still there, never one after a
-/// gap), then `reset {lagged}` + `snapshot`, and goes on live. It never slows the registry.
+/// events. If it falls more than its queue's capacity behind, it yields what it holds, then
+/// `reset {lagged}` + `snapshot`, and goes on live. It never slows the registry.
 pub struct Subscription {
-    /// The start: snapshot, replay, or reset and snapshot.
     pending: VecDeque<Pending>,
-    /// Live items taken from the ring, not yet yielded (at most the bound).
-    live: VecDeque<StreamItem>,
-    feed: Arc<Feed>,
-    head_rx: watch::Receiver<u64>,
-    /// The seq of the last event of the ring this subscription has accounted for.
-    pos: u64,
-    capacity: usize,
-    /// It fell behind: after `live`, a reset and a snapshot.
-    lagged: bool,
-    /// The registry is gone (its notification ended).
-    ended: bool,
+    rx: mpsc::Receiver<StreamItem>,
+    lagged: Arc<AtomicBool>,
     filter: Option<RuntimeId>,
     source: Weak<dyn Resubscribe>,
 }
@@ -563,25 +439,15 @@ pub struct Subscription {
 impl Subscription {
     pub(crate) fn new(
         pending: Vec<Pending>,
-        live: LiveStart,
+        rx: mpsc::Receiver<StreamItem>,
+        lagged: Arc<AtomicBool>,
         filter: Option<RuntimeId>,
         source: Weak<dyn Resubscribe>,
     ) -> Self {
-        let LiveStart {
-            feed,
-            head_rx,
-            pos,
-            capacity,
-        } = live;
         Subscription {
             pending: pending.into(),
-            live: VecDeque::new(),
-            feed,
-            head_rx,
-            pos,
-            capacity,
-            lagged: false,
-            ended: false,
+            rx,
+            lagged,
             filter,
             source,
         }
@@ -594,16 +460,13 @@ impl Subscription {
     }
 
     /// The next item if one is there now, without waiting: for a reader that writes what
-    /// has queued up in one go. `None` also when the subscription lagged or ended;
-    /// [`next`](Self::next) then says what follows (a reset, or the end).
+    /// has queued up in one go. `None` also when the queue is closed; [`next`](Self::next)
+    /// then says what follows (a reset, or the end).
     pub fn try_next(&mut self) -> Option<StreamItem> {
         if let Some(item) = self.pending.pop_front() {
             return Some(item.into_item());
         }
-        if self.live.is_empty() && !self.lagged {
-            self.fill();
-        }
-        self.live.pop_front()
+        self.rx.try_recv().ok()
     }
 
     /// The next item; `None` once the registry has shut down.
@@ -612,66 +475,19 @@ impl Subscription {
             if let Some(item) = self.pending.pop_front() {
                 return Some(item.into_item());
             }
-            if let Some(item) = self.live.pop_front() {
+            if let Some(item) = self.rx.recv().await {
                 return Some(item);
             }
-            if self.lagged {
-                let registry = self.source.upgrade()?;
-                let (items, live) = registry.resubscribe(ResetReason::Lagged, &self.filter)?;
-                self.pending = items.into();
-                self.pos = live.pos;
-                self.head_rx = live.head_rx;
-                self.lagged = false;
-                continue;
+            // The queue is closed: lagged, or the registry is gone.
+            if !self.lagged.load(Ordering::Acquire) {
+                return None;
             }
-            // Seen before looking: an event published after the look changes it again.
-            self.head_rx.borrow_and_update();
-            match self.fill() {
-                Fill::Progress => continue,
-                Fill::Closed => return None,
-                Fill::Empty if self.ended => return None,
-                Fill::Empty => {}
-            }
-            // Cancel-safe: nothing is taken until the next look.
-            if self.head_rx.changed().await.is_err() {
-                self.ended = true;
-            }
+            let registry = self.source.upgrade()?;
+            let (items, rx, lagged) = registry.resubscribe(ResetReason::Lagged, &self.filter)?;
+            self.pending = items.into();
+            self.rx = rx;
+            self.lagged = lagged;
         }
-    }
-
-    /// Takes the events for this subscription after its position from the ring, up to its
-    /// bound, and moves the position past every event it looked at.
-    fn fill(&mut self) -> Fill {
-        let ring = self.feed.read();
-        let nothing = if ring.closed {
-            Fill::Closed
-        } else {
-            Fill::Empty
-        };
-        let Some(front) = ring.front_seq() else {
-            return nothing;
-        };
-        if self.pos + 1 < front {
-            // What came right after the position is gone: nothing more can be given in
-            // order.
-            self.lagged = true;
-            return Fill::Progress;
-        }
-        for item in ring.after(self.pos) {
-            if matches(&self.filter, item.payload.runtime_id()) {
-                if self.live.len() == self.capacity {
-                    self.lagged = true;
-                    break;
-                }
-                self.live.push_back(item.clone());
-            }
-            self.pos = item.cursor.seq;
-        }
-        if self.live.is_empty() && !self.lagged {
-            // Nothing after the position, or only other runtimes' events.
-            return nothing;
-        }
-        Fill::Progress
     }
 }
 
@@ -679,8 +495,6 @@ impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("pending", &self.pending.len())
-            .field("live", &self.live.len())
-            .field("pos", &self.pos)
             .field("filter", &self.filter)
             .finish_non_exhaustive()
     }
@@ -794,9 +608,7 @@ mod tests {
         for n in 0..1000 {
             log.publish(removed(n));
         }
-        // The replay window is 3; the ring keeps the subscriber bound (10) too.
-        assert_eq!(log.window_len(), 3);
-        assert_eq!(log.ring_len(), 10);
+        assert_eq!(log.ring.len(), 3);
         assert_eq!(log.head().seq, 1000);
     }
 
@@ -807,8 +619,7 @@ mod tests {
             log.publish(removed(n));
         }
         // Each removal counts 256 bytes: ten fit.
-        assert_eq!(log.window_len(), 10);
-        assert_eq!(log.ring_len(), 10);
+        assert_eq!(log.ring.len(), 10);
         assert_eq!(log.bytes, 10 * 256);
         let expired = Cursor { epoch: 1, seq: 89 };
         assert_eq!(
@@ -819,203 +630,42 @@ mod tests {
         let mut log = EventLog::new(1, 1000, 100, 10);
         log.publish(removed(1));
         log.publish(removed(2));
-        assert_eq!(log.window_len(), 1);
-        assert_eq!(log.replay_from, 2);
-    }
-
-    /// A live reader with no registry behind it (a lag ends it instead of a reset).
-    fn reader(log: &EventLog, filter: Option<RuntimeId>) -> Subscription {
-        let none: Weak<dyn Resubscribe> = Weak::<NoRegistry>::new();
-        Subscription::new(Vec::new(), log.register(), filter, none)
-    }
-
-    struct NoRegistry;
-
-    impl Resubscribe for NoRegistry {
-        fn resubscribe(
-            &self,
-            _: ResetReason,
-            _: &Option<RuntimeId>,
-        ) -> Option<(Vec<Pending>, LiveStart)> {
-            None
-        }
+        assert_eq!(log.ring.len(), 1);
+        assert_eq!(log.ring[0].cursor.seq, 2);
     }
 
     #[test]
     fn a_full_queue_marks_only_that_subscriber_lagged() {
         let mut log = EventLog::new(1, 100, usize::MAX, 4);
-        let mut slow = reader(&log, None);
-        let mut fast = reader(&log, None);
+        let (mut slow, slow_lagged) = log.register(None);
+        let (mut fast, fast_lagged) = log.register(None);
         for n in 0..10 {
             log.publish(removed(n));
             // The fast one keeps up.
-            assert_eq!(fast.try_next().unwrap().cursor.seq, u64::from(n) + 1);
+            assert_eq!(fast.try_recv().unwrap().cursor.seq, u64::from(n) + 1);
         }
-        assert!(!fast.lagged);
-        // The slow one still gets what its bound holds, in order, then nothing.
-        let held: Vec<u64> = std::iter::from_fn(|| slow.try_next())
+        assert!(slow_lagged.load(Ordering::Acquire));
+        assert!(!fast_lagged.load(Ordering::Acquire));
+        assert_eq!(log.subscriber_count(), 1);
+        // The slow one still gets what its queue held, in order, then the end.
+        let held: Vec<u64> = std::iter::from_fn(|| slow.try_recv().ok())
             .map(|i| i.cursor.seq)
             .collect();
         assert_eq!(held, vec![1, 2, 3, 4]);
-        assert!(slow.lagged);
-        assert!(!fast.lagged);
+        assert_eq!(
+            slow.try_recv().unwrap_err(),
+            mpsc::error::TryRecvError::Disconnected
+        );
     }
 
     #[test]
     fn subscribers_that_went_away_are_dropped_while_idle() {
-        let log = EventLog::new(1, 10, usize::MAX, 4);
+        let mut log = EventLog::new(1, 10, usize::MAX, 4);
         for _ in 0..100 {
-            drop(reader(&log, None));
+            drop(log.register(None));
         }
-        let _kept = reader(&log, None);
+        let _kept = log.register(None);
         assert_eq!(log.subscriber_count(), 1);
-    }
-
-    /// A registry of nothing but the log: a lagged subscriber's reset and (empty) snapshot
-    /// come from it, like the registry's.
-    struct LogOnly(std::sync::Mutex<EventLog>);
-
-    impl LogOnly {
-        fn new(log: EventLog) -> Arc<LogOnly> {
-            Arc::new(LogOnly(std::sync::Mutex::new(log)))
-        }
-
-        fn subscribe(self: &Arc<Self>, filter: Option<RuntimeId>) -> Subscription {
-            let live = self.0.lock().unwrap().register();
-            let weak = Arc::downgrade(self) as Weak<dyn Resubscribe>;
-            Subscription::new(Vec::new(), live, filter, weak)
-        }
-
-        /// Publishes and wakes the readers, as the registry does once its lock is released.
-        fn publish(&self, payload: EventPayload) -> Cursor {
-            let mut log = self.0.lock().unwrap();
-            let cursor = log.publish(payload);
-            let head = log.unannounced();
-            drop(log);
-            if let Some(head) = head {
-                announce(head);
-            }
-            cursor
-        }
-    }
-
-    impl Resubscribe for LogOnly {
-        fn resubscribe(
-            &self,
-            reason: ResetReason,
-            _: &Option<RuntimeId>,
-        ) -> Option<(Vec<Pending>, LiveStart)> {
-            let log = self.0.lock().unwrap();
-            let items = vec![
-                Pending::Item(StreamItem::new(
-                    log.origin(),
-                    EventPayload::Reset { reason },
-                )),
-                Pending::Item(StreamItem::new(
-                    log.head(),
-                    EventPayload::Snapshot {
-                        runtimes: Vec::new(),
-                        workers: Vec::new(),
-                    },
-                )),
-            ];
-            Some((items, log.register()))
-        }
-    }
-
-    async fn next_now(sub: &mut Subscription) -> StreamItem {
-        tokio::time::timeout(std::time::Duration::from_secs(5), sub.next())
-            .await
-            .expect("an item in time")
-            .expect("not ended")
-    }
-
-    #[tokio::test]
-    async fn a_lagging_reader_of_the_shared_ring_gets_what_it_can_then_reset_and_snapshot() {
-        let reg = LogOnly::new(EventLog::new(1, 100, usize::MAX, 4));
-        let mut slow = reg.subscribe(None);
-        let mut fast = reg.subscribe(None);
-        for n in 0..10 {
-            reg.publish(removed(n));
-            assert_eq!(next_now(&mut fast).await.cursor.seq, u64::from(n) + 1);
-        }
-        // The slow one: its bound's worth in order, each once, then reset and a snapshot
-        // at the head; nothing is skipped without a reset saying so.
-        let mut got = Vec::new();
-        loop {
-            let item = next_now(&mut slow).await;
-            if let EventPayload::Reset { reason } = &*item.payload {
-                assert_eq!(*reason, ResetReason::Lagged);
-                assert_eq!(item.cursor.seq, 0, "a reset stands before every event");
-                break;
-            }
-            got.push(item.cursor.seq);
-        }
-        assert_eq!(got, vec![1, 2, 3, 4]);
-        let snapshot = next_now(&mut slow).await;
-        assert_eq!(snapshot.payload.event_type(), "snapshot");
-        assert_eq!(snapshot.cursor.seq, 10);
-        // Then live again, from right after the snapshot, for both.
-        reg.publish(removed(10));
-        assert_eq!(next_now(&mut slow).await.cursor.seq, 11);
-        assert_eq!(next_now(&mut fast).await.cursor.seq, 11);
-        assert!(slow.try_next().is_none());
-    }
-
-    #[tokio::test]
-    async fn a_reader_whose_position_left_the_ring_is_reset_not_skipped_ahead() {
-        // A filtered reader whose runtime is quiet while the other's events overrun the
-        // ring: the one event it missed is gone, so it gets a reset, never a later event
-        // after a silent gap.
-        let reg = LogOnly::new(EventLog::new(1, 4, usize::MAX, 4));
-        let mut odd = reg.subscribe(Some(RuntimeId::new("odd").unwrap()));
-        reg.publish(removed(1));
-        for n in 0..10 {
-            reg.publish(removed(2 * n));
-        }
-        reg.publish(removed(3));
-        let first = next_now(&mut odd).await;
-        assert_eq!(first.payload.event_type(), "reset", "{first:?}");
-        let snapshot = next_now(&mut odd).await;
-        assert_eq!(snapshot.payload.event_type(), "snapshot");
-        assert_eq!(snapshot.cursor.seq, 12);
-        reg.publish(removed(5));
-        assert_eq!(next_now(&mut odd).await.cursor.seq, 13);
-    }
-
-    #[tokio::test]
-    async fn readers_with_different_runtime_filters_each_see_exactly_theirs_in_order() {
-        let reg = LogOnly::new(EventLog::new(1, 1000, usize::MAX, 1024));
-        let even = Some(RuntimeId::new("even").unwrap());
-        let odd = Some(RuntimeId::new("odd").unwrap());
-        let readers = [even, odd, None].map(|filter| {
-            let mut sub = reg.subscribe(filter.clone());
-            tokio::spawn(async move {
-                let want = if filter.is_some() { 150 } else { 300 };
-                let mut seen = Vec::new();
-                while seen.len() < want {
-                    let item = next_now(&mut sub).await;
-                    if let Some(f) = &filter {
-                        assert_eq!(item.payload.runtime_id(), Some(f), "{item:?}");
-                    }
-                    seen.push(item.cursor.seq);
-                }
-                assert!(sub.try_next().is_none(), "nothing more than its own");
-                seen
-            })
-        });
-        for n in 0..300 {
-            reg.publish(removed(n));
-            if n % 7 == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
-        let [evens, odds, all] = readers;
-        // Seq n + 1 holds removed(n): the even runtime's are the odd seqs.
-        let expect = |rem: u64| (1..=300).filter(|s| s % 2 == rem).collect::<Vec<u64>>();
-        assert_eq!(evens.await.unwrap(), expect(1));
-        assert_eq!(odds.await.unwrap(), expect(0));
-        assert_eq!(all.await.unwrap(), (1..=300).collect::<Vec<u64>>());
     }
 
     #[test]
@@ -1053,15 +703,15 @@ mod tests {
     #[test]
     fn a_runtime_filter_keeps_the_removal_of_that_runtime() {
         let mut log = EventLog::new(1, 10, usize::MAX, 4);
-        let mut other = reader(&log, Some(RuntimeId::new("other").unwrap()));
-        let mut mine = reader(&log, Some(RuntimeId::new("old").unwrap()));
+        let (mut other, _) = log.register(Some(RuntimeId::new("other").unwrap()));
+        let (mut mine, _) = log.register(Some(RuntimeId::new("old").unwrap()));
         log.publish(EventPayload::RuntimeRemoved {
             runtime_id: RuntimeId::new("old").unwrap(),
         });
         assert_eq!(
-            mine.try_next().unwrap().payload.event_type(),
+            mine.try_recv().unwrap().payload.event_type(),
             "runtime.removed"
         );
-        assert!(other.try_next().is_none());
+        assert!(other.try_recv().is_err());
     }
 }

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -12,11 +11,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::Redacted;
 
-use crate::events::{announce, EventLog, LazySnapshot, LiveStart, Pending, Resubscribe, Start};
+use crate::events::{EventLog, LazySnapshot, Pending, Resubscribe, Start};
 use crate::table::{PageKey, Record, Table};
 use crate::{
     sanitize_message, Capabilities, Diagnostic, EventPayload, FailReason, HealthState,
@@ -53,9 +52,8 @@ pub struct RegistryConfig {
     /// Bytes of events kept for resume, roughly (default 64 MiB): a second bound, so that
     /// events with large views can't hold much memory.
     pub event_retention_bytes: usize,
-    /// Events of its runtime a subscriber may be behind before it counts as lagged
-    /// (default 1,024; at most 1,048,576, larger values are clamped). The shared event ring
-    /// keeps at least this many of the newest events.
+    /// Events queued for one subscriber before it counts as lagged (default 1,024; at most
+    /// 1,048,576, larger values are clamped).
     pub subscriber_queue: usize,
 }
 
@@ -182,40 +180,6 @@ struct State {
     log: EventLog,
     workers: Table,
     runtimes: BTreeMap<RuntimeId, RuntimeRecord>,
-}
-
-/// The registry's lock. Events published while it is held wake the subscribers only once
-/// it is released: publishing under the lock stays O(1) whatever their number, and the
-/// follower that applies the next lifecycle event does not wait for their wake-ups.
-struct StateGuard<'a>(Option<MutexGuard<'a, State>>);
-
-impl Deref for StateGuard<'_> {
-    type Target = State;
-
-    fn deref(&self) -> &State {
-        self.0.as_deref().expect("the guard is held until dropped")
-    }
-}
-
-impl DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.0
-            .as_deref_mut()
-            .expect("the guard is held until dropped")
-    }
-}
-
-impl Drop for StateGuard<'_> {
-    fn drop(&mut self) {
-        let Some(mut guard) = self.0.take() else {
-            return;
-        };
-        let head = guard.log.unannounced();
-        drop(guard);
-        if let Some(head) = head {
-            announce(head);
-        }
-    }
 }
 
 struct RuntimeRecord {
@@ -774,13 +738,12 @@ impl Registry {
             Start::Replay(items) => items.into_iter().map(Pending::Item).collect(),
             Start::Reset(reason) => st.reset_items(reason, &runtime),
         };
-        let live = st.log.register();
+        let (rx, lagged) = st.log.register(runtime.clone());
         if self.inner.closed.load(Ordering::Acquire) {
             st.log.close_all();
         }
-        drop(st);
         let weak: Weak<dyn Resubscribe> = Arc::downgrade(&self.inner) as Weak<dyn Resubscribe>;
-        Subscription::new(pending, live, runtime, weak)
+        Subscription::new(pending, rx, lagged, runtime, weak)
     }
 
     /// Shuts down: every source's [`RuntimeSource::shutdown`] (owned workers are stopped
@@ -848,10 +811,10 @@ impl fmt::Debug for Registry {
 }
 
 impl Inner {
-    fn lock(&self) -> StateGuard<'_> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock can't leave the projection half-written in a way
         // later calls would misread (each change is one insert or remove), so go on.
-        StateGuard(Some(self.state.lock().unwrap_or_else(|e| e.into_inner())))
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `id` is being removed or replaced.
@@ -1055,13 +1018,14 @@ impl Resubscribe for Inner {
         &self,
         reason: ResetReason,
         filter: &Option<RuntimeId>,
-    ) -> Option<(Vec<Pending>, LiveStart)> {
-        let st = self.lock();
+    ) -> Option<(Vec<Pending>, mpsc::Receiver<StreamItem>, Arc<AtomicBool>)> {
+        let mut st = self.lock();
         if self.closed.load(Ordering::Acquire) {
             return None;
         }
         let items = st.reset_items(reason, filter);
-        Some((items, st.log.register()))
+        let (rx, lagged) = st.log.register(filter.clone());
+        Some((items, rx, lagged))
     }
 }
 

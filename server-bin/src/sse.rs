@@ -1,9 +1,9 @@
 //! Server-Sent Events: the registry's event stream and a worker's output stream (SPEC §5).
 //!
 //! Each stream is one task that writes frames into a bounded [`ChannelBody`]. A client that
-//! reads slowly makes that task wait; it never makes the registry wait: the subscription
-//! falls behind in the registry's shared event ring instead and the client alone gets
-//! `reset {lagged}` (events) or a `gap` (output, from the source's retention).
+//! reads slowly makes that task wait; it never makes the registry wait: the registry's
+//! per-subscriber queue overflows instead and the client alone gets `reset {lagged}`
+//! (events) or a `gap` (output, from the source's retention).
 
 use std::future::pending;
 use std::sync::Arc;
@@ -142,12 +142,6 @@ pub fn events(
                         out.send(shutdown_frame(&id)).await;
                         return;
                     };
-                    // Live, a woken subscriber waits a moment for the events published
-                    // right after this one (a worker's changes come in bursts): they go out in
-                    // the same write instead of one write each.
-                    if live {
-                        tokio::time::sleep(EVENTS_COALESCE).await;
-                    }
                     // This item and what else is queued now go out in one write.
                     let mut batch = Batch::default();
                     let mut next = Some(item);
@@ -180,11 +174,6 @@ pub fn events(
     });
     sse_response(body)
 }
-
-/// How long a live events stream waits after waking before it writes, to take the events
-/// published meanwhile into the same write. Timers round up to the millisecond, so the
-/// added delay stays under 2 ms.
-const EVENTS_COALESCE: Duration = Duration::from_millis(1);
 
 /// Frames queued for one write are gathered up to about this many bytes (a snapshot may
 /// be larger on its own; it is never split).

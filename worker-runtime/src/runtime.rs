@@ -83,7 +83,7 @@ struct Inner {
 /// Everything about workers, under one lock. Events are appended only while this lock is held,
 /// so the event order is the order of changes and `snapshot` is atomic.
 struct Table {
-    workers: BTreeMap<LocalId, Slot>,
+    workers: BTreeMap<LocalId, Record>,
     request_ids: HashMap<String, LocalId>,
     next_id: u64,
     /// Workers not yet terminal.
@@ -93,9 +93,6 @@ struct Table {
     /// Set by `shutdown`: no new spawns.
     closed: bool,
     events: Arc<EventLog>,
-    /// One finished, empty output log, kept by every ended worker that wrote nothing in
-    /// place of its own (to a reader the two are alike: no chunk, then the end).
-    no_output: Arc<OutputLog>,
 }
 
 struct Record {
@@ -131,62 +128,6 @@ struct Record {
     /// The probe found the current run unhealthy and its group is being stopped, so that
     /// the restart policy starts it again.
     unhealthy_kill: bool,
-}
-
-/// A worker's place in the table: its whole [`Record`] while it is live, and once it has
-/// ended only what its view, its output and its `request_id` still need. Finished records are
-/// kept by the thousand (`max_finished`), so an ended one holds no spawn spec, queue, timer
-/// or probe state, and both forms are boxed so that the table's B-tree nodes stay small.
-enum Slot {
-    Live(Box<Record>),
-    Done(Box<Done>),
-}
-
-/// What is kept of a worker that has ended.
-struct Done {
-    info: WorkerInfo,
-    output: Arc<OutputLog>,
-    /// The spawn request, kept only when it carried a `request_id`: a retry of that request
-    /// must still be found equal to it.
-    spec: Option<Box<SpawnSpec>>,
-}
-
-impl Slot {
-    fn info(&self) -> &WorkerInfo {
-        match self {
-            Slot::Live(record) => &record.info,
-            Slot::Done(done) => &done.info,
-        }
-    }
-
-    fn output(&self) -> &Arc<OutputLog> {
-        match self {
-            Slot::Live(record) => &record.output,
-            Slot::Done(done) => &done.output,
-        }
-    }
-
-    /// The spawn request, where it is still kept.
-    fn spec(&self) -> Option<&SpawnSpec> {
-        match self {
-            Slot::Live(record) => Some(&record.spec),
-            Slot::Done(done) => done.spec.as_deref(),
-        }
-    }
-
-    fn live(&self) -> Option<&Record> {
-        match self {
-            Slot::Live(record) => Some(record),
-            Slot::Done(_) => None,
-        }
-    }
-
-    fn live_mut(&mut self) -> Option<&mut Record> {
-        match self {
-            Slot::Live(record) => Some(record),
-            Slot::Done(_) => None,
-        }
-    }
 }
 
 struct Process {
@@ -283,11 +224,6 @@ impl Runtime {
                 finished: VecDeque::new(),
                 closed: false,
                 events: Arc::clone(&events),
-                no_output: {
-                    let log = OutputLog::new(0);
-                    log.finish();
-                    log
-                },
             }),
             events,
             spawner,
@@ -402,9 +338,9 @@ impl Runtime {
                     .request_ids
                     .get(request_id)
                     .and_then(|id| table.workers.get(id));
-                if let Some(slot) = earlier {
-                    return if slot.spec() == Some(&spec) {
-                        Ok(slot.info().clone())
+                if let Some(record) = earlier {
+                    return if record.spec == spec {
+                        Ok(record.info.clone())
                     } else {
                         Err(RuntimeError::Conflict(
                             "request_id was already used for a different spawn request".into(),
@@ -441,7 +377,7 @@ impl Runtime {
     /// Every worker record, sorted by id.
     pub fn list(&self) -> Vec<WorkerInfo> {
         let table = lock(&self.inner.table);
-        table.workers.values().map(|r| r.info().clone()).collect()
+        table.workers.values().map(|r| r.info.clone()).collect()
     }
 
     /// One worker, or [`RuntimeError::NotFound`].
@@ -450,7 +386,7 @@ impl Runtime {
         table
             .workers
             .get(&id)
-            .map(|r| r.info().clone())
+            .map(|r| r.info.clone())
             .ok_or(RuntimeError::NotFound)
     }
 
@@ -475,11 +411,9 @@ impl Runtime {
     /// waiting.
     pub fn input(&self, id: LocalId, data: Bytes) -> Result<(), RuntimeError> {
         let table = lock(&self.inner.table);
-        let slot = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
-        let ended = || RuntimeError::Conflict("the worker has ended".into());
-        let record = slot.live().ok_or_else(ended)?;
+        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
         if record.info.state.is_terminal() {
-            return Err(ended());
+            return Err(RuntimeError::Conflict("the worker has ended".into()));
         }
         let closed = || RuntimeError::Conflict("the worker's stdin is closed".into());
         let queue = record.stdin.as_ref().ok_or_else(closed)?;
@@ -506,11 +440,9 @@ impl Runtime {
     /// This is an addition to the shared API contract.
     pub fn close_input(&self, id: LocalId) -> Result<(), RuntimeError> {
         let mut table = lock(&self.inner.table);
-        let slot = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
+        let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
         // Dropping the sender lets the writer drain the queue, then close the pipe.
-        if let Some(record) = slot.live_mut() {
-            record.stdin = None;
-        }
+        record.stdin = None;
         Ok(())
     }
 
@@ -519,8 +451,8 @@ impl Runtime {
     /// terminal.
     pub fn remove(&self, id: LocalId) -> Result<(), RuntimeError> {
         let mut table = lock(&self.inner.table);
-        let slot = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
-        if !slot.info().state.is_terminal() {
+        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        if !record.info.state.is_terminal() {
             return Err(RuntimeError::Conflict(
                 "the worker is still running; stop it first".into(),
             ));
@@ -533,7 +465,7 @@ impl Runtime {
     /// [`Runtime::events`] from that seq continues exactly where the snapshot stands.
     pub fn snapshot(&self) -> (Vec<WorkerInfo>, u64) {
         let table = lock(&self.inner.table);
-        let workers = table.workers.values().map(|r| r.info().clone()).collect();
+        let workers = table.workers.values().map(|r| r.info.clone()).collect();
         (workers, table.events.last_seq())
     }
 
@@ -557,17 +489,13 @@ impl Runtime {
         follow: bool,
     ) -> Result<OutputReader, RuntimeError> {
         let table = lock(&self.inner.table);
-        let output = table
-            .workers
-            .get(&id)
-            .ok_or(RuntimeError::NotFound)?
-            .output();
-        if after > output.last_seq() {
+        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        if after > record.output.last_seq() {
             return Err(RuntimeError::InvalidRequest(
                 "`after` is past the worker's last output".into(),
             ));
         }
-        OutputReader::new(output, after, follow).ok_or_else(|| {
+        OutputReader::new(&record.output, after, follow).ok_or_else(|| {
             RuntimeError::InvalidRequest("`after` is past the worker's last output".into())
         })
     }
@@ -576,8 +504,8 @@ impl Runtime {
     /// contract, for monitoring.
     pub fn retained_output_bytes(&self, id: LocalId) -> Result<u64, RuntimeError> {
         let table = lock(&self.inner.table);
-        let slot = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
-        Ok(slot.output().retained_bytes())
+        let record = table.workers.get(&id).ok_or(RuntimeError::NotFound)?;
+        Ok(record.output.retained_bytes())
     }
 
     /// Refuses new spawns, stops every live worker with its own grace (the profile's, or the
@@ -593,7 +521,6 @@ impl Runtime {
             table
                 .workers
                 .values()
-                .filter_map(Slot::live)
                 .filter(|r| !r.info.state.is_terminal())
                 .map(|r| {
                     let own = r.grace;
@@ -653,7 +580,7 @@ impl Inner {
         table.live += 1;
         table.workers.insert(
             id,
-            Slot::Live(Box::new(Record {
+            Record {
                 info,
                 spec,
                 output: OutputLog::new(plan.retention),
@@ -671,7 +598,7 @@ impl Inner {
                 probe,
                 probe_task: None,
                 unhealthy_kill: false,
-            })),
+            },
         );
         table.upsert(id);
         id
@@ -704,10 +631,7 @@ impl Inner {
 
     fn stop(self: &Arc<Self>, id: LocalId, grace: Option<Duration>) -> Result<(), RuntimeError> {
         let mut table = lock(&self.table);
-        let slot = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
-        let Some(record) = slot.live_mut() else {
-            return Ok(());
-        };
+        let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
         if record.info.state.is_terminal() {
             return Ok(());
         }
@@ -744,7 +668,7 @@ impl Inner {
             }
             table.upsert(id);
         }
-        let record = table.live_mut(id).ok_or(RuntimeError::NotFound)?;
+        let record = table.workers.get_mut(&id).ok_or(RuntimeError::NotFound)?;
         // Before the process exists, `started` carries the stop out itself.
         if let Some(process) = &record.process {
             if grace.is_zero() {
@@ -776,7 +700,7 @@ impl Inner {
 
     fn kill_now(&self, id: LocalId) {
         let table = lock(&self.table);
-        if let Some(record) = table.workers.get(&id).and_then(Slot::live) {
+        if let Some(record) = table.workers.get(&id) {
             if let Some(process) = &record.process {
                 if !record.info.state.is_terminal() {
                     process.group.signal(libc::SIGKILL);
@@ -790,8 +714,7 @@ impl Inner {
     fn finished(self: &Arc<Self>, id: LocalId, status: io::Result<ExitStatus>) {
         let mut table = lock(&self.table);
         let closed = table.closed;
-        // An ended worker keeps its outcome.
-        let Some(record) = table.live_mut(id) else {
+        let Some(record) = table.workers.get_mut(&id) else {
             return;
         };
         let stopped = record.stop_requested;
@@ -853,7 +776,7 @@ impl Inner {
 impl Table {
     /// Sets the worker's `message` (a cause for people) unless it has ended or has one.
     fn note(&mut self, id: LocalId, message: String) {
-        if let Some(record) = self.live_mut(id) {
+        if let Some(record) = self.workers.get_mut(&id) {
             if !record.info.state.is_terminal() && record.info.message.is_none() {
                 record.info.message = Some(message);
             }
@@ -862,8 +785,8 @@ impl Table {
 
     /// Appends an `Upserted` event with the worker's current view.
     fn upsert(&self, id: LocalId) {
-        if let Some(slot) = self.workers.get(&id) {
-            self.events.push(NewEvent::Upserted(slot.info().clone()));
+        if let Some(record) = self.workers.get(&id) {
+            self.events.push(NewEvent::Upserted(record.info.clone()));
         }
     }
 
@@ -877,60 +800,37 @@ impl Table {
         signal: Option<i32>,
         reason: Option<FailReason>,
     ) -> Option<WorkerInfo> {
-        let slot = self.workers.get(&id)?;
-        if slot.live().is_none_or(|r| r.info.state.is_terminal()) {
-            return Some(slot.info().clone());
+        let record = self.workers.get_mut(&id)?;
+        if record.info.state.is_terminal() {
+            return Some(record.info.clone());
         }
-        let Some(Slot::Live(record)) = self.workers.remove(&id) else {
-            return None;
-        };
-        // What only a live worker needs (its spawn spec, stdin queue, timers, probe, process
-        // group handle) goes with the record; the timers are aborted first.
-        let Record {
-            mut info,
-            spec,
-            output,
-            kill_timer,
-            retry_timer,
-            probe_task,
-            ..
-        } = *record;
-        for task in [kill_timer, retry_timer, probe_task].into_iter().flatten() {
+        record.info.state = state;
+        record.info.exit_code = exit_code;
+        record.info.signal = signal;
+        record.info.reason = reason;
+        record.info.ended_at = Some(SystemTime::now());
+        record.stdin = None;
+        record.stdin_rx = None;
+        record.kill_at = None;
+        record.info.retry_at = None;
+        if let Some(timer) = record.kill_timer.take() {
+            timer.abort();
+        }
+        if let Some(timer) = record.retry_timer.take() {
+            timer.abort();
+        }
+        if let Some(task) = record.probe_task.take() {
             task.abort();
         }
-        info.state = state;
-        info.exit_code = exit_code;
-        info.signal = signal;
-        info.reason = reason;
-        info.ended_at = Some(SystemTime::now());
-        info.retry_at = None;
-        let spec = spec.request_id.is_some().then(|| Box::new(spec));
-        // Its pipes are drained (or it never had a process): what it wrote is all there is.
-        let kept = if output.last_seq() == 0 {
-            Arc::clone(&self.no_output)
-        } else {
-            Arc::clone(&output)
-        };
-        self.workers.insert(
-            id,
-            Slot::Done(Box::new(Done {
-                info: info.clone(),
-                output: kept,
-                spec,
-            })),
-        );
         // The terminal state is published before the output's end, so a reader that gets `End`
         // finds the worker terminal.
+        let info = record.info.clone();
+        let output = Arc::clone(&record.output);
         self.live -= 1;
         self.finished.push_back((id, Instant::now()));
         self.upsert(id);
-        // Its own log still ends for the readers that hold it.
         output.finish();
         Some(info)
-    }
-
-    fn live_mut(&mut self, id: LocalId) -> Option<&mut Record> {
-        self.workers.get_mut(&id).and_then(Slot::live_mut)
     }
 
     /// Removes a record, its request_id and its place in the finished queue, with an event.
@@ -944,12 +844,12 @@ impl Table {
         let Some(record) = self.workers.remove(&id) else {
             return;
         };
-        if let Some(request_id) = record.spec().and_then(|s| s.request_id.as_ref()) {
+        if let Some(request_id) = &record.spec.request_id {
             if self.request_ids.get(request_id) == Some(&id) {
                 self.request_ids.remove(request_id);
             }
         }
-        if record.info().state.is_terminal() {
+        if record.info.state.is_terminal() {
             if !oldest {
                 self.finished.retain(|(finished, _)| *finished != id);
             }
@@ -975,7 +875,7 @@ impl Drop for Inner {
             .table
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for record in table.workers.values().filter_map(Slot::live) {
+        for record in table.workers.values() {
             if record.info.state.is_terminal() {
                 continue;
             }

@@ -181,29 +181,3 @@ async fn output_after_the_last_seq_is_an_invalid_request() -> Result<()> {
     terminal(&rt, live.id).await?;
     Ok(())
 }
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_ended_worker_that_wrote_nothing_reads_as_empty_and_ended() -> Result<()> {
-    let rt = runtime();
-    // A reader that follows it from before its end gets the end, too.
-    let w = rt.spawn(sh("read x")).await?;
-    let mut early = rt.output(w.id, 0, true)?;
-    rt.stop(w.id, Some(std::time::Duration::ZERO))?;
-    assert_eq!(within("end", early.next()).await?, Some(OutputItem::End));
-    terminal(&rt, w.id).await?;
-    for follow in [true, false] {
-        let mut reader = rt.output(w.id, 0, follow)?;
-        assert_eq!(within("end", reader.next()).await?, Some(OutputItem::End));
-        assert!(matches!(
-            rt.output(w.id, 1, follow),
-            Err(RuntimeError::InvalidRequest(_))
-        ));
-    }
-    assert_eq!(rt.retained_output_bytes(w.id)?, 0);
-    // Beside it, one that wrote keeps what it wrote.
-    let v = rt.spawn(sh("echo mine")).await?;
-    terminal(&rt, v.id).await?;
-    let items = read_to_end(&rt, v.id).await?;
-    assert_eq!(stream_bytes(&items, Stream::Stdout), b"mine\n");
-    Ok(())
-}

@@ -16,21 +16,6 @@ use crate::report::{Better, Row};
 use crate::scenarios::output::pct;
 use crate::Opts;
 
-/// The config with connection and stream limits that let `subs` subscribers (all from one
-/// address) and the spawning clients in: the defaults (256 connections per peer, 768
-/// streams) would refuse most of them.
-fn with_room_for(config: &str, subs: usize) -> String {
-    let room = subs + 256;
-    config.replacen(
-        "[server]\n",
-        &format!(
-            "[server]\nmax_connections = {room}\nmax_connections_per_peer = {room}\n\
-             max_streams = {room}\nmax_streams_per_token = {room}\n"
-        ),
-        1,
-    )
-}
-
 /// Runs the scenario.
 pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
     let subs = opts
@@ -57,13 +42,10 @@ pub async fn run(opts: &Opts, dir: &Path) -> Result<Vec<Row>> {
         let roster = Roster::start(
             &dir.join(format!("r{round}")),
             "roster",
-            &with_room_for(
-                &embedded_config(
-                    &dir.join(format!("r{round}/state")),
-                    "127.0.0.1:0".parse()?,
-                    workers + 16,
-                ),
-                subs,
+            &embedded_config(
+                &dir.join(format!("r{round}/state")),
+                "127.0.0.1:0".parse()?,
+                workers + 16,
             ),
         )
         .await?;

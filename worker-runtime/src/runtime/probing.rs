@@ -187,7 +187,7 @@ impl Inner {
         plan: &ProbePlan,
     ) -> bool {
         let mut table = lock(&self.table);
-        let Some(record) = table.live_mut(id) else {
+        let Some(record) = table.workers.get_mut(&id) else {
             return false;
         };
         if record.info.state.is_terminal()

@@ -108,9 +108,8 @@ impl Inner {
         let stdin = child.stdin.take();
 
         let mut table = lock(&self.table);
-        let Some(record) = table.live_mut(id) else {
-            // Unreachable: a worker being started has not ended, and only ended ones are
-            // removed. Do not leave the process behind.
+        let Some(record) = table.workers.get_mut(&id) else {
+            // Unreachable: only terminal records are removed. Do not leave the process behind.
             drop(table);
             // Not reaped yet (the wait below does that), so the id is still the worker's.
             let _ = sys::signal_group(pgid, libc::SIGKILL);
@@ -235,10 +234,13 @@ impl Inner {
         delay: Duration,
         last: LastExit,
     ) {
-        let Some(record) = table.live_mut(id) else {
+        let (queue, rx) = match table.workers.get(&id) {
+            Some(record) => self.stdin_queue(&record.spec),
+            None => return,
+        };
+        let Some(record) = table.workers.get_mut(&id) else {
             return;
         };
-        let (queue, rx) = self.stdin_queue(&record.spec);
         record.process = None;
         record.run_started = None;
         if let Some(task) = record.probe_task.take() {
@@ -301,7 +303,7 @@ async fn restart_after(weak: Weak<Inner>, id: LocalId, delay: Duration) {
     };
     let plan = {
         let mut table = lock(&inner.table);
-        let Some(record) = table.live_mut(id) else {
+        let Some(record) = table.workers.get_mut(&id) else {
             return;
         };
         if record.retry_timer.take().is_none() || record.info.state.is_terminal() {
